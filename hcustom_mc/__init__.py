@@ -1,0 +1,3 @@
+"""hcustom-mc: training and inference for HunyuanCustom on megatron-core."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,175 @@
+"""Convert DiT checkpoints between the released, diffusers and megatron-core formats.
+
+  python -m hcustom_mc.checkpoint.convert --src PATH --src-format {release,diffusers,mcore} \
+      --dst PATH --dst-format {release,diffusers,mcore} --model-config {tiny,13b,FILE} \
+      [--variant base|audio|editing] [--mode release|paper] [--guidance-embed] [--tp N] [--pp N]
+
+release   : `*_model_states.pt` with the weights under `module` (`_fp8.pt` + `_fp8_map.pt` are dequantised)
+diffusers : a HunyuanVideoTransformer3DModel folder (safetensors + config.json)
+mcore     : a megatron-core distributed checkpoint, loadable at any TP
+
+Conversions that touch `mcore` build the model at TP=--tp, so run them with that many processes
+(`torchrun --nproc-per-node N -m hcustom_mc.checkpoint.convert ... --tp N`); the mcore checkpoint
+itself stores global tensors and reshards to any TP on load. Tensors are copied bit-exactly:
+no dtype change. Loading never unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hcustom_mc.model.config import ConfigError, ModelConfig, get_model_config
+
+log = logging.getLogger("hcustom_mc")
+FORMATS = ("release", "diffusers", "mcore")
+
+
+def read_full_state_dict(path: Path, fmt: str, load_key: str = "module") -> tuple[dict, ModelConfig | None]:
+    """A release-layout state dict (and the config a diffusers folder carries) from a non-mcore source."""
+    if fmt == "release":
+        from hcustom_mc.checkpoint.release import load_release_state_dict
+
+        return load_release_state_dict(path, load_key=load_key), None
+    from hcustom_mc.checkpoint.diffusers_format import load_diffusers_folder
+
+    return load_diffusers_folder(path)
+
+
+def write_full_state_dict(sd: dict, path: Path, fmt: str, cfg: ModelConfig, load_key: str = "module") -> None:
+    if fmt == "release":
+        from hcustom_mc.checkpoint.release import save_release_state_dict
+
+        save_release_state_dict(sd, path, load_key=load_key)
+    else:
+        from hcustom_mc.checkpoint.diffusers_format import save_diffusers_folder
+
+        save_diffusers_folder(sd, cfg, path)
+
+
+def resolve_model_config(args, src_cfg: ModelConfig | None) -> ModelConfig:
+    overrides = {"mode": args.mode}
+    if args.guidance_embed:
+        overrides["guidance_embed"] = True
+    cfg = get_model_config(args.model_config, args.variant, **overrides)
+    if src_cfg is not None:
+        keys = ("hidden_size", "num_heads", "num_double_blocks", "num_single_blocks", "in_channels", "guidance_embed")
+        diff = {k: (getattr(src_cfg, k), getattr(cfg, k)) for k in keys if getattr(src_cfg, k) != getattr(cfg, k)}
+        if diff:
+            raise ConfigError(f"--model-config disagrees with the source's config.json (source, flag): {diff}")
+    return cfg
+
+
+def build_model(cfg: ModelConfig, dtype: torch.dtype, meta: bool = False):
+    from hcustom_mc.model import HunyuanCustomDiT
+
+    if meta:
+        with torch.device("meta"):
+            return HunyuanCustomDiT(cfg, params_dtype=dtype)
+    return HunyuanCustomDiT(cfg, params_dtype=dtype)
+
+
+def check_keys(cfg: ModelConfig, sd: dict) -> None:
+    """The state dict must have exactly the model's keys and shapes (TP=1 layout); lists what differs."""
+    from hcustom_mc.parallel.sharding import StateDictError
+
+    model = build_model(cfg, torch.float32, meta=True)
+    want = {k: tuple(v.shape) for k, v in model.weight_state_dict().items()}
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    wrong = sorted(f"{k}: {tuple(sd[k].shape)} != {want[k]}" for k in set(want) & set(sd) if tuple(sd[k].shape) != want[k])
+    problems = [f"{label} ({len(items)}): {items}" for label, items in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)) if items]
+    if problems:
+        raise StateDictError("checkpoint does not fit the model config:\n  - " + "\n  - ".join(problems))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m hcustom_mc.checkpoint.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", required=True, type=Path)
+    p.add_argument("--src-format", required=True, choices=FORMATS)
+    p.add_argument("--dst", required=True, type=Path)
+    p.add_argument("--dst-format", required=True, choices=FORMATS)
+    p.add_argument("--model-config", required=True, help="tiny, 13b, or a JSON/YAML file of ModelConfig fields")
+    p.add_argument("--variant", default="base", choices=("base", "audio", "editing"))
+    p.add_argument("--mode", default="release", choices=("release", "paper"))
+    p.add_argument("--guidance-embed", action="store_true", help="the checkpoint has guidance_in (HunyuanVideo cfg-distilled)")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size of the run (mcore conversions)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size of the run (mcore conversions)")
+    p.add_argument("--load-key", default="module", help="key holding the weights in a release file (module or ema)")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into an existing, non-empty --dst")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    if not args.src.exists():
+        raise SystemExit(f"error: --src {args.src} does not exist")
+    if args.dst.exists() and (args.dst.is_file() or any(args.dst.iterdir())) and not args.overwrite:
+        raise SystemExit(f"error: --dst {args.dst} exists and is not empty (pass --overwrite)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != args.tp * args.pp:
+        raise SystemExit(f"error: --tp {args.tp} x --pp {args.pp} needs that many processes, this run has {world}: "
+                         f"torchrun --nproc-per-node {args.tp * args.pp} -m hcustom_mc.checkpoint.convert ...")
+    start = time.time()
+    from hcustom_mc.parallel.config import ParallelConfig
+    from hcustom_mc.parallel.state import destroy_parallel, initialize_parallel
+
+    src_sd, src_cfg = (None, None)
+    if args.src_format != "mcore":
+        src_sd, src_cfg = read_full_state_dict(args.src, args.src_format, args.load_key)
+    cfg = resolve_model_config(args, src_cfg)
+    info = initialize_parallel(ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp), cfg)
+    try:
+        if src_sd is not None:
+            check_keys(cfg, src_sd)
+        if "mcore" not in (args.src_format, args.dst_format):
+            if info.rank == 0:
+                write_full_state_dict(src_sd, args.dst, args.dst_format, cfg, args.load_key)
+        else:
+            from hcustom_mc.checkpoint.mcore import load_mcore_checkpoint, save_mcore_checkpoint
+            from hcustom_mc.parallel.sharding import full_state_dict, gather_pipeline_state_dict, load_full_state_dict
+
+            dtype = next(iter(src_sd.values())).dtype if src_sd else _mcore_dtype(args.src)
+            model = build_model(cfg, dtype)
+            if src_sd is not None:
+                load_full_state_dict(model, src_sd, strict=args.pp == 1)  # a stage holds a subset
+            else:
+                load_mcore_checkpoint(model, args.src)
+            if args.dst_format == "mcore":
+                save_mcore_checkpoint(model, args.dst, cfg)
+            else:
+                sd = gather_pipeline_state_dict(full_state_dict(model))
+                if info.rank == 0:
+                    write_full_state_dict(sd, args.dst, args.dst_format, cfg, args.load_key)
+        if info.rank == 0:
+            log.info("converted %s (%s) -> %s (%s) in %.1fs", args.src, args.src_format, args.dst, args.dst_format, time.time() - start)
+    finally:
+        destroy_parallel()
+    return 0
+
+
+def _mcore_dtype(path: Path) -> torch.dtype:
+    """The parameter dtype stored in an mcore checkpoint (all weights share one dtype here)."""
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(str(path))
+    dtypes = {t.dtype for t in meta.values()}
+    if len(dtypes) != 1:
+        raise SystemExit(f"error: {path} mixes parameter dtypes {dtypes}")
+    return dtypes.pop()
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ConfigError, KeyError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,129 @@
+"""megatron-core distributed checkpoints of the DiT, loadable at any TP (and, via global keys, PP).
+
+Each parameter is stored as global tensors: a TP-sharded weight made of segments (fused
+[q; k; v], linear1 [q; k; v; mlp], linear2 [attn; mlp]) is stored one global tensor per segment
+(`<name>#seg<i>`), so resharding to another TP size is a plain slice of each segment. Replicated
+parameters are stored once (replica 0 writes). The model config travels in `hcustom_model.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from hcustom_mc.parallel.sharding import get_tp_split
+
+CONFIG_FILE = "hcustom_model.json"
+
+
+def _ranks():
+    from megatron.core import parallel_state as ps
+
+    return (
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
+def _segment_factory(key: str, param: torch.Tensor, split, tp_rank: int, tp: int, replica_id):
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    local_sizes = list(split.local_segments(tp))
+
+    def build(key, data, replica_id, flattened_range):
+        if flattened_range is not None:
+            raise NotImplementedError(f"{key}: flattened (distributed-optimizer) views of segmented weights")
+        return [
+            ShardedTensor.from_rank_offsets(f"{key}#seg{i}", piece, (split.dim, tp_rank, tp), replica_id=replica_id)
+            for i, piece in enumerate(data.split(local_sizes, split.dim))
+        ]
+
+    def merge(pieces):
+        return torch.cat(list(pieces), split.dim)
+
+    return ShardedTensorFactory(key, param, build, merge, replica_id)
+
+
+STAGE_SHARED = ("time_in.", "vector_in.", "guidance_in.")  # held by every pipeline stage
+
+
+def _stage_replica(model, name: str) -> int:
+    """Which copy of a parameter held by several pipeline stages this is (0 = the one that is written)."""
+    from hcustom_mc.model.model import split_layers
+
+    chunks, chunk = getattr(model, "stage", (1, 0))
+    if name.startswith(STAGE_SHARED):
+        return chunk
+    if name.startswith("audio_proj."):
+        cfg = model.cfg
+        ranges = split_layers(cfg.num_double_blocks + cfg.num_single_blocks, chunks)
+        holders = [c for c, r in enumerate(ranges) if any(i in r for i in cfg.audio_insert_blocks)]
+        return holders.index(chunk)
+    return 0
+
+
+def model_sharded_state_dict(model: torch.nn.Module, prefix: str = "model.") -> dict:
+    """The megatron sharded state dict of `model` (keys are global parameter names)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    tp_rank, tp, dp_rank = _ranks()
+    out = {}
+    for name, param in model.state_dict(keep_vars=True).items():
+        if name.endswith("_extra_state"):
+            continue
+        key = prefix + name
+        split = get_tp_split(param)
+        data = param.detach()
+        stage = _stage_replica(model, name)
+        if split is None:  # replicated across TP: TP rank 0 of each DP replica 0 writes it
+            out[name] = ShardedTensor.from_rank_offsets(key, data, replica_id=(stage, tp_rank, dp_rank))
+        elif len(split.segments) == 1:
+            out[name] = ShardedTensor.from_rank_offsets(key, data, (split.dim, tp_rank, tp), replica_id=(stage, 0, dp_rank))
+        else:  # same keys at every TP size, so checkpoints reshard freely
+            out[name] = _segment_factory(key, data, split, tp_rank, tp, (stage, 0, dp_rank))
+    return out
+
+
+def _apply_loaded(model: torch.nn.Module, loaded: dict) -> None:
+    params = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, tensor in loaded.items():
+            params[name].copy_(tensor)
+
+
+def save_mcore_checkpoint(model: torch.nn.Module, path: str | Path, model_config=None) -> None:
+    """Collective over all ranks: write the model's sharded state dict to the (new or empty) folder."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if dist.get_rank() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        if model_config is not None:
+            (path / CONFIG_FILE).write_text(json.dumps(model_config.to_dict(), indent=2) + "\n")
+    dist.barrier()
+    dist_checkpointing.save(model_sharded_state_dict(model), str(path))
+
+
+def load_mcore_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
+    """Collective: fill `model` (any TP layout) from a megatron dist checkpoint folder."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if not path.is_dir() or not (path / "metadata.json").is_file():
+        raise FileNotFoundError(f"{path} is not a megatron-core distributed checkpoint (no metadata.json)")
+    sharded = model_sharded_state_dict(model)
+    loaded = dist_checkpointing.load(sharded, str(path), strict="raise_all")
+    _apply_loaded(model, loaded)
+
+
+def read_mcore_model_config(path: str | Path):
+    from hcustom_mc.model.config import ModelConfig
+
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        return None
+    return ModelConfig.from_dict(json.loads(file.read_text()))

@@ -1,0 +1,168 @@
+"""Double-stream, single-stream and token-refiner blocks (facts file section 1.5).
+
+All blocks work on sequence-first tensors [S, B, C] (megatron's layout). The transformer state
+is one tensor [image tokens ; text tokens]; double blocks split it into their two streams and
+join them again, so every block has the same interface (what pipeline stages pass along).
+Heads and MLP width are sharded over tensor parallel ranks; the TPSplit marks tell loaders how
+full release-layout weights map onto a rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hcustom_mc.model.attention import Segments, masked_attention, segment_attention
+from hcustom_mc.model.layers import Modulation, RMSNorm, layer_norm, modulate
+from hcustom_mc.model.rope import apply_rope
+from hcustom_mc.model.spec import LinearSubmodules, build_column, build_row
+from hcustom_mc.parallel.sharding import mark_tp_split
+
+
+def _column(sub, in_f, out_f, config, segments):
+    layer = build_column(sub.column, in_f, out_f, config)
+    mark_tp_split(layer.weight, 0, segments)
+    mark_tp_split(layer.bias, 0, segments)
+    return layer
+
+
+def _row(sub, in_f, out_f, config, segments):
+    layer = build_row(sub.row, in_f, out_f, config)
+    mark_tp_split(layer.weight, 1, segments)  # bias is added after the all-reduce: replicated
+    return layer
+
+
+class MLP(nn.Module):
+    """fc1 (column) -> activation -> fc2 (row)."""
+
+    def __init__(self, hidden, mlp_hidden, config, sub, activation):
+        super().__init__()
+        self.fc1 = _column(sub, hidden, mlp_hidden, config, [mlp_hidden])
+        self.fc2 = _row(sub, mlp_hidden, hidden, config, [mlp_hidden])
+        self.activation = activation
+
+    def forward(self, x):
+        return self.fc2(self.activation(self.fc1(x)[0]))[0]
+
+
+def gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+def split_heads(x: torch.Tensor, parts: int, head_dim: int) -> list[torch.Tensor]:
+    """[S, B, parts*h*D] -> `parts` tensors [S, B, h, D] (the fused [q; k; v] layout)."""
+    return list(x.unflatten(-1, (parts, -1, head_dim)).unbind(-3))
+
+
+class DoubleStreamBlock(nn.Module):
+    def __init__(self, cfg, config, sub: LinearSubmodules, tp: int):
+        super().__init__()
+        H, D, M = cfg.hidden_size, cfg.head_dim, cfg.mlp_hidden
+        self.head_dim, self.eps = D, cfg.norm_eps
+        for stream in ("img", "txt"):
+            setattr(self, f"{stream}_mod", Modulation(H, 6, config, sub))
+            setattr(self, f"{stream}_attn_qkv", _column(sub, H, 3 * H, config, [H, H, H]))
+            setattr(self, f"{stream}_attn_q_norm", RMSNorm(D, cfg.norm_eps))
+            setattr(self, f"{stream}_attn_k_norm", RMSNorm(D, cfg.norm_eps))
+            setattr(self, f"{stream}_attn_proj", _row(sub, H, H, config, [H]))
+            setattr(self, f"{stream}_mlp", MLP(H, M, config, sub, gelu_tanh))
+
+    def _qkv(self, stream: str, x, shift, scale):
+        out, _ = getattr(self, f"{stream}_attn_qkv")(modulate(layer_norm(x, self.eps), shift, scale))
+        q, k, v = split_heads(out, 3, self.head_dim)
+        return getattr(self, f"{stream}_attn_q_norm")(q), getattr(self, f"{stream}_attn_k_norm")(k), v
+
+    def forward(self, x, vec, image_len: int, rope: tuple[torch.Tensor, torch.Tensor], segments: Segments):
+        img, txt = x[:image_len], x[image_len:]
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
+        iq, ik, iv = self._qkv("img", img, i_shift1, i_scale1)
+        iq, ik = apply_rope(iq, *rope), apply_rope(ik, *rope)
+        tq, tk, tv = self._qkv("txt", txt, t_shift1, t_scale1)
+        attn = segment_attention(torch.cat([iq, tq]), torch.cat([ik, tk]), torch.cat([iv, tv]), segments)
+        img = img + i_gate1.unsqueeze(0) * self.img_attn_proj(attn[:image_len])[0]
+        img = img + i_gate2.unsqueeze(0) * self.img_mlp(modulate(layer_norm(img, self.eps), i_shift2, i_scale2))
+        txt = txt + t_gate1.unsqueeze(0) * self.txt_attn_proj(attn[image_len:])[0]
+        txt = txt + t_gate2.unsqueeze(0) * self.txt_mlp(modulate(layer_norm(txt, self.eps), t_shift2, t_scale2))
+        return torch.cat([img, txt])
+
+
+class SingleStreamBlock(nn.Module):
+    """linear1 = [q; k; v; mlp_in] (column), linear2 on [attn; gelu(mlp)] (row)."""
+
+    def __init__(self, cfg, config, sub: LinearSubmodules, tp: int):
+        super().__init__()
+        H, D, M = cfg.hidden_size, cfg.head_dim, cfg.mlp_hidden
+        self.head_dim, self.eps = D, cfg.norm_eps
+        self.qkv_local = 3 * H // tp
+        self.linear1 = _column(sub, H, 3 * H + M, config, [H, H, H, M])
+        self.linear2 = _row(sub, H + M, H, config, [H, M])
+        self.q_norm = RMSNorm(D, cfg.norm_eps)
+        self.k_norm = RMSNorm(D, cfg.norm_eps)
+        self.modulation = Modulation(H, 3, config, sub)
+
+    def forward(self, x, vec, image_len: int, rope: tuple[torch.Tensor, torch.Tensor], segments: Segments):
+        shift, scale, gate = self.modulation(vec)
+        out, _ = self.linear1(modulate(layer_norm(x, self.eps), shift, scale))
+        qkv, mlp = out[..., : self.qkv_local], out[..., self.qkv_local :]
+        q, k, v = split_heads(qkv, 3, self.head_dim)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q = torch.cat([apply_rope(q[:image_len], *rope), q[image_len:]])
+        k = torch.cat([apply_rope(k[:image_len], *rope), k[image_len:]])
+        attn = segment_attention(q, k, v, segments)
+        return x + gate.unsqueeze(0) * self.linear2(torch.cat([attn, gelu_tanh(mlp)], dim=-1))[0]
+
+
+class RefinerBlock(nn.Module):
+    """IndividualTokenRefinerBlock: affine LayerNorms, SiLU MLP, gates (gate_msa, gate_mlp) only."""
+
+    def __init__(self, cfg, config, sub: LinearSubmodules, tp: int):
+        super().__init__()
+        H, D, M = cfg.hidden_size, cfg.head_dim, cfg.mlp_hidden
+        self.head_dim = D
+        self.norm1 = nn.LayerNorm(H, eps=cfg.norm_eps)
+        self.self_attn_qkv = _column(sub, H, 3 * H, config, [H, H, H])
+        self.self_attn_proj = _row(sub, H, H, config, [H])
+        self.norm2 = nn.LayerNorm(H, eps=cfg.norm_eps)
+        self.mlp = MLP(H, M, config, sub, F.silu)
+        modulation = build_column(sub.modulation, H, 2 * H, config, gather=True)
+        mark_tp_split(modulation.weight, 0, [2 * H])
+        mark_tp_split(modulation.bias, 0, [2 * H])
+        self.adaLN_modulation = nn.ModuleList([nn.SiLU(), modulation])
+
+    def forward(self, x, c, mask):
+        gate_msa, gate_mlp = self.adaLN_modulation[1](F.silu(c))[0].chunk(2, dim=-1)
+        q, k, v = split_heads(self.self_attn_qkv(self.norm1(x))[0], 3, self.head_dim)
+        x = x + gate_msa.unsqueeze(0) * self.self_attn_proj(masked_attention(q, k, v, mask))[0]
+        return x + gate_mlp.unsqueeze(0) * self.mlp(self.norm2(x))
+
+
+class TokenRefiner(nn.Module):
+    """`txt_in`: project LLaVA states to hidden and refine them conditioned on t and pooled text."""
+
+    def __init__(self, cfg, config, sub: LinearSubmodules, tp: int):
+        super().__init__()
+        from hcustom_mc.model.layers import TextProjection, TimestepEmbedder
+
+        H = cfg.hidden_size
+        self.input_embedder = nn.Linear(cfg.text_dim, H)
+        self.t_embedder = TimestepEmbedder(H)
+        self.c_embedder = TextProjection(cfg.text_dim, H)
+        self.individual_token_refiner = nn.Module()
+        self.individual_token_refiner.blocks = nn.ModuleList(
+            [RefinerBlock(cfg, config, sub, tp) for _ in range(cfg.num_refiner_blocks)]
+        )
+
+    def forward(self, text: torch.Tensor, timestep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """text [B, L, text_dim], mask [B, L] -> refined [L, B, hidden]."""
+        mask_f = mask.float().unsqueeze(-1)
+        pooled = ((text.float() * mask_f).sum(dim=1) / mask_f.sum(dim=1)).to(text.dtype)
+        c = self.t_embedder(timestep) + self.c_embedder(pooled)
+        x = self.input_embedder(text).transpose(0, 1)
+        valid = mask.bool()
+        pair = valid[:, None, :, None] & valid[:, None, None, :]
+        pair[..., 0] = True  # every query sees key 0, so fully padded rows stay finite (as released)
+        for block in self.individual_token_refiner.blocks:
+            x = block(x, c, pair)
+        return x

@@ -1,0 +1,120 @@
+"""Small building blocks of the HunyuanCustom DiT (names follow the released checkpoint keys)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hcustom_mc.model.spec import LinearSubmodules, build_column
+from hcustom_mc.parallel.sharding import mark_tp_split
+
+
+def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm without affine parameters (img/txt norm1/norm2, pre_norm, norm_final)."""
+    return F.layer_norm(x, x.shape[-1:], eps=eps)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [S, B, C]; shift/scale [B, C]."""
+    return x * (1 + scale.unsqueeze(0)) + shift.unsqueeze(0)
+
+
+class RMSNorm(nn.Module):
+    """Per-head RMSNorm (QK norm), computed in fp32 and cast back."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * self.weight.float()).to(x.dtype)
+
+
+def timestep_sinusoid(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding, cos first then sin (as released)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """sinusoid(256) -> Linear -> SiLU -> Linear; keys mlp.0 / mlp.2."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_sinusoid(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+class MLPEmbedder(nn.Module):
+    """CLIP pooled vector -> hidden; keys in_layer / out_layer."""
+
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden)
+        self.out_layer = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class TextProjection(nn.Module):
+    """Refiner c_embedder; keys linear_1 / linear_2."""
+
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, hidden)
+        self.linear_2 = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Conv3d with kernel = stride = patch; [B, C, F, H, W] -> [B, F*H'*W', hidden]."""
+
+    def __init__(self, patch: tuple[int, int, int], in_channels: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, hidden, kernel_size=patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Modulation(nn.Module):
+    """SiLU -> Linear(hidden, factor*hidden), TP-sharded by output and gathered; key `linear`."""
+
+    def __init__(self, hidden: int, factor: int, config, submodules: LinearSubmodules):
+        super().__init__()
+        self.factor = factor
+        self.linear = build_column(submodules.modulation, hidden, factor * hidden, config, gather=True)
+        mark_tp_split(self.linear.weight, 0, [factor * hidden])
+        mark_tp_split(self.linear.bias, 0, [factor * hidden])
+
+    def forward(self, vec: torch.Tensor) -> list[torch.Tensor]:
+        out, _ = self.linear(F.silu(vec))
+        return list(out.chunk(self.factor, dim=-1))
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm -> modulate(shift, scale) -> Linear to patch pixels; keys linear, adaLN_modulation.1."""
+
+    def __init__(self, hidden: int, patch: tuple[int, int, int], out_channels: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.linear = nn.Linear(hidden, math.prod(patch) * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
+        return self.linear(modulate(layer_norm(x, self.eps), shift, scale))

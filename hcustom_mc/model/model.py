@@ -1,0 +1,276 @@
+"""The HunyuanCustom diffusion transformer on megatron-core parallel layers.
+
+Token sequence: [identity-image tokens (K*H'*W') ; noisy-video tokens (f*H'*W') ; text tokens].
+Identity latents use the same patch embed as the video, are never noised, get the same timestep
+modulation, and are dropped before the final layer. Parameter names equal the released
+checkpoint keys, so at TP=1 `state_dict()` is the release layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from hcustom_mc.model.attention import Segments
+from hcustom_mc.model.blocks import DoubleStreamBlock, SingleStreamBlock, TokenRefiner
+from hcustom_mc.model.conditions import (
+    AudioCrossAttention,
+    AudioProjection,
+    align_audio_tokens,
+    audio_frames_expected,
+    video_condition_projection,
+)
+from hcustom_mc.model.config import ModelConfig
+from hcustom_mc.model.layers import FinalLayer, MLPEmbedder, PatchEmbed, TimestepEmbedder
+from hcustom_mc.model.rope import image_positions, rope_cos_sin
+from hcustom_mc.model.spec import LinearSubmodules, get_linear_submodules, megatron_config
+
+
+class InputError(ValueError):
+    """Model inputs that do not fit the model config (raised before any compute)."""
+
+
+@dataclass
+class ForwardContext:
+    """What every block needs besides the hidden state; built once per forward."""
+
+    batch: int
+    grid: tuple[int, int, int]  # latent (f, H', W') after patching
+    num_identity: int
+    image_len: int  # identity + video tokens
+    rope: tuple[torch.Tensor, torch.Tensor]
+    segments: Segments
+    audio: torch.Tensor | None  # [B, frames, 16, C] aligned audio tokens
+
+
+class HunyuanCustomDiT(nn.Module):
+    def __init__(self, cfg: ModelConfig, submodules: LinearSubmodules | None = None, params_dtype=torch.float32,
+                 vp_stage: int | None = None, layers: range | None = None):
+        """Build the whole model, or one pipeline stage of it.
+
+        Layers are numbered globally over [double blocks ; single blocks]. By default the stage is the
+        one of this rank in megatron parallel_state (the whole model at PP=1). Blocks live in
+        ModuleDicts keyed by their global index, so parameter names are the same at any PP.
+        Every stage keeps the small conditioning embedders (time_in, vector_in, guidance_in, and
+        audio_proj where it has audio blocks) because every block needs the modulation vector.
+        """
+        super().__init__()
+        from megatron.core import parallel_state as ps
+
+        cfg.validate()
+        self.cfg = cfg
+        sub = submodules or get_linear_submodules()
+        config = megatron_config(cfg, params_dtype)
+        tp = ps.get_tensor_model_parallel_world_size()
+        chunks, chunk = stage_chunk(vp_stage)
+        total = cfg.num_double_blocks + cfg.num_single_blocks
+        self.layers = split_layers(total, chunks)[chunk] if layers is None else layers
+        self.stage = (chunks, chunk) if layers is None else (1, 0)
+        self.pre_process = self.layers.start == 0
+        self.post_process = self.layers.stop == total
+        H, D = cfg.hidden_size, cfg.num_double_blocks
+
+        if self.pre_process:
+            self.img_in = PatchEmbed(cfg.patch_size, cfg.in_channels, H)
+            self.txt_in = TokenRefiner(cfg, config, sub, tp)
+            if cfg.video_condition:
+                self.bg_in = PatchEmbed(cfg.patch_size, cfg.video_condition_channels, H)
+                self.bg_proj = video_condition_projection(cfg)
+        self.time_in = TimestepEmbedder(H)
+        self.vector_in = MLPEmbedder(cfg.pooled_text_dim, H)
+        if cfg.guidance_embed:
+            self.guidance_in = TimestepEmbedder(H)
+        self.double_blocks = nn.ModuleDict({str(i): DoubleStreamBlock(cfg, config, sub, tp) for i in self.layers if i < D})
+        self.single_blocks = nn.ModuleDict({str(i - D): SingleStreamBlock(cfg, config, sub, tp) for i in self.layers if i >= D})
+        if cfg.audio:
+            self.audio_slots = {i: n for n, i in enumerate(cfg.audio_insert_blocks) if str(i) in self.double_blocks}
+            if self.audio_slots:
+                self.audio_proj = AudioProjection(cfg)
+                self.audio_models = nn.ModuleDict({str(n): AudioCrossAttention(cfg) for n in self.audio_slots.values()})
+        if self.post_process:
+            self.final_layer = FinalLayer(H, cfg.patch_size, cfg.out_channels, cfg.norm_eps)
+        self.to(params_dtype)
+
+    def weight_state_dict(self) -> dict[str, torch.Tensor]:
+        """`state_dict()` without megatron's `_extra_state` entries: at TP=1 exactly the release keys."""
+        return {k: v for k, v in self.state_dict().items() if not k.endswith("_extra_state")}
+
+    # ------------------------------------------------------------------ inputs
+    def check_inputs(self, latents, timestep, text_states, text_mask, text_pooled, guidance=None,
+                     identity_latents=None, audio_features=None, video_condition=None) -> None:
+        """Raise InputError naming the problem; runs before any compute."""
+        cfg, errors = self.cfg, []
+        if latents.ndim != 5:
+            raise InputError(f"latents must be [B, C, F, H, W], got shape {tuple(latents.shape)}")
+        B, C, f, h, w = latents.shape
+        _, ph, pw = cfg.patch_size
+        if C != cfg.in_channels:
+            errors.append(f"latents have {C} channels, the model expects {cfg.in_channels}")
+        if h % ph or w % pw:
+            errors.append(f"latent height/width {h}x{w} must be divisible by the patch size {ph}x{pw}")
+        if timestep.ndim != 1 or timestep.shape[0] != B:
+            errors.append(f"timestep must have shape [{B}], got {tuple(timestep.shape)}")
+        if text_states.ndim != 3 or text_states.shape[0] != B or text_states.shape[2] != cfg.text_dim:
+            errors.append(f"text_states must be [{B}, L, {cfg.text_dim}], got {tuple(text_states.shape)}")
+        elif tuple(text_mask.shape) != tuple(text_states.shape[:2]):
+            errors.append(f"text_mask shape {tuple(text_mask.shape)} does not match text_states [B, L] = {tuple(text_states.shape[:2])}")
+        else:
+            m = text_mask.bool()
+            if not m.any(dim=1).all():
+                errors.append("every sample needs at least one valid text token (text_mask row of zeros)")
+            # right padding: once a row turns False it stays False
+            if (m[:, 1:] & ~m[:, :-1]).any():
+                errors.append("text_mask must be right-padded (valid tokens first, then padding)")
+        if tuple(text_pooled.shape) != (B, cfg.pooled_text_dim):
+            errors.append(f"text_pooled must be [{B}, {cfg.pooled_text_dim}], got {tuple(text_pooled.shape)}")
+        if cfg.guidance_embed and guidance is None:
+            errors.append("this model embeds guidance (guidance_embed=True): pass guidance [B] (cfg scale x 1000)")
+        if not cfg.guidance_embed and guidance is not None:
+            errors.append("guidance was given but the model has no guidance embedder (guidance_embed=False)")
+        if guidance is not None and tuple(guidance.shape) != (B,):
+            errors.append(f"guidance must have shape [{B}], got {tuple(guidance.shape)}")
+        K = 0
+        if identity_latents is not None:
+            if identity_latents.ndim != 5:
+                errors.append(f"identity_latents must be [B, C, K, H, W], got {tuple(identity_latents.shape)}")
+            else:
+                K = identity_latents.shape[2]
+                if identity_latents.shape[:2] != (B, cfg.in_channels) or identity_latents.shape[3:] != (h, w):
+                    errors.append(f"identity_latents must be [{B}, {cfg.in_channels}, K, {h}, {w}], got {tuple(identity_latents.shape)}")
+                if not 1 <= K <= cfg.max_identity_images:
+                    errors.append(f"{K} identity images given; {cfg.mode} mode with this config supports 1..{cfg.max_identity_images}")
+        if audio_features is not None:
+            if not cfg.audio:
+                errors.append("audio_features given but the model has no AudioNet (audio=False)")
+            else:
+                shape = (cfg.audio_window, cfg.audio_layers, cfg.audio_channels)
+                need = audio_frames_expected(f, K, cfg.mode)
+                if audio_features.ndim != 5 or audio_features.shape[0] != B or tuple(audio_features.shape[2:]) != shape:
+                    errors.append(f"audio_features must be [{B}, frames, {shape[0]}, {shape[1]}, {shape[2]}], got {tuple(audio_features.shape)}")
+                elif audio_features.shape[1] != need:
+                    rule = "4*(f-1)+1 video frames (4k+1)" if cfg.mode == "release" else "(f+K)*4 padded frames"
+                    errors.append(f"audio_features have {audio_features.shape[1]} frames but {f} latent frames need {need} = {rule}")
+        if video_condition is not None:
+            if not cfg.video_condition:
+                errors.append("video_condition given but the model has no video-condition branch (video_condition=False)")
+            elif tuple(video_condition.shape) != (B, cfg.video_condition_channels, f, h, w):
+                errors.append(f"video_condition must be [{B}, {cfg.video_condition_channels}, {f}, {h}, {w}], got {tuple(video_condition.shape)}")
+        if errors:
+            raise InputError("invalid model inputs:\n  - " + "\n  - ".join(errors))
+
+    # ------------------------------------------------------------------ stages
+    def conditioning(self, latents, timestep, text_mask, text_pooled, guidance=None, identity_latents=None,
+                     audio_features=None) -> tuple[torch.Tensor, ForwardContext]:
+        """What every stage computes: the modulation vector [B, C] and the ForwardContext."""
+        cfg = self.cfg
+        B, _, f, h, w = latents.shape
+        grid = (f // cfg.patch_size[0], h // cfg.patch_size[1], w // cfg.patch_size[2])
+        dtype = self.time_in.mlp[0].weight.dtype
+        vec = self.time_in(timestep) + self.vector_in(text_pooled.to(dtype))
+        if cfg.guidance_embed:
+            vec = vec + self.guidance_in(guidance)
+        K = 0 if identity_latents is None else identity_latents.shape[2]
+        image_len = (K + grid[0]) * grid[1] * grid[2]
+        rope = rope_cos_sin(image_positions(K, *grid, mode=cfg.mode), cfg.rope_dims, cfg.rope_theta, device=latents.device)
+        audio = None
+        if audio_features is not None and getattr(self, "audio_slots", None):
+            audio = align_audio_tokens(self.audio_proj(audio_features.to(dtype)), grid[0], K, cfg.mode)
+        ctx = ForwardContext(batch=B, grid=grid, num_identity=K, image_len=image_len, rope=rope,
+                             segments=Segments.from_text_mask(image_len, text_mask), audio=audio)
+        return vec, ctx
+
+    def embed_tokens(self, latents, timestep, text_states, text_mask, identity_latents=None, video_condition=None):
+        """First stage: inputs -> hidden state [S, B, C] = [identity ; video ; text] tokens."""
+        dtype = self.img_in.proj.weight.dtype
+        video = self.img_in(latents.to(dtype))
+        if video_condition is not None:
+            video = video + self.bg_proj(self.bg_in(video_condition.to(dtype)))
+        if identity_latents is not None:
+            video = torch.cat([self.img_in(identity_latents.to(dtype)), video], dim=1)
+        text = self.txt_in(text_states.to(dtype), timestep, text_mask)
+        return torch.cat([video.transpose(0, 1), text])
+
+    def embed(self, latents, timestep, text_states, text_mask, text_pooled, guidance=None,
+              identity_latents=None, audio_features=None, video_condition=None):
+        """Inputs -> (hidden [S, B, C], vec [B, C], ForwardContext) on the first stage."""
+        vec, ctx = self.conditioning(latents, timestep, text_mask, text_pooled, guidance, identity_latents, audio_features)
+        x = self.embed_tokens(latents, timestep, text_states, text_mask, identity_latents, video_condition)
+        return x, vec, ctx
+
+    def inject_audio(self, x: torch.Tensor, ctx: ForwardContext, index: int) -> torch.Tensor:
+        """Per-frame spatial cross-attention of `audio_models[index]` on the image tokens of x [S, B, C]."""
+        f, hh, ww = ctx.grid
+        hw = hh * ww
+        start = ctx.num_identity * hw if self.cfg.mode == "release" else 0
+        frames = ctx.audio.shape[1]
+        tokens = x[start : start + frames * hw]  # [frames*HW, B, C]
+        video = tokens.unflatten(0, (frames, hw)).permute(2, 0, 1, 3)  # [B, frames, HW, C]
+        update = self.audio_models[str(index)](video, ctx.audio) * self.cfg.audio_strength
+        update = update.permute(1, 2, 0, 3).flatten(0, 1)
+        return torch.cat([x[:start], tokens + update, x[start + frames * hw :]])
+
+    def run_layers(self, x, vec, ctx: ForwardContext) -> torch.Tensor:
+        """This stage's blocks, in global order, with the audio cross-attention after its double blocks."""
+        D = self.cfg.num_double_blocks
+        for i in self.layers:
+            if i < D:
+                x = self.double_blocks[str(i)](x, vec, ctx.image_len, ctx.rope, ctx.segments)
+                if ctx.audio is not None and i in self.audio_slots:
+                    x = self.inject_audio(x, ctx, self.audio_slots[i])
+            else:
+                x = self.single_blocks[str(i - D)](x, vec, ctx.image_len, ctx.rope, ctx.segments)
+        return x
+
+    def head(self, x, vec, ctx: ForwardContext) -> torch.Tensor:
+        """Video tokens -> [B, C_out, F, H, W] (identity and text tokens dropped)."""
+        f, hh, ww = ctx.grid
+        video = x[ctx.image_len - f * hh * ww : ctx.image_len]
+        out = self.final_layer(video, vec).transpose(0, 1)  # [B, f*H'*W', C*pt*ph*pw]
+        pt, ph, pw = self.cfg.patch_size
+        out = out.reshape(ctx.batch, f, hh, ww, self.cfg.out_channels, pt, ph, pw)
+        return out.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(ctx.batch, self.cfg.out_channels, f * pt, hh * ph, ww * pw)
+
+    def forward(self, latents, timestep, text_states, text_mask, text_pooled, guidance=None,
+                identity_latents=None, audio_features=None, video_condition=None, hidden=None) -> torch.Tensor:
+        """Predict the flow-matching velocity for the noisy video latents [B, C, F, H, W].
+
+        timestep: [B] in [0, 1000]; text_states [B, L, text_dim] with right-padded text_mask [B, L];
+        text_pooled [B, pooled_text_dim] (CLIP); guidance [B] (x1000) for guidance-distilled models;
+        identity_latents [B, C, K, H, W]; audio_features [B, N, window, layers, channels];
+        video_condition [B, 32, F, H, W]. Audio or video condition left out skips that branch.
+        A pipeline stage after the first takes the previous stage's output as `hidden` [S, B, C];
+        a stage before the last returns its hidden state instead of the velocity.
+        """
+        self.check_inputs(latents, timestep, text_states, text_mask, text_pooled, guidance, identity_latents,
+                          audio_features, video_condition)
+        vec, ctx = self.conditioning(latents, timestep, text_mask, text_pooled, guidance, identity_latents, audio_features)
+        if self.pre_process:
+            x = self.embed_tokens(latents, timestep, text_states, text_mask, identity_latents, video_condition)
+        elif hidden is None:
+            raise InputError("a pipeline stage after the first needs the previous stage's hidden state")
+        else:
+            x = hidden
+        x = self.run_layers(x, vec, ctx)
+        return self.head(x, vec, ctx) if self.post_process else x
+
+
+def stage_chunk(vp_stage: int | None = None) -> tuple[int, int]:
+    """(number of model chunks, index of this rank's chunk) in megatron's interleaved order."""
+    from megatron.core import parallel_state as ps
+
+    pp, rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
+    if vpp > 1 and vp_stage is None:
+        raise ValueError("virtual pipeline parallelism is on: pass vp_stage to build each model chunk")
+    return pp * vpp, (vp_stage or 0) * pp + rank
+
+
+def split_layers(num_layers: int, chunks: int) -> list[range]:
+    """`chunks` contiguous ranges covering range(num_layers); the first ones get the remainder."""
+    size, extra = divmod(num_layers, chunks)
+    bounds = [0]
+    for c in range(chunks):
+        bounds.append(bounds[-1] + size + (c < extra))
+    return [range(bounds[c], bounds[c + 1]) for c in range(chunks)]

@@ -1,0 +1,96 @@
+"""Layer specs: which parallel linear classes build the blocks (transformer-engine or local).
+
+Megatron-core style: blocks receive `ModuleSpec`s for their linear layers, so the same block
+is built with `TEColumnParallelLinear`/`TERowParallelLinear` when transformer-engine is installed
+and a GPU is present, and with megatron's local `ColumnParallelLinear`/`RowParallelLinear`
+otherwise. The per-sample modulation projections always use local layers because they gather
+their output (TE linears do not support `gather_output`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+log = logging.getLogger("hcustom_mc")
+
+
+@dataclass
+class LinearSubmodules:
+    column: ModuleSpec  # sharded output features (heads, MLP width)
+    row: ModuleSpec  # sharded input features, all-reduced output
+    modulation: ModuleSpec  # sharded, gathered output (per-sample adaLN vectors)
+
+
+@lru_cache(maxsize=None)
+def transformer_engine_usable() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear  # noqa: F401
+        import transformer_engine  # noqa: F401
+    except Exception as exc:  # any import failure means the local path
+        log.info("transformer-engine not usable (%s); using megatron local linear layers", exc)
+        return False
+    return True
+
+
+def get_linear_submodules(use_te: bool | None = None) -> LinearSubmodules:
+    """`use_te=None` picks transformer-engine when it is usable."""
+    if use_te is None:
+        use_te = transformer_engine_usable()
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
+
+        log.info("linear layers: transformer-engine (TEColumnParallelLinear / TERowParallelLinear)")
+        column, row = ModuleSpec(module=TEColumnParallelLinear), ModuleSpec(module=TERowParallelLinear)
+    else:
+        log.info("linear layers: megatron-core local (ColumnParallelLinear / RowParallelLinear)")
+        column, row = ModuleSpec(module=ColumnParallelLinear), ModuleSpec(module=RowParallelLinear)
+    return LinearSubmodules(column=column, row=row, modulation=ModuleSpec(module=ColumnParallelLinear))
+
+
+def _no_init(weight: torch.Tensor) -> None:
+    # Weights are filled by hcustom_mc.model.init (TP-invariant, seeded by name) or a checkpoint.
+    return None
+
+
+def build_column(spec: ModuleSpec, in_f: int, out_f: int, config, *, bias: bool = True, gather: bool = False):
+    return build_module(
+        spec, in_f, out_f, config=config, init_method=_no_init, bias=bias, gather_output=gather,
+        skip_bias_add=False, is_expert=False,
+    )
+
+
+def build_row(spec: ModuleSpec, in_f: int, out_f: int, config, *, bias: bool = True):
+    return build_module(
+        spec, in_f, out_f, config=config, init_method=_no_init, bias=bias, input_is_parallel=True,
+        skip_bias_add=False, is_expert=False,
+    )
+
+
+def megatron_config(cfg, params_dtype: torch.dtype = torch.float32, device: str | None = None):
+    """The megatron TransformerConfig that parallel linear layers read (sizes, dtype, TP)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=cfg.num_double_blocks + cfg.num_single_blocks,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_heads,
+        ffn_hidden_size=cfg.mlp_hidden,
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        context_parallel_size=ps.get_context_parallel_world_size(),
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=not torch.cuda.is_available() or device == "cpu",
+        perform_initialization=False,
+        gradient_accumulation_fusion=False,
+        sequence_parallel=False,
+    )

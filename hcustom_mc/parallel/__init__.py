@@ -1,0 +1,1 @@
+"""Parallel setup: config validation, megatron parallel_state, TP sharding, CPU compatibility."""

@@ -1,0 +1,108 @@
+"""Initialise torch.distributed and megatron-core parallel_state from a ParallelConfig."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from hcustom_mc.model.config import ModelConfig
+from hcustom_mc.parallel.config import ParallelConfig
+
+log = logging.getLogger("hcustom_mc")
+
+
+@dataclass(frozen=True)
+class ParallelInfo:
+    world_size: int
+    rank: int
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    cp_rank: int
+    cp_size: int
+    dp_rank: int
+    dp_size: int
+    device: torch.device
+
+
+def _init_process_group(timeout_s: float) -> None:
+    if dist.is_initialized():
+        return
+    # A plain `python script.py` is a world of one; torchrun provides the env for more.
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def initialize_parallel(
+    pcfg: ParallelConfig, model: ModelConfig | None = None, seed: int = 1234, timeout_s: float = 600
+) -> ParallelInfo:
+    """Validate `pcfg` (on every rank, before any collective), then set up megatron parallel_state."""
+    world_size = int(os.environ.get("WORLD_SIZE", dist.get_world_size() if dist.is_initialized() else 1))
+    pcfg.validate(world_size, model)
+
+    from hcustom_mc.parallel.cpu_compat import install_cpu_compat
+
+    install_cpu_compat()
+    _init_process_group(timeout_s)
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=pcfg.tensor_parallel,
+        pipeline_model_parallel_size=pcfg.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=pcfg.virtual_pipeline_parallel,
+        context_parallel_size=pcfg.context_parallel,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    info = current_parallel_info()
+    if info.rank == 0:
+        log.info(
+            "parallel layout: world %d = TP %d x PP %d x CP %d (%s) x DP %d on %s (%s)",
+            info.world_size, info.tp_size, info.pp_size, info.cp_size, pcfg.cp_mode, info.dp_size,
+            info.device.type, dist.get_backend(),
+        )
+    return info
+
+
+def current_parallel_info() -> ParallelInfo:
+    from megatron.core import parallel_state as ps
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return ParallelInfo(
+        world_size=dist.get_world_size(), rank=dist.get_rank(),
+        tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(), pp_size=ps.get_pipeline_model_parallel_world_size(),
+        cp_rank=ps.get_context_parallel_rank(), cp_size=ps.get_context_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(), device=device,
+    )
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

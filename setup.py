@@ -1,0 +1,31 @@
+"""hcustom-mc: open training and inference for HunyuanCustom on megatron-core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="hcustom-mc",
+    version="0.1.0",
+    description="Training, conversion and parallel sampling for the HunyuanCustom video DiT on megatron-core",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["hcustom_mc", "hcustom_mc.*", "kernels", "kernels.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16",
+        "triton>=3.0; platform_system == 'Linux'",
+        "einops>=0.7",
+        # the MLflow client; sqlalchemy + alembic give it the embedded sqlite store (`pip install mlflow` adds the UI)
+        "mlflow-skinny>=2.10",
+        "sqlalchemy>=2.0",
+        "alembic>=1.12",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "psutil>=5.9",  # megatron-core dist_checkpointing uses it without declaring it
+        "numpy",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]>=1.12", "flash-attn>=2.6", "nvidia-dali-cuda120>=1.40"],
+        "dev": ["pytest>=8", "diffusers>=0.32", "transformers>=4.45"],
+    },
+)

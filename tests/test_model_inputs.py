@@ -1,0 +1,116 @@
+"""Bad inputs and bad configs fail before any compute, with a message naming the problem."""
+
+import pytest
+import torch
+
+from hcustom_mc.model import ConfigError, HunyuanCustomDiT, InputError, get_model_config, initialize_weights
+from hcustom_mc.parallel.config import ParallelConfig
+from tests.conftest import tiny_inputs
+
+
+@pytest.fixture(scope="module")
+def audio_model(single_process):
+    model = HunyuanCustomDiT(get_model_config("tiny", "audio"))
+    initialize_weights(model, seed=0, zero_init=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def editing_model(single_process):
+    return HunyuanCustomDiT(get_model_config("tiny", "editing"))
+
+
+def _fails(model, match, **changes):
+    inputs = tiny_inputs(model.cfg)
+    inputs.update(changes)
+    with pytest.raises(InputError, match=match):
+        model(**inputs)
+
+
+def test_valid_inputs_run(audio_model):
+    out = audio_model(**tiny_inputs(audio_model.cfg))
+    assert out.shape == (2, 4, 3, 4, 6)
+
+
+def test_wrong_latent_channels(audio_model):
+    _fails(audio_model, "latents have 5 channels, the model expects 4", latents=torch.randn(2, 5, 3, 4, 6))
+
+
+def test_audio_frames_not_4k_plus_1(audio_model):
+    _fails(audio_model, r"audio_features have 8 frames but 3 latent frames need 9 = 4\*\(f-1\)\+1",
+           audio_features=torch.randn(2, 8, 10, 2, 8))
+
+
+def test_audio_feature_shape(audio_model):
+    _fails(audio_model, "audio_features must be", audio_features=torch.randn(2, 9, 10, 3, 8))
+
+
+def test_text_mask_shape_mismatch(audio_model):
+    _fails(audio_model, r"text_mask shape \(2, 5\) does not match", text_mask=torch.ones(2, 5))
+
+
+def test_text_mask_must_be_right_padded(audio_model):
+    mask = torch.ones(2, 7)
+    mask[0, 2] = 0
+    _fails(audio_model, "right-padded", text_mask=mask)
+
+
+def test_text_dim_and_pooled(audio_model):
+    _fails(audio_model, "text_states must be", text_states=torch.randn(2, 7, 31))
+    _fails(audio_model, "text_pooled must be", text_pooled=torch.randn(2, 15))
+
+
+def test_identity_images(audio_model):
+    _fails(audio_model, "2 identity images given; release mode", identity_latents=torch.randn(2, 4, 2, 4, 6))
+    _fails(audio_model, "identity_latents must be", identity_latents=torch.randn(2, 4, 1, 4, 8))
+
+
+def test_guidance_only_for_guidance_models(audio_model):
+    _fails(audio_model, "no guidance embedder", guidance=torch.ones(2))
+
+
+def test_condition_without_branch(audio_model, editing_model):
+    _fails(audio_model, "no video-condition branch", video_condition=torch.randn(2, 8, 3, 4, 6))
+    _fails(editing_model, "no AudioNet", audio_features=torch.randn(2, 9, 10, 2, 8))
+    _fails(editing_model, "video_condition must be", video_condition=torch.randn(2, 8, 2, 4, 6))
+
+
+def test_odd_spatial_size(audio_model):
+    _fails(audio_model, "divisible by the patch size", latents=torch.randn(2, 4, 3, 5, 6),
+           identity_latents=torch.randn(2, 4, 1, 5, 6))
+
+
+def test_errors_are_collected(audio_model):
+    with pytest.raises(InputError) as err:
+        audio_model(**{**tiny_inputs(audio_model.cfg), "latents": torch.randn(2, 5, 3, 4, 6), "text_pooled": torch.randn(2, 1)})
+    assert "channels" in str(err.value) and "text_pooled" in str(err.value)
+
+
+def test_bad_model_configs():
+    with pytest.raises(ConfigError, match="must sum to head_dim"):
+        get_model_config("tiny", rope_dims=(4, 4, 4))
+    with pytest.raises(ConfigError, match="use mode='paper'"):
+        get_model_config("tiny", max_identity_images=3)
+    with pytest.raises(ConfigError, match="variant must be one of"):
+        get_model_config("tiny", "lora")
+    with pytest.raises(ConfigError, match="neither a preset"):
+        get_model_config("no_such_config.json")
+
+
+@pytest.mark.parametrize("pcfg, world, match", [
+    (ParallelConfig(tensor_parallel=2, pipeline_parallel=2), 6, "world size 6 is not divisible by TP x PP x CP"),
+    (ParallelConfig(tensor_parallel=3), 3, "num_heads 4 is not divisible by tensor_parallel 3"),
+    (ParallelConfig(tensor_parallel=2, context_parallel=4), 8, "Ulysses context parallel"),
+    (ParallelConfig(pipeline_parallel=4, virtual_pipeline_parallel=2), 4, "exceed the 4 transformer blocks"),
+    (ParallelConfig(sequence_parallel=True), 1, "sequence_parallel needs tensor_parallel > 1"),
+])
+def test_bad_parallel_configs(pcfg, world, match):
+    with pytest.raises(ConfigError, match=match):
+        pcfg.validate(world, get_model_config("tiny"))
+
+
+def test_hidden_and_mlp_divisibility():
+    cfg = get_model_config("tiny", hidden_size=72, num_heads=4, rope_dims=(6, 6, 6), mlp_ratio=4.25)
+    with pytest.raises(ConfigError) as err:
+        ParallelConfig(tensor_parallel=4).validate(4, cfg)
+    assert "MLP width 306 is not divisible by tensor_parallel 4" in str(err.value)
