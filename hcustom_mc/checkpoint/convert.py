@@ -46,6 +46,8 @@ def write_full_state_dict(sd: dict, path: Path, fmt: str, cfg: ModelConfig, load
     if fmt == "release":
         from hcustom_mc.checkpoint.release import save_release_state_dict
 
+        if path.suffix != ".pt":  # a folder, like the release's transformers/ folder
+            path.mkdir(parents=True, exist_ok=True)
         save_release_state_dict(sd, path, load_key=load_key)
     else:
         from hcustom_mc.checkpoint.diffusers_format import save_diffusers_folder
@@ -66,21 +68,31 @@ def resolve_model_config(args, src_cfg: ModelConfig | None) -> ModelConfig:
     return cfg
 
 
-def build_model(cfg: ModelConfig, dtype: torch.dtype, meta: bool = False):
+def build_model(cfg: ModelConfig, dtype: torch.dtype, meta: bool = False, layers: range | None = None):
     from hcustom_mc.model import HunyuanCustomDiT
 
     if meta:
         with torch.device("meta"):
-            return HunyuanCustomDiT(cfg, params_dtype=dtype)
-    return HunyuanCustomDiT(cfg, params_dtype=dtype)
+            return HunyuanCustomDiT(cfg, params_dtype=dtype, layers=layers)
+    return HunyuanCustomDiT(cfg, params_dtype=dtype, layers=layers)
 
 
 def check_keys(cfg: ModelConfig, sd: dict) -> None:
     """The state dict must have exactly the model's keys and shapes (TP=1 layout); lists what differs."""
     from hcustom_mc.parallel.sharding import StateDictError
 
-    model = build_model(cfg, torch.float32, meta=True)
-    want = {k: tuple(v.shape) for k, v in model.weight_state_dict().items()}
+    from hcustom_mc.parallel.sharding import get_tp_split
+
+    # All layers (whatever this rank's pipeline stage), full shapes (whatever its TP rank).
+    model = build_model(cfg, torch.float32, meta=True, layers=range(cfg.num_double_blocks + cfg.num_single_blocks))
+    want = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        if k.endswith("_extra_state"):
+            continue
+        shape, split = list(v.shape), get_tp_split(v)
+        if split is not None:
+            shape[split.dim] = sum(split.segments)
+        want[k] = tuple(shape)
     missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
     wrong = sorted(f"{k}: {tuple(sd[k].shape)} != {want[k]}" for k in set(want) & set(sd) if tuple(sd[k].shape) != want[k])
     problems = [f"{label} ({len(items)}): {items}" for label, items in

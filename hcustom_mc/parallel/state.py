@@ -61,8 +61,10 @@ def initialize_parallel(
     pcfg.validate(world_size, model)
 
     from hcustom_mc.parallel.cpu_compat import install_cpu_compat
+    from hcustom_mc.parallel.megatron_fixes import apply_megatron_fixes
 
     install_cpu_compat()
+    apply_megatron_fixes()
     _init_process_group(timeout_s)
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
