@@ -38,7 +38,7 @@ def _segment_factory(key: str, param: torch.Tensor, split, tp_rank: int, tp: int
             raise NotImplementedError(f"{key}: flattened (distributed-optimizer) views of segmented weights")
         return [
             ShardedTensor.from_rank_offsets(f"{key}#seg{i}", piece, (split.dim, tp_rank, tp), replica_id=replica_id)
-            for i, piece in enumerate(data.split(local_sizes, split.dim))
+            for i, piece in enumerate(data.detach().split(local_sizes, split.dim))
         ]
 
     def merge(pieces):
@@ -65,8 +65,12 @@ def _stage_replica(model, name: str) -> int:
     return 0
 
 
-def model_sharded_state_dict(model: torch.nn.Module, prefix: str = "model.") -> dict:
-    """The megatron sharded state dict of `model` (keys are global parameter names)."""
+def model_sharded_state_dict(model: torch.nn.Module, prefix: str = "model.", keep_vars: bool = True) -> dict:
+    """The megatron sharded state dict of `model` (keys are global parameter names).
+
+    `keep_vars` keeps the Parameter objects as data: megatron's distributed optimizer finds each
+    parameter's checkpoint entry by identity.
+    """
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     tp_rank, tp, dp_rank = _ranks()
@@ -76,7 +80,7 @@ def model_sharded_state_dict(model: torch.nn.Module, prefix: str = "model.") -> 
             continue
         key = prefix + name
         split = get_tp_split(param)
-        data = param.detach()
+        data = param if keep_vars else param.detach()
         stage = _stage_replica(model, name)
         if split is None:  # replicated across TP: TP rank 0 of each DP replica 0 writes it
             out[name] = ShardedTensor.from_rank_offsets(key, data, replica_id=(stage, tp_rank, dp_rank))

@@ -20,6 +20,7 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 log = logging.getLogger("hcustom_mc")
 BACKENDS = ("auto", "flash", "te", "sdpa")
@@ -47,6 +48,42 @@ class Segments:
                     max_len = max(max_len, end - bounds[-1])
                     bounds.append(end)
         return torch.tensor(bounds, dtype=torch.int32, device=device), max_len
+
+
+@dataclass
+class ContextParallel:
+    """This rank's share of the image tokens under context parallelism (whole latent frames)."""
+
+    group: object
+    mode: str  # "ulysses" | "ring"
+    image_lens: list[int]  # image tokens held by each CP rank, in rank order
+
+
+@dataclass
+class JointAttention:
+    """Attention over [image ; text] tokens as the blocks call it: single process, or context parallel
+    (this rank holds `image_len` image tokens, the text is replicated on every CP rank)."""
+
+    segments: Segments  # of the whole (global) sequence
+    image_len: int  # image tokens on this rank
+    cp: ContextParallel | None = None
+    recompute: bool = False  # selective recomputation: keep q, k, v, recompute the attention in backward
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._attend, q, k, v, use_reentrant=False)
+        return self._attend(q, k, v)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.cp is None:
+            return segment_attention(q, k, v, self.segments)
+        from hcustom_mc.parallel.context import cp_joint_attention
+
+        n = self.image_len
+        text_valid = [v_ - self.segments.seq_len + (q.shape[0] - n) for v_ in self.segments.valid]
+        img, txt = cp_joint_attention(q[:n], k[:n], v[:n], q[n:], k[n:], v[n:], text_valid, self.cp.image_lens,
+                                      self.cp.mode, self.cp.group)
+        return torch.cat([img, txt])
 
 
 @lru_cache(maxsize=None)

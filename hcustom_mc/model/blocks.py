@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hcustom_mc.model.attention import Segments, masked_attention, segment_attention
+from hcustom_mc.model.attention import JointAttention, masked_attention
 from hcustom_mc.model.layers import Modulation, RMSNorm, layer_norm, modulate
 from hcustom_mc.model.rope import apply_rope
 from hcustom_mc.model.spec import LinearSubmodules, build_column, build_row
@@ -73,14 +73,15 @@ class DoubleStreamBlock(nn.Module):
         q, k, v = split_heads(out, 3, self.head_dim)
         return getattr(self, f"{stream}_attn_q_norm")(q), getattr(self, f"{stream}_attn_k_norm")(k), v
 
-    def forward(self, x, vec, image_len: int, rope: tuple[torch.Tensor, torch.Tensor], segments: Segments):
+    def forward(self, x, vec, rope: tuple[torch.Tensor, torch.Tensor], attend: JointAttention):
+        image_len = attend.image_len
         img, txt = x[:image_len], x[image_len:]
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
         iq, ik, iv = self._qkv("img", img, i_shift1, i_scale1)
         iq, ik = apply_rope(iq, *rope), apply_rope(ik, *rope)
         tq, tk, tv = self._qkv("txt", txt, t_shift1, t_scale1)
-        attn = segment_attention(torch.cat([iq, tq]), torch.cat([ik, tk]), torch.cat([iv, tv]), segments)
+        attn = attend(torch.cat([iq, tq]), torch.cat([ik, tk]), torch.cat([iv, tv]))
         img = img + i_gate1.unsqueeze(0) * self.img_attn_proj(attn[:image_len])[0]
         img = img + i_gate2.unsqueeze(0) * self.img_mlp(modulate(layer_norm(img, self.eps), i_shift2, i_scale2))
         txt = txt + t_gate1.unsqueeze(0) * self.txt_attn_proj(attn[image_len:])[0]
@@ -102,7 +103,8 @@ class SingleStreamBlock(nn.Module):
         self.k_norm = RMSNorm(D, cfg.norm_eps)
         self.modulation = Modulation(H, 3, config, sub)
 
-    def forward(self, x, vec, image_len: int, rope: tuple[torch.Tensor, torch.Tensor], segments: Segments):
+    def forward(self, x, vec, rope: tuple[torch.Tensor, torch.Tensor], attend: JointAttention):
+        image_len = attend.image_len
         shift, scale, gate = self.modulation(vec)
         out, _ = self.linear1(modulate(layer_norm(x, self.eps), shift, scale))
         qkv, mlp = out[..., : self.qkv_local], out[..., self.qkv_local :]
@@ -110,7 +112,7 @@ class SingleStreamBlock(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         q = torch.cat([apply_rope(q[:image_len], *rope), q[image_len:]])
         k = torch.cat([apply_rope(k[:image_len], *rope), k[image_len:]])
-        attn = segment_attention(q, k, v, segments)
+        attn = attend(q, k, v)
         return x + gate.unsqueeze(0) * self.linear2(torch.cat([attn, gelu_tanh(mlp)], dim=-1))[0]
 
 

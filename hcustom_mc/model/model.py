@@ -12,8 +12,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
-from hcustom_mc.model.attention import Segments
+from megatron.core.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+
+from hcustom_mc.model.attention import ContextParallel, JointAttention, Segments
 from hcustom_mc.model.blocks import DoubleStreamBlock, SingleStreamBlock, TokenRefiner
 from hcustom_mc.model.conditions import (
     AudioCrossAttention,
@@ -34,20 +38,36 @@ class InputError(ValueError):
 
 @dataclass
 class ForwardContext:
-    """What every block needs besides the hidden state; built once per forward."""
+    """What every block needs besides the hidden state; built once per forward.
+
+    Under context parallelism this rank holds the image tokens of the whole latent frames
+    `frames` (a range over the K identity + f video frames); text tokens are on every rank.
+    """
 
     batch: int
     grid: tuple[int, int, int]  # latent (f, H', W') after patching
     num_identity: int
-    image_len: int  # identity + video tokens
+    frames: range  # image frames (identity first, then video) held here
+    image_len: int  # identity + video tokens held here
     rope: tuple[torch.Tensor, torch.Tensor]
-    segments: Segments
-    audio: torch.Tensor | None  # [B, frames, 16, C] aligned audio tokens
+    attend: JointAttention
+    audio: torch.Tensor | None  # [B, frames with audio here, 16, C] aligned audio tokens
+    audio_start: int  # first image token (local) that gets audio
+
+    @property
+    def video_frames(self) -> range:
+        """The video frames (0..f-1) held here."""
+        K = self.num_identity
+        return range(max(self.frames.start, K) - K, max(self.frames.stop, K) - K)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid[1] * self.grid[2]
 
 
-class HunyuanCustomDiT(nn.Module):
+class HunyuanCustomDiT(MegatronModule):
     def __init__(self, cfg: ModelConfig, submodules: LinearSubmodules | None = None, params_dtype=torch.float32,
-                 vp_stage: int | None = None, layers: range | None = None):
+                 vp_stage: int | None = None, layers: range | None = None, cp_mode: str = "ulysses"):
         """Build the whole model, or one pipeline stage of it.
 
         Layers are numbered globally over [double blocks ; single blocks]. By default the stage is the
@@ -55,19 +75,27 @@ class HunyuanCustomDiT(nn.Module):
         ModuleDicts keyed by their global index, so parameter names are the same at any PP.
         Every stage keeps the small conditioning embedders (time_in, vector_in, guidance_in, and
         audio_proj where it has audio blocks) because every block needs the modulation vector.
+        `cp_mode` picks the context-parallel attention (ulysses or ring) when CP > 1.
         """
-        super().__init__()
         from megatron.core import parallel_state as ps
 
         cfg.validate()
-        self.cfg = cfg
-        sub = submodules or get_linear_submodules()
         config = megatron_config(cfg, params_dtype)
+        super().__init__(config)
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
+        self.share_embeddings_and_output_weights = False  # read by megatron's finalize_model_grads
+        self.vp_stage = vp_stage
+        self.input_tensor = None
+        self.cfg, self.cp_mode = cfg, cp_mode
+        self.recompute_granularity: str | None = None  # None | "full" (each block) | "selective" (attention)
+        sub = submodules or get_linear_submodules()
         tp = ps.get_tensor_model_parallel_world_size()
-        chunks, chunk = stage_chunk(vp_stage)
         total = cfg.num_double_blocks + cfg.num_single_blocks
-        self.layers = split_layers(total, chunks)[chunk] if layers is None else layers
-        self.stage = (chunks, chunk) if layers is None else (1, 0)
+        if layers is None:
+            chunks, chunk = stage_chunk(vp_stage)
+            self.layers, self.stage = split_layers(total, chunks)[chunk], (chunks, chunk)
+        else:
+            self.layers, self.stage = layers, (1, 0)
         self.pre_process = self.layers.start == 0
         self.post_process = self.layers.stop == total
         H, D = cfg.hidden_size, cfg.num_double_blocks
@@ -161,49 +189,86 @@ class HunyuanCustomDiT(nn.Module):
             raise InputError("invalid model inputs:\n  - " + "\n  - ".join(errors))
 
     # ------------------------------------------------------------------ stages
+    def set_input_tensor(self, tensor) -> None:
+        """megatron's pipeline schedules hand a stage its input here (a list of one tensor)."""
+        self.input_tensor = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
+
+    def _context_parallel(self, num_frames: int, tokens_per_frame: int) -> tuple[range, ContextParallel | None]:
+        from megatron.core import parallel_state as ps
+
+        cp = ps.get_context_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+        if cp == 1:
+            return range(num_frames), None
+        from hcustom_mc.parallel.context import frame_partition
+
+        parts = frame_partition(num_frames, cp)
+        info = ContextParallel(group=ps.get_context_parallel_group(), mode=self.cp_mode,
+                               image_lens=[len(r) * tokens_per_frame for r in parts])
+        return parts[ps.get_context_parallel_rank()], info
+
+    def video_frames_here(self, num_identity: int, latent_frames: int, tokens_per_frame: int) -> range:
+        """The video frames (0..f-1) whose velocity this rank predicts (all of them without CP)."""
+        frames, _ = self._context_parallel(num_identity + latent_frames, tokens_per_frame)
+        K = num_identity
+        return range(max(frames.start, K) - K, max(frames.stop, K) - K)
+
     def conditioning(self, latents, timestep, text_mask, text_pooled, guidance=None, identity_latents=None,
                      audio_features=None) -> tuple[torch.Tensor, ForwardContext]:
         """What every stage computes: the modulation vector [B, C] and the ForwardContext."""
         cfg = self.cfg
         B, _, f, h, w = latents.shape
         grid = (f // cfg.patch_size[0], h // cfg.patch_size[1], w // cfg.patch_size[2])
+        hw = grid[1] * grid[2]
         dtype = self.time_in.mlp[0].weight.dtype
         vec = self.time_in(timestep) + self.vector_in(text_pooled.to(dtype))
         if cfg.guidance_embed:
             vec = vec + self.guidance_in(guidance)
         K = 0 if identity_latents is None else identity_latents.shape[2]
-        image_len = (K + grid[0]) * grid[1] * grid[2]
-        rope = rope_cos_sin(image_positions(K, *grid, mode=cfg.mode), cfg.rope_dims, cfg.rope_theta, device=latents.device)
-        audio = None
+        frames, cp = self._context_parallel(K + grid[0], hw)
+        positions = image_positions(K, *grid, mode=cfg.mode)[frames.start * hw : frames.stop * hw]
+        rope = rope_cos_sin(positions, cfg.rope_dims, cfg.rope_theta, device=latents.device)
+        audio, audio_start = None, 0
         if audio_features is not None and getattr(self, "audio_slots", None):
             audio = align_audio_tokens(self.audio_proj(audio_features.to(dtype)), grid[0], K, cfg.mode)
-        ctx = ForwardContext(batch=B, grid=grid, num_identity=K, image_len=image_len, rope=rope,
-                             segments=Segments.from_text_mask(image_len, text_mask), audio=audio)
+            # audio row i belongs to image frame i (paper: identity + video) or K + i (release: video only)
+            first = K if cfg.mode == "release" else 0
+            lo, hi = max(frames.start, first), max(frames.stop, first)
+            audio, audio_start = audio[:, lo - first : hi - first], (lo - frames.start) * hw
+        attend = JointAttention(Segments.from_text_mask((K + grid[0]) * hw, text_mask), len(frames) * hw, cp,
+                                recompute=self.recompute_granularity == "selective" and self.training)
+        ctx = ForwardContext(batch=B, grid=grid, num_identity=K, frames=frames, image_len=len(frames) * hw, rope=rope,
+                             attend=attend, audio=audio, audio_start=audio_start)
         return vec, ctx
 
-    def embed_tokens(self, latents, timestep, text_states, text_mask, identity_latents=None, video_condition=None):
-        """First stage: inputs -> hidden state [S, B, C] = [identity ; video ; text] tokens."""
+    def embed_tokens(self, latents, timestep, text_states, text_mask, ctx: ForwardContext,
+                     identity_latents=None, video_condition=None):
+        """First stage: inputs -> hidden state [S, B, C] = [identity ; video ; text] tokens held here."""
         dtype = self.img_in.proj.weight.dtype
-        video = self.img_in(latents.to(dtype))
-        if video_condition is not None:
-            video = video + self.bg_proj(self.bg_in(video_condition.to(dtype)))
-        if identity_latents is not None:
-            video = torch.cat([self.img_in(identity_latents.to(dtype)), video], dim=1)
+        K, frames, video_frames = ctx.num_identity, ctx.frames, ctx.video_frames
+        # the patch embed has temporal patch 1, so embedding only this rank's frames is exact
+        parts = []
+        if K and frames.start < K:
+            parts.append(self.img_in(identity_latents[:, :, frames.start : min(frames.stop, K)].to(dtype)))
+        if len(video_frames):
+            sel = slice(video_frames.start, video_frames.stop)
+            video = self.img_in(latents[:, :, sel].to(dtype))
+            if video_condition is not None:
+                video = video + self.bg_proj(self.bg_in(video_condition[:, :, sel].to(dtype)))
+            parts.append(video)
         text = self.txt_in(text_states.to(dtype), timestep, text_mask)
-        return torch.cat([video.transpose(0, 1), text])
+        return torch.cat([torch.cat(parts, dim=1).transpose(0, 1), text])
 
     def embed(self, latents, timestep, text_states, text_mask, text_pooled, guidance=None,
               identity_latents=None, audio_features=None, video_condition=None):
         """Inputs -> (hidden [S, B, C], vec [B, C], ForwardContext) on the first stage."""
         vec, ctx = self.conditioning(latents, timestep, text_mask, text_pooled, guidance, identity_latents, audio_features)
-        x = self.embed_tokens(latents, timestep, text_states, text_mask, identity_latents, video_condition)
+        x = self.embed_tokens(latents, timestep, text_states, text_mask, ctx, identity_latents, video_condition)
         return x, vec, ctx
 
     def inject_audio(self, x: torch.Tensor, ctx: ForwardContext, index: int) -> torch.Tensor:
         """Per-frame spatial cross-attention of `audio_models[index]` on the image tokens of x [S, B, C]."""
-        f, hh, ww = ctx.grid
-        hw = hh * ww
-        start = ctx.num_identity * hw if self.cfg.mode == "release" else 0
+        hw = ctx.tokens_per_frame
+        start = ctx.audio_start
         frames = ctx.audio.shape[1]
         tokens = x[start : start + frames * hw]  # [frames*HW, B, C]
         video = tokens.unflatten(0, (frames, hw)).permute(2, 0, 1, 3)  # [B, frames, HW, C]
@@ -214,18 +279,22 @@ class HunyuanCustomDiT(nn.Module):
     def run_layers(self, x, vec, ctx: ForwardContext) -> torch.Tensor:
         """This stage's blocks, in global order, with the audio cross-attention after its double blocks."""
         D = self.cfg.num_double_blocks
+        full = self.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
         for i in self.layers:
-            if i < D:
-                x = self.double_blocks[str(i)](x, vec, ctx.image_len, ctx.rope, ctx.segments)
-                if ctx.audio is not None and i in self.audio_slots:
-                    x = self.inject_audio(x, ctx, self.audio_slots[i])
+            block = self.double_blocks[str(i)] if i < D else self.single_blocks[str(i - D)]
+            if full:  # keep only each block's input; recompute its activations in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, vec, ctx.rope, ctx.attend, use_reentrant=False)
             else:
-                x = self.single_blocks[str(i - D)](x, vec, ctx.image_len, ctx.rope, ctx.segments)
+                x = block(x, vec, ctx.rope, ctx.attend)
+            if i < D:
+                if ctx.audio is not None and ctx.audio.shape[1] and i in self.audio_slots:
+                    x = self.inject_audio(x, ctx, self.audio_slots[i])
         return x
 
     def head(self, x, vec, ctx: ForwardContext) -> torch.Tensor:
-        """Video tokens -> [B, C_out, F, H, W] (identity and text tokens dropped)."""
-        f, hh, ww = ctx.grid
+        """Video tokens held here -> [B, C_out, F_here, H, W] (identity and text tokens dropped)."""
+        _, hh, ww = ctx.grid
+        f = len(ctx.video_frames)
         video = x[ctx.image_len - f * hh * ww : ctx.image_len]
         out = self.final_layer(video, vec).transpose(0, 1)  # [B, f*H'*W', C*pt*ph*pw]
         pt, ph, pw = self.cfg.patch_size
@@ -240,14 +309,18 @@ class HunyuanCustomDiT(nn.Module):
         text_pooled [B, pooled_text_dim] (CLIP); guidance [B] (x1000) for guidance-distilled models;
         identity_latents [B, C, K, H, W]; audio_features [B, N, window, layers, channels];
         video_condition [B, 32, F, H, W]. Audio or video condition left out skips that branch.
-        A pipeline stage after the first takes the previous stage's output as `hidden` [S, B, C];
-        a stage before the last returns its hidden state instead of the velocity.
+        A pipeline stage after the first takes the previous stage's output as `hidden` [S, B, C]
+        (or from megatron's schedule through set_input_tensor); a stage before the last returns its
+        hidden state instead of the velocity. Under context parallelism the velocity covers this
+        rank's video frames (`ForwardContext.video_frames`).
         """
         self.check_inputs(latents, timestep, text_states, text_mask, text_pooled, guidance, identity_latents,
                           audio_features, video_condition)
         vec, ctx = self.conditioning(latents, timestep, text_mask, text_pooled, guidance, identity_latents, audio_features)
+        if hidden is None:
+            hidden = self.input_tensor
         if self.pre_process:
-            x = self.embed_tokens(latents, timestep, text_states, text_mask, identity_latents, video_condition)
+            x = self.embed_tokens(latents, timestep, text_states, text_mask, ctx, identity_latents, video_condition)
         elif hidden is None:
             raise InputError("a pipeline stage after the first needs the previous stage's hidden state")
         else:

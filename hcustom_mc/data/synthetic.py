@@ -1,0 +1,136 @@
+"""The dataset interface training reads, a deterministic synthetic latent dataset behind it, and the
+task-batch sampler.
+
+A dataset yields one sample as a dict of latent-space tensors (what the encoders and VAE produce):
+  latents [C, f, h, w] (clean video latents x0), text_states [L, text_dim], text_mask [L],
+  text_pooled [pooled_dim], and per task: identity_latents [C, K, h, w], audio_features
+  [N, window, layers, channels], video_condition [Cv, f, h, w].
+`task_of(i)` names the sample's task so a batch never mixes shapes. The real data pipeline
+implements the same two methods.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Protocol
+
+import torch
+
+from hcustom_mc.model.conditions import audio_frames_expected
+from hcustom_mc.model.config import ModelConfig
+from hcustom_mc.training.config import TASKS, DataConfig
+
+IDENTITY_COUNT = {"t2v": 0, "identity": 1, "multi_identity": 2, "audio": 1, "editing": 0}
+
+
+class LatentDataset(Protocol):
+    def __len__(self) -> int: ...
+
+    def task_of(self, index: int) -> str: ...
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]: ...
+
+
+def _gen(*keys: int | str) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(keys).encode()))
+
+
+class SyntheticLatentDataset:
+    """Learnable synthetic samples: 8 classes, each a fixed latent pattern named by a fixed caption.
+
+    Sample i is a pure function of (seed, i): class i % 8 plus small noise; the task cycles
+    through the tasks with positive weight. Same sample on every rank and at every layout.
+    """
+
+    CLASSES = 8
+
+    def __init__(self, model: ModelConfig, data: DataConfig):
+        self.model, self.data = model, data
+        self.tasks = [t for t in TASKS if data.task_weights.get(t, 0) > 0]
+        self.latent_frames = (data.frames - 1) // 4 + 1
+        C, f, h, w = model.in_channels, self.latent_frames, data.latent_height, data.latent_width
+        g = _gen("bank", data.seed)
+        self.patterns = torch.randn(self.CLASSES, C, f, h, w, generator=g)
+        self.captions = torch.randn(self.CLASSES, data.text_len, model.text_dim, generator=g)
+        self.pooled = torch.randn(self.CLASSES, model.pooled_text_dim, generator=g)
+
+    def __len__(self) -> int:
+        return self.data.num_samples
+
+    def task_of(self, index: int) -> str:
+        return self.tasks[(index // self.CLASSES) % len(self.tasks)]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range [0, {len(self)})")
+        m, d, task = self.model, self.data, self.task_of(index)
+        g = _gen("sample", d.seed, index)
+        c = index % self.CLASSES
+        x0 = self.patterns[c] + 0.1 * torch.randn(self.patterns[c].shape, generator=g)
+        L = d.text_len
+        valid = 1 + c % L
+        mask = torch.arange(L) < valid
+        sample = {
+            "latents": x0,
+            "text_states": self.captions[c] * mask[:, None],
+            "text_mask": mask.long(),
+            "text_pooled": self.pooled[c].clone(),
+        }
+        K = IDENTITY_COUNT[task]
+        if K:  # the subject: a still of the clip, shifted per image
+            sample["identity_latents"] = torch.stack([x0[:, 0] + 0.05 * k for k in range(K)], dim=1)
+        if task == "audio":
+            n = audio_frames_expected(self.latent_frames, K, m.mode)
+            sample["audio_features"] = torch.randn(n, m.audio_window, m.audio_layers, m.audio_channels, generator=g)
+        if task == "editing":
+            sample["video_condition"] = torch.randn(m.video_condition_channels, *x0.shape[1:], generator=g)
+        return sample
+
+
+class TaskBatchSampler:
+    """Global batch `step` = one task (drawn by weight) and `global_batch` sample indices of that task.
+
+    A pure function of (seed, step): resuming at step s continues with exactly the batches an
+    uninterrupted run would have drawn, so the sampler's saved position is just the step.
+    """
+
+    def __init__(self, dataset: LatentDataset, weights: dict[str, float], global_batch: int, seed: int):
+        self.pools: dict[str, list[int]] = {}
+        for i in range(len(dataset)):
+            self.pools.setdefault(dataset.task_of(i), []).append(i)
+        self.tasks = [t for t in self.pools if weights.get(t, 0) > 0]
+        if not self.tasks:
+            raise ValueError(f"no samples for any task with positive weight {weights}")
+        self.weights = torch.tensor([float(weights[t]) for t in self.tasks])
+        self.global_batch, self.seed = global_batch, seed
+
+    def global_batch_indices(self, step: int) -> tuple[str, list[int]]:
+        g = _gen("batch", self.seed, step)
+        task = self.tasks[int(torch.multinomial(self.weights, 1, generator=g))]
+        pool = self.pools[task]
+        picks = torch.randint(len(pool), (self.global_batch,), generator=g)
+        return task, [pool[int(i)] for i in picks]
+
+
+def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+def drop_conditions(batch: dict[str, torch.Tensor], data: DataConfig, keys: list[tuple[int, int]]) -> None:
+    """Classifier-free-guidance dropout, per sample, in place; shapes never change.
+
+    Dropped text = the empty prompt (one valid zero token, zero pooled vector); dropped identity,
+    audio = zeros. `keys` are (step, position in global batch): the same sample drops the same way
+    at any parallel layout.
+    """
+    for row, (step, pos) in enumerate(keys):
+        u = torch.rand(3, generator=_gen("drop", data.seed, step, pos))
+        if u[0] < data.text_drop:
+            batch["text_states"][row].zero_()
+            batch["text_mask"][row].zero_()
+            batch["text_mask"][row, 0] = 1
+            batch["text_pooled"][row].zero_()
+        if "identity_latents" in batch and u[1] < data.identity_drop:
+            batch["identity_latents"][row].zero_()
+        if "audio_features" in batch and u[2] < data.audio_drop:
+            batch["audio_features"][row].zero_()

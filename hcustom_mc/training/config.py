@@ -1,0 +1,241 @@
+"""Training configuration: typed dataclasses, a YAML file, Megatron-style command-line overrides.
+
+Precedence: dataclass defaults < `--config FILE.yaml` < command-line flags. Every flag maps to one
+field (FLAGS below), so `--help` and the YAML keys describe the same settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hcustom_mc.model.config import ConfigError
+from hcustom_mc.parallel.config import ParallelConfig
+
+TASKS = ("t2v", "identity", "multi_identity", "audio", "editing")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 10
+    decay_style: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.01  # not applied to biases and norm weights
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = True  # ZeRO-1 over data parallel ranks
+
+
+@dataclass
+class ObjectiveConfig:
+    """Flow matching (paper): x_t = t*noise + (1-t)*x0, target = noise - x0, t ~ logit-normal, shifted."""
+
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0  # t <- s*t / (1 + (s-1)*t); 1 = no shift
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"
+    num_samples: int = 256
+    frames: int = 5  # pixel frames (4k+1); latent frames = (frames-1)/4 + 1
+    latent_height: int = 4
+    latent_width: int = 4
+    text_len: int = 8
+    task_weights: dict[str, float] = field(default_factory=lambda: {"t2v": 1.0, "identity": 1.0})
+    text_drop: float = 0.1  # condition dropout for classifier-free guidance
+    identity_drop: float = 0.05
+    audio_drop: float = 0.05
+    seed: int = 1234
+
+
+@dataclass
+class CheckpointConfig:
+    save: str | None = None  # folder of iter_XXXXXXX checkpoints + `latest`
+    load: str | None = None  # a folder written by --save (resumes from its `latest`)
+    save_interval: int = 0  # steps; 0 = only at the end and on SIGTERM/SIGINT
+    keep_last: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    mlflow_tracking_uri: str | None = None  # default: sqlite store inside the run folder
+    mlflow_experiment: str = "hcustom-mc"
+    run_name: str | None = None
+    run_dir: str = "runs/default"
+    peak_tflops: float | None = None  # per device, for MFU; default: known GPUs only
+
+
+@dataclass
+class TrainConfig:
+    model: str = "tiny"  # tiny | 13b | a ModelConfig JSON/YAML file
+    variant: str = "base"  # base | audio | editing
+    mode: str = "release"  # release | paper
+    max_identity_images: int | None = None
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    micro_batch_size: int = 1
+    global_batch_size: int = 1
+    train_steps: int = 10
+    bf16: bool = False
+    recompute_granularity: str | None = None  # None | full | selective
+    trainable: str = "all"  # all | new (audio / video-condition branches only)
+    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept frozen
+    init_seed: int = 0
+    zero_init: bool = True  # release zero-inits modulations and the final layer
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self, world_size: int) -> "TrainConfig":
+        errors = []
+        dp = self.parallel.data_parallel(world_size) if world_size % (
+            self.parallel.tensor_parallel * self.parallel.pipeline_parallel * self.parallel.context_parallel) == 0 else None
+        if self.micro_batch_size < 1:
+            errors.append(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        elif dp and self.global_batch_size % (self.micro_batch_size * dp):
+            errors.append(f"global_batch_size {self.global_batch_size} is not divisible by micro_batch_size "
+                          f"{self.micro_batch_size} x data parallel {dp}")
+        if self.train_steps < 1:
+            errors.append(f"train_steps must be >= 1, got {self.train_steps}")
+        if self.recompute_granularity not in (None, "full", "selective"):
+            errors.append(f"recompute_granularity must be full or selective, got {self.recompute_granularity!r}")
+        if self.trainable not in ("all", "new"):
+            errors.append(f"trainable must be all or new, got {self.trainable!r}")
+        if self.optim.decay_style not in ("cosine", "linear", "constant"):
+            errors.append(f"decay_style must be cosine, linear or constant, got {self.optim.decay_style!r}")
+        if (self.data.frames - 1) % 4:
+            errors.append(f"data.frames must be 4k+1 (the causal VAE's frame rule), got {self.data.frames}")
+        unknown = set(self.data.task_weights) - set(TASKS)
+        if unknown:
+            errors.append(f"unknown tasks in task_weights: {sorted(unknown)} (known: {TASKS})")
+        if not any(w > 0 for w in self.data.task_weights.values()):
+            errors.append("task_weights needs at least one task with a positive weight")
+        wants = {t for t, w in self.data.task_weights.items() if w > 0}
+        if "audio" in wants and self.variant != "audio":
+            errors.append("the audio task needs variant=audio")
+        if "editing" in wants and self.variant != "editing":
+            errors.append("the editing task needs variant=editing")
+        if "multi_identity" in wants and self.mode != "paper":
+            errors.append("multi_identity (K > 1) needs mode=paper (the release supports one identity image)")
+        if self.checkpoint.load and not Path(self.checkpoint.load).exists():
+            errors.append(f"--load {self.checkpoint.load} does not exist")
+        if errors:
+            raise ConfigError("invalid training config:\n  - " + "\n  - ".join(errors))
+        return self
+
+    def num_microbatches(self, world_size: int) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.parallel.data_parallel(world_size))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# flag -> (dotted field, type); type bool means a store_true switch.
+FLAGS: dict[str, tuple[str, Any, str]] = {
+    "--tensor-model-parallel-size": ("parallel.tensor_parallel", int, "TP size"),
+    "--pipeline-model-parallel-size": ("parallel.pipeline_parallel", int, "PP size"),
+    "--virtual-pipeline-model-parallel-size": ("parallel.virtual_pipeline_parallel", int, "model chunks per PP rank (interleaved 1F1B)"),
+    "--context-parallel-size": ("parallel.context_parallel", int, "CP size (image tokens split by whole latent frames)"),
+    "--cp-comm-type": ("parallel.cp_mode", str, "ulysses (all-to-all) or ring (K/V around the ring)"),
+    "--sequence-parallel": ("parallel.sequence_parallel", bool, "sequence parallel with TP (GPU only)"),
+    "--micro-batch-size": ("micro_batch_size", int, "samples per micro batch"),
+    "--global-batch-size": ("global_batch_size", int, "samples per optimizer step"),
+    "--train-iters": ("train_steps", int, "optimizer steps"),
+    "--bf16": ("bf16", bool, "bf16 compute with fp32 main weights"),
+    "--recompute-granularity": ("recompute_granularity", str, "full (every block) or selective (attention core)"),
+    "--model": ("model", str, "tiny | 13b | ModelConfig file"),
+    "--variant": ("variant", str, "base | audio | editing"),
+    "--mode": ("mode", str, "release | paper"),
+    "--trainable": ("trainable", str, "all | new"),
+    "--lr": ("optim.lr", float, "peak learning rate"),
+    "--min-lr": ("optim.min_lr", float, "final learning rate"),
+    "--lr-warmup-iters": ("optim.warmup_steps", int, "linear warmup steps"),
+    "--lr-decay-style": ("optim.decay_style", str, "cosine | linear | constant"),
+    "--weight-decay": ("optim.weight_decay", float, "AdamW weight decay (not on biases/norms)"),
+    "--clip-grad": ("optim.clip_grad", float, "global gradient-norm clip"),
+    "--no-distributed-optimizer": ("optim.use_distributed_optimizer", "false", "keep full optimizer state on every DP rank"),
+    "--seed": ("data.seed", int, "data / noise seed"),
+    "--init-seed": ("init_seed", int, "weight init seed"),
+    "--save": ("checkpoint.save", str, "checkpoint folder"),
+    "--load": ("checkpoint.load", str, "resume from this checkpoint folder"),
+    "--save-interval": ("checkpoint.save_interval", int, "save every N steps"),
+    "--keep-last": ("checkpoint.keep_last", int, "checkpoints kept"),
+    "--log-interval": ("logging.log_interval", int, "console/MLflow logging every N steps"),
+    "--mlflow-tracking-uri": ("logging.mlflow_tracking_uri", str, "MLflow server (default: sqlite in the run folder)"),
+    "--run-dir": ("logging.run_dir", str, "run folder (logs, MLflow store)"),
+    "--run-name": ("logging.run_name", str, "MLflow run name"),
+    "--peak-tflops": ("logging.peak_tflops", float, "per-device peak TFLOP/s for MFU"),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="torchrun ... pretrain_custom.py", description="Train HunyuanCustom with "
+                                "megatron-core (TP, PP, CP, DP).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", type=Path, help="YAML file of TrainConfig fields (nested sections allowed)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any field by dotted name, value as YAML, e.g. data.task_weights='{t2v: 1}'")
+    for flag, (dest, typ, help_) in FLAGS.items():
+        if typ is bool or typ == "false":
+            p.add_argument(flag, action="store_true", default=None, help=help_)
+        else:
+            p.add_argument(flag, type=typ, default=None, help=help_)
+    return p.parse_args(argv)
+
+
+def _set(cfg, dotted: str, value) -> None:
+    *path, last = dotted.split(".")
+    obj = cfg
+    for part in path:
+        obj = getattr(obj, part)
+    if not hasattr(obj, last):
+        raise ConfigError(f"unknown config field {dotted!r}")
+    setattr(obj, last, value)
+
+
+def _apply_mapping(cfg, data: dict, prefix: str = "") -> None:
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        target = cfg
+        for part in name.split(".")[:-1]:
+            target = getattr(target, part)
+        current = getattr(target, name.split(".")[-1], None) if hasattr(target, name.split(".")[-1]) else None
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            _apply_mapping(cfg, value, name + ".")
+        else:
+            _set(cfg, name, value)
+
+
+def build_config(argv=None) -> TrainConfig:
+    args = parse_args(argv)
+    cfg = TrainConfig()
+    if args.config is not None:
+        if not args.config.is_file():
+            raise ConfigError(f"--config {args.config} does not exist")
+        _apply_mapping(cfg, yaml.safe_load(args.config.read_text()) or {})
+    for flag, (dest, typ, _) in FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            _set(cfg, dest, False if typ == "false" else value)
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        _set(cfg, key, yaml.safe_load(raw))
+    return cfg
+
+
+def config_json(cfg: TrainConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, default=str)

@@ -1,0 +1,360 @@
+"""The training loop: build, (resume), then per step: batch -> megatron schedule -> optimizer -> log -> save.
+
+Read top to bottom: `train(cfg)` is the whole job.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hcustom_mc.checkpoint.mcore import STAGE_SHARED, _stage_replica
+from hcustom_mc.data.synthetic import SyntheticLatentDataset, TaskBatchSampler, collate, drop_conditions
+from hcustom_mc.model import HunyuanCustomDiT, get_model_config
+from hcustom_mc.model.init import initialize_weights
+from hcustom_mc.parallel.state import current_parallel_info, destroy_parallel, initialize_parallel
+from hcustom_mc.training import checkpoint as ckpt
+from hcustom_mc.training.config import TrainConfig, config_json
+from hcustom_mc.training.objective import add_noise, flow_matching_loss_sum, sample_noise_and_t
+from hcustom_mc.training.tracking import Tracker, model_flops_per_sample, peak_memory_gib, peak_tflops
+
+log = logging.getLogger("hcustom_mc")
+NEW_MODULES = ("audio_proj.", "audio_models.", "bg_in.", "bg_proj.")
+
+
+# ----------------------------------------------------------------------------- model
+def _is_stage_shared(name: str) -> bool:
+    return name.startswith(STAGE_SHARED) or name.startswith("audio_proj.")
+
+
+def _is_trainable(cfg: TrainConfig, name: str) -> bool:
+    chosen = cfg.trainable == "all" or name.startswith(NEW_MODULES)
+    return chosen and not any(name.startswith(p) for p in cfg.freeze)
+
+
+def build_model_chunks(cfg: TrainConfig, model_cfg, cp_mode: str) -> list[HunyuanCustomDiT]:
+    from megatron.core import parallel_state as ps
+
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    chunks = []
+    for v in range(vpp or 1):
+        chunk = HunyuanCustomDiT(model_cfg, params_dtype=dtype, vp_stage=v if vpp else None, cp_mode=cp_mode)
+        initialize_weights(chunk, seed=cfg.init_seed, zero_init=cfg.zero_init)
+        chunk.recompute_granularity = cfg.recompute_granularity
+        for name, param in chunk.named_parameters():
+            param.requires_grad_(_is_trainable(cfg, name))
+            if _is_stage_shared(name):
+                param.hc_stage_shared = True
+                # copies on later stages are left out of the grad norm, as megatron does for tied weights
+                param.shared = _stage_replica(chunk, name) != 0
+        chunks.append(chunk)
+    if not any(p.requires_grad for c in chunks for p in c.parameters()) and ps.get_pipeline_model_parallel_world_size() == 1:
+        raise ValueError("no trainable parameters (check --trainable and freeze)")
+    return chunks
+
+
+def stage_shared_names(model_cfg) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every stage-shared parameter of the whole model, identical on all ranks."""
+    with torch.device("meta"):
+        whole = HunyuanCustomDiT(model_cfg, layers=range(model_cfg.num_double_blocks + model_cfg.num_single_blocks))
+    return [(n, tuple(p.shape)) for n, p in whole.named_parameters() if _is_stage_shared(n)]
+
+
+def allreduce_stage_shared_grads(model_chunks, shared: list[tuple[str, tuple[int, ...]]]) -> None:
+    """Sum the gradients of the embedders every pipeline stage holds, over all stages and chunks.
+
+    Runs before the data-parallel reduction (which is linear, so the order is exact) because the
+    distributed optimizer's reduce-scatter leaves only this rank's shard of each buffer valid.
+    """
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1 and len(model_chunks) == 1:
+        return
+    holders: dict[str, list[torch.Tensor]] = {}
+    for chunk in model_chunks:
+        for name, param in ckpt.unwrap(chunk).named_parameters():
+            if getattr(param, "hc_stage_shared", False) and param.requires_grad:
+                holders.setdefault(name, []).append(param.main_grad)
+    flat = torch.cat([sum(holders[n]).flatten() if n in holders else torch.zeros(s, dtype=torch.float32, device=_device()).flatten()
+                      for n, s in shared])
+    dist.all_reduce(flat, group=ps.get_pipeline_model_parallel_group())
+    offset = 0
+    for name, shape in shared:
+        n = int(torch.Size(shape).numel())
+        for grad in holders.get(name, []):
+            grad.copy_(flat[offset : offset + n].view(shape))
+        offset += n
+
+
+def _device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- data
+class BatchMaker:
+    """Turns global batch `step` into this DP rank's micro batches of model inputs and targets."""
+
+    def __init__(self, cfg: TrainConfig, model_cfg, dp_rank: int, dp_size: int, num_micro: int):
+        if cfg.data.dataset != "synthetic":
+            raise ValueError(f"unknown dataset {cfg.data.dataset!r} (available: synthetic)")
+        self.cfg, self.model_cfg = cfg, model_cfg
+        self.dataset = SyntheticLatentDataset(model_cfg, cfg.data)
+        self.sampler = TaskBatchSampler(self.dataset, cfg.data.task_weights, cfg.global_batch_size, cfg.data.seed)
+        self.dp_rank, self.dp_size, self.num_micro = dp_rank, dp_size, num_micro
+
+    def microbatches(self, step: int) -> tuple[str, list[dict]]:
+        task, indices = self.sampler.global_batch_indices(step)
+        mbs, out = self.cfg.micro_batch_size, []
+        for m in range(self.num_micro):
+            start = (m * self.dp_size + self.dp_rank) * mbs  # same global sample order at any DP size
+            keys = [(step, p) for p in range(start, start + mbs)]
+            batch = collate([self.dataset[i] for i in indices[start : start + mbs]])
+            drop_conditions(batch, self.cfg.data, keys)
+            x0 = batch.pop("latents")
+            noise, t = sample_noise_and_t(tuple(x0.shape[1:]), keys, self.cfg.objective, self.cfg.data.seed)
+            xt, target = add_noise(x0, noise, t)
+            inputs = {"latents": xt, "timestep": t * 1000.0, **batch}
+            if self.model_cfg.guidance_embed:
+                inputs["guidance"] = torch.full_like(t, 6.0 * 1000.0)
+            dev = _device()
+            out.append({"inputs": {k: v.to(dev) for k, v in inputs.items()}, "target": target.to(dev)})
+        return task, out
+
+
+# ----------------------------------------------------------------------------- one step
+def make_forward_step():
+    from megatron.core import parallel_state as ps
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        output = model(**mb["inputs"])
+        dit = ckpt.unwrap(model)
+        if not dit.post_process:
+            return output, None
+        target = mb["target"]
+        K = mb["inputs"]["identity_latents"].shape[2] if "identity_latents" in mb["inputs"] else 0
+        _, _, f, h, w = target.shape
+        pt, ph, pw = dit.cfg.patch_size
+        frames = dit.video_frames_here(K, f // pt, (h // ph) * (w // pw))
+        local = target[:, :, frames.start * pt : frames.stop * pt]
+        count = target.numel()  # all video elements of the micro batch, across CP ranks
+
+        def loss_func(out):
+            sse = flow_matching_loss_sum(out, local)
+            reported = sse.detach().clone()
+            if ps.get_context_parallel_world_size() > 1:
+                dist.all_reduce(reported, group=ps.get_context_parallel_group())
+            # megatron multiplies by the CP size and DDP averages over DP x CP: the net gradient is
+            # that of the global mean squared error.
+            return sse / count, {"loss": reported / count}
+
+        return output, loss_func
+
+    return forward_step
+
+
+def seq_length_here(model_chunk, mb: dict) -> int:
+    inputs = mb["inputs"]
+    dit = ckpt.unwrap(model_chunk)
+    K = inputs["identity_latents"].shape[2] if "identity_latents" in inputs else 0
+    _, _, f, h, w = inputs["latents"].shape
+    pt, ph, pw = dit.cfg.patch_size
+    hw = (h // ph) * (w // pw)
+    frames, _ = dit._context_parallel(K + f // pt, hw)
+    return len(frames) * hw + inputs["text_states"].shape[1]
+
+
+# ----------------------------------------------------------------------------- the job
+class _StopRequest:
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.signal = signum
+
+    def agreed(self) -> bool:
+        """Collective: did any rank get SIGTERM/SIGINT?"""
+        flag = torch.tensor([1.0 if self.signal else 0.0], device=_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run the configured training; returns {'losses': [...], 'grad_norms': [...], 'step': last step}."""
+    import os
+
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    overrides = {"mode": cfg.mode}
+    if cfg.max_identity_images is not None:
+        overrides["max_identity_images"] = cfg.max_identity_images
+    elif cfg.mode == "paper":
+        overrides["max_identity_images"] = 3
+    model_cfg = get_model_config(cfg.model, cfg.variant, **overrides)
+    cfg.validate(world)
+    info = initialize_parallel(cfg.parallel, model_cfg, seed=cfg.init_seed)
+    if info.rank == 0:
+        run_dir = Path(cfg.logging.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(config_json(cfg) + "\n")
+        log.info("config:\n%s", config_json(cfg))
+        log.info("layout: world %d = TP %d x PP %d (VPP %s) x CP %d (%s) x DP %d; sequence parallel: %s",
+                 info.world_size, info.tp_size, info.pp_size, cfg.parallel.virtual_pipeline_parallel, info.cp_size,
+                 cfg.parallel.cp_mode, info.dp_size, _sp_status(cfg))
+    if cfg.parallel.sequence_parallel and not torch.cuda.is_available():
+        raise ValueError("sequence parallel is available on GPU only (megatron-core's SP collectives need CUDA/NCCL); "
+                         "drop --sequence-parallel on CPU")
+
+    # Model, DDP, optimizer, LR schedule.
+    chunks = build_model_chunks(cfg, model_cfg, cfg.parallel.cp_mode)
+    # the trainable stage-shared parameters, the same list on every rank (some stages hold none)
+    shared = [(n, s) for n, s in stage_shared_names(model_cfg) if _is_trainable(cfg, n)]
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
+    model = [DistributedDataParallel(c.config, ddp_config, c, disable_bucketing=i > 0) for i, c in enumerate(chunks)]
+    opt_config = OptimizerConfig(optimizer="adam", lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
+                                 weight_decay=cfg.optim.weight_decay, adam_beta1=cfg.optim.adam_beta1,
+                                 adam_beta2=cfg.optim.adam_beta2, adam_eps=cfg.optim.adam_eps,
+                                 clip_grad=cfg.optim.clip_grad, bf16=cfg.bf16,
+                                 params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+                                 use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
+    optimizer = get_megatron_optimizer(opt_config, model)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, lr_warmup_steps=cfg.optim.warmup_steps,
+        lr_decay_steps=max(cfg.train_steps, cfg.optim.warmup_steps + 1), lr_decay_style=cfg.optim.decay_style,
+        start_wd=cfg.optim.weight_decay, end_wd=cfg.optim.weight_decay, wd_incr_steps=cfg.train_steps,
+        wd_incr_style="constant")
+    for c in chunks:  # what megatron's schedules read from the model config
+        c.config.grad_scale_func = optimizer.scale_loss
+        c.config.finalize_model_grads_func = functools.partial(_finalize, shared=shared, finalize=finalize_model_grads)
+        c.config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+        c.config.grad_sync_func = None
+
+    # Resume.
+    start_step, train_state = 0, {}
+    if cfg.checkpoint.load:
+        path = ckpt.latest_checkpoint(cfg.checkpoint.load)
+        if path is None:
+            raise FileNotFoundError(f"--load {cfg.checkpoint.load}: no complete checkpoint there (no `latest`)")
+        train_state = ckpt.load_checkpoint(path, model, optimizer, scheduler)
+        start_step = int(train_state["step"])
+        if hasattr(optimizer, "reload_model_params"):
+            optimizer.reload_model_params()
+
+    # Data, tracking.
+    num_micro = cfg.num_microbatches(info.world_size)
+    batches = BatchMaker(cfg, model_cfg, info.dp_rank, info.dp_size, num_micro)
+    tracker = Tracker(info.rank == 0, cfg.logging.run_dir, cfg.logging.mlflow_tracking_uri, cfg.logging.mlflow_experiment,
+                      cfg.logging.run_name, run_id=train_state.get("mlflow_run_id") if cfg.checkpoint.load else None)
+    tracker.log_params(cfg.to_dict())
+    peak = peak_tflops(cfg.bf16, cfg.logging.peak_tflops)
+    stop = _StopRequest()
+    forward_backward = get_forward_backward_func()
+    forward_step = make_forward_step()
+    history = {"losses": [], "grad_norms": [], "step": start_step}
+
+    step = start_step
+    for step in range(start_step + 1, cfg.train_steps + 1):
+        t0 = time.time()
+        task, micro = batches.microbatches(step)
+        for m in model:
+            m.zero_grad_buffer()
+        optimizer.zero_grad()
+        iterators = [iter(micro) for _ in model] if len(model) > 1 else iter(micro)
+        losses = forward_backward(forward_step_func=forward_step, data_iterator=iterators,
+                                  model=model if len(model) > 1 else model[0], num_microbatches=num_micro,
+                                  seq_length=seq_length_here(model[0], micro[0]), micro_batch_size=cfg.micro_batch_size,
+                                  forward_only=False)
+        ok, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        loss = _global_loss(losses)
+        step_time = time.time() - t0
+        history["losses"].append(loss)
+        history["grad_norms"].append(float(grad_norm) if grad_norm is not None else float("nan"))
+        history["step"] = step
+        if loss != loss:
+            raise FloatingPointError(f"loss is NaN at step {step} (task {task})")
+        if step % cfg.logging.log_interval == 0 or step == cfg.train_steps:
+            tracker.log_step(step, cfg.train_steps, _metrics(cfg, model_cfg, micro[0], loss, grad_norm, optimizer,
+                                                            step_time, info, peak, task))
+        stopping = stop.agreed()
+        interval = cfg.checkpoint.save_interval
+        if cfg.checkpoint.save and (stopping or step == cfg.train_steps or (interval and step % interval == 0)):
+            ckpt.save_checkpoint(cfg.checkpoint.save, step, model, optimizer, scheduler,
+                                 {"mlflow_run_id": tracker.run_id, "consumed_samples": step * cfg.global_batch_size},
+                                 model_cfg, cfg.checkpoint.keep_last)
+        if stopping:
+            if info.rank == 0:
+                log.warning("stopping after step %d on signal %s (checkpoint %s)", step, stop.signal,
+                            "saved" if cfg.checkpoint.save else "not requested: no --save")
+            break
+    tracker.finish()
+    if info.rank == 0:
+        (Path(cfg.logging.run_dir) / "history.json").write_text(json.dumps(history) + "\n")
+    return history
+
+
+def _finalize(model, num_tokens=None, *, shared, finalize, **kwargs):
+    allreduce_stage_shared_grads(model, shared)
+    finalize(model, num_tokens, **kwargs)
+
+
+def _global_loss(losses: list[dict]) -> float:
+    """Mean micro-batch loss over DP, delivered to every rank (it exists on the last stage only)."""
+    from megatron.core import parallel_state as ps
+
+    value = torch.zeros(1, device=_device())
+    if ps.is_pipeline_last_stage(ignore_virtual=True) and losses:
+        value += torch.stack([l["loss"] for l in losses]).mean().to(value.device)
+    dist.all_reduce(value, group=ps.get_data_parallel_group())
+    value /= ps.get_data_parallel_world_size()
+    dist.all_reduce(value, group=ps.get_pipeline_model_parallel_group())  # other stages hold 0
+    return float(value.item())
+
+
+def _metrics(cfg, model_cfg, mb, loss, grad_norm, optimizer, step_time, info, peak, task) -> dict:
+    inputs = mb["inputs"]
+    K = inputs["identity_latents"].shape[2] if "identity_latents" in inputs else 0
+    _, _, f, h, w = inputs["latents"].shape
+    pt, ph, pw = model_cfg.patch_size
+    image_tokens = (K + f // pt) * (h // ph) * (w // pw)
+    text_tokens = inputs["text_states"].shape[1]
+    flops = model_flops_per_sample(model_cfg, image_tokens, text_tokens) * cfg.global_batch_size
+    tflops = flops / step_time / info.world_size / 1e12  # per device
+    return {
+        "loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "lr": optimizer.param_groups[0]["lr"], "step_time_s": step_time,
+        "tokens_per_s": (image_tokens + text_tokens) * cfg.global_batch_size / step_time,
+        "tflops_per_device": tflops, "mfu": tflops / peak if peak else None,
+        "peak_mem_gib": peak_memory_gib(), "task_" + task: 1.0,
+    }
+
+
+def _sp_status(cfg) -> str:
+    if not cfg.parallel.sequence_parallel:
+        return "off"
+    return "on" if torch.cuda.is_available() else "requested but unavailable on CPU"
+
+
+def run(cfg: TrainConfig) -> dict:
+    try:
+        return train(cfg)
+    finally:
+        destroy_parallel()
+
+
+__all__ = ["train", "run", "build_model_chunks", "current_parallel_info"]

@@ -1,0 +1,129 @@
+"""Throughput accounting (model FLOPs, MFU), the console progress line, and MLflow logging (rank 0)."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hcustom_mc.model.config import ModelConfig
+
+log = logging.getLogger("hcustom_mc")
+
+# Dense peak TFLOP/s per device (bf16 tensor cores, and fp32 via TF32), from the vendor data sheets.
+PEAK_TFLOPS = {"H100": (989.0, 494.7), "H200": (989.0, 494.7), "A100": (312.0, 156.0)}
+
+
+def model_flops_per_sample(cfg: ModelConfig, image_tokens: int, text_tokens: int) -> float:
+    """Training FLOPs (forward + backward) of one sample; recomputation is not counted.
+
+    Linear layers: 2 FLOPs per weight per token forward, x3 with backward, each stream's weights
+    counted only for its own tokens (a double block's image weights see only image tokens):
+        double block: (3H^2 + H^2 + 2HM) per stream -> x S_img and x S_txt
+        single block: H(3H + M) + (H + M)H         -> x (S_img + S_txt)
+    Attention (bidirectional, joint over S = S_img + S_txt): QK^T and AV are 2*2*S*S*H forward,
+    x3 with backward = 12 * H * S^2 per block.
+    Embedders, modulation vectors, the token refiner and the audio cross-attention are <1% at
+    video lengths and are left out.
+    """
+    H, M = cfg.hidden_size, cfg.mlp_hidden
+    S = image_tokens + text_tokens
+    double_stream = 4 * H * H + 2 * H * M
+    single = H * (3 * H + M) + (H + M) * H
+    linear = cfg.num_double_blocks * double_stream * S + cfg.num_single_blocks * single * S
+    attention = 12 * H * S * S * (cfg.num_double_blocks + cfg.num_single_blocks)
+    return 6.0 * linear + attention
+
+
+def peak_tflops(bf16: bool, override: float | None) -> float | None:
+    if override:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, (b, f) in PEAK_TFLOPS.items():
+        if key in name:
+            return b if bf16 else f
+    return None
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Tracker:
+    """Rank 0's console progress and MLflow run; other ranks construct it as a no-op."""
+
+    def __init__(self, enabled: bool, run_dir: str, tracking_uri: str | None, experiment: str,
+                 run_name: str | None, run_id: str | None = None):
+        self.enabled, self.run = enabled, None
+        self.start_time, self.start_step = time.time(), None
+        if not enabled:
+            return
+        import mlflow
+
+        run_path = Path(run_dir).resolve()
+        run_path.mkdir(parents=True, exist_ok=True)
+        self.tracking_uri = tracking_uri or f"sqlite:///{run_path / 'mlflow.db'}"
+        mlflow.set_tracking_uri(self.tracking_uri)
+        if mlflow.get_experiment_by_name(experiment) is None:
+            mlflow.create_experiment(experiment, artifact_location=(run_path / "mlartifacts").as_uri())
+        mlflow.set_experiment(experiment)
+        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
+        self.mlflow = mlflow
+        log.info("MLflow run %s at %s", self.run.info.run_id, self.tracking_uri)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.info.run_id if self.run else None
+
+    def log_params(self, params: dict) -> None:
+        if not self.enabled:
+            return
+        flat = {}
+
+        def walk(prefix, value):
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                flat[prefix] = str(value)[:500]
+
+        walk("", params)
+        existing = self.mlflow.get_run(self.run_id).data.params
+        self.mlflow.log_params({k: v for k, v in flat.items() if k not in existing})
+
+    def log_step(self, step: int, total: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.start_step is None:
+            self.start_step, self.start_time = step - 1, time.time() - metrics.get("step_time_s", 0.0)
+        done = step - self.start_step
+        eta = (time.time() - self.start_time) / max(done, 1) * (total - step)
+        parts = [f"step {step}/{total}"] + [f"{k} {_fmt(v)}" for k, v in metrics.items()] + [f"ETA {_fmt_time(eta)}"]
+        print(" | ".join(parts), file=sys.stdout, flush=True)
+        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
+
+    def finish(self) -> None:
+        if self.enabled and self.run is not None:
+            self.mlflow.end_run()
+            self.run = None
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
