@@ -34,4 +34,6 @@ def test_tp2_equals_single_process(single_process, tmp_path, variant, mode, iden
     torch.testing.assert_close(tp2["loss"], loss, atol=1e-6, rtol=1e-5)
     assert set(tp2["grads"]) == set(grads)
     for name, grad in grads.items():
-        torch.testing.assert_close(tp2["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        # relative to each tensor's own size: some gradients (QK norms) are ~1e-8 in this model
+        err = (tp2["grads"][name] - grad).norm()
+        assert err <= 1e-4 * grad.norm() + 1e-12, f"{name}: |diff| {err:.3g} vs |grad| {grad.norm():.3g}"

@@ -23,12 +23,17 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class RMSNorm(nn.Module):
-    """Per-head RMSNorm (QK norm), computed in fp32 and cast back."""
+    """Per-head RMSNorm (QK norm), computed in fp32 and cast back.
+
+    The weight is shared by all heads while tensor parallelism splits the heads, so each TP rank's
+    gradient covers only its heads: `hc_tp_partial_grad` marks it for a sum over the TP group.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.weight.hc_tp_partial_grad = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()

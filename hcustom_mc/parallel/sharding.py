@@ -24,6 +24,11 @@ class TPSplit:
 
 def mark_tp_split(param: torch.Tensor, dim: int, segments: tuple[int, ...] | list[int]) -> None:
     param.hc_tp_split = TPSplit(dim, tuple(int(s) for s in segments))
+    # megatron reads these (grad norm, clipping): megatron sets them only when it initialises the
+    # weight itself, and we initialise TP-invariantly ourselves (perform_initialization=False)
+    param.tensor_model_parallel = True
+    param.partition_dim = dim
+    param.partition_stride = 1
 
 
 def get_tp_split(param: torch.Tensor) -> TPSplit | None:
@@ -97,7 +102,8 @@ def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor], 
 def full_state_dict(model: torch.nn.Module, grads: bool = False) -> dict[str, torch.Tensor]:
     """All-gather TP shards into full release-layout tensors (same result on every TP rank).
 
-    `grads=True` gathers the parameters' gradients instead (parity tests compare them).
+    `grads=True` gathers the parameters' gradients instead (parity tests compare them); gradients
+    each TP rank holds only a part of (hc_tp_partial_grad) are summed.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -110,6 +116,9 @@ def full_state_dict(model: torch.nn.Module, grads: bool = False) -> dict[str, to
         if grads and param.grad is None:
             raise ValueError(f"{name} has no gradient")
         tensor = (param.grad if grads else param).detach()
+        if grads and tp > 1 and getattr(param, "hc_tp_partial_grad", False):
+            tensor = tensor.clone()
+            dist.all_reduce(tensor, group=ps.get_tensor_model_parallel_group())
         split = get_tp_split(param)
         if split is not None and tp > 1:
             gathered = [torch.empty_like(tensor) for _ in range(tp)]

@@ -161,7 +161,7 @@ def make_forward_step():
     return forward_step
 
 
-def seq_length_here(model_chunk, mb: dict) -> int:
+def seq_length_arg(model_chunk, mb: dict) -> int:
     inputs = mb["inputs"]
     dit = ckpt.unwrap(model_chunk)
     K = inputs["identity_latents"].shape[2] if "identity_latents" in inputs else 0
@@ -169,7 +169,11 @@ def seq_length_here(model_chunk, mb: dict) -> int:
     pt, ph, pw = dit.cfg.patch_size
     hw = (h // ph) * (w // pw)
     frames, _ = dit._context_parallel(K + f // pt, hw)
-    return len(frames) * hw + inputs["text_states"].shape[1]
+    # megatron's schedules divide the length they are given by the CP size to get the per-rank
+    # shape; CP shards can differ by a frame, so hand over this rank's exact length times CP
+    from megatron.core import parallel_state as ps
+
+    return (len(frames) * hw + inputs["text_states"].shape[1]) * ps.get_context_parallel_world_size()
 
 
 # ----------------------------------------------------------------------------- the job
@@ -277,7 +281,7 @@ def train(cfg: TrainConfig) -> dict:
         iterators = [iter(micro) for _ in model] if len(model) > 1 else iter(micro)
         losses = forward_backward(forward_step_func=forward_step, data_iterator=iterators,
                                   model=model if len(model) > 1 else model[0], num_microbatches=num_micro,
-                                  seq_length=seq_length_here(model[0], micro[0]), micro_batch_size=cfg.micro_batch_size,
+                                  seq_length=seq_length_arg(model[0], micro[0]), micro_batch_size=cfg.micro_batch_size,
                                   forward_only=False)
         ok, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
@@ -308,7 +312,26 @@ def train(cfg: TrainConfig) -> dict:
     return history
 
 
+def allreduce_tp_partial_grads(model_chunks) -> None:
+    """Sum over TP the gradients of weights shared by heads that TP splits (QK norms)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_tensor_model_parallel_world_size() == 1:
+        return
+    grads = [p.main_grad for c in model_chunks for p in ckpt.unwrap(c).parameters()
+             if getattr(p, "hc_tp_partial_grad", False) and p.requires_grad]
+    if grads:
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat, group=ps.get_tensor_model_parallel_group())
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
 def _finalize(model, num_tokens=None, *, shared, finalize, **kwargs):
+    # both sums are linear, so doing them before megatron's data-parallel reduction is exact
+    allreduce_tp_partial_grads(model)
     allreduce_stage_shared_grads(model, shared)
     finalize(model, num_tokens, **kwargs)
 

@@ -1,0 +1,1 @@
+"""Training: config, objective, loop, checkpoints, tracking."""
