@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 
+import torch
+
 
 def _skip_missing_step_on_reshardable_load() -> None:
     # megatron-core 0.16, DistributedOptimizer over a plain torch Adam (no transformer-engine/apex):
@@ -37,5 +39,32 @@ def _skip_missing_step_on_reshardable_load() -> None:
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 
 
+def _unshare_adam_step_after_load() -> None:
+    # megatron-core 0.16, DistributedOptimizer over torch Adam: load_state_dict gives every
+    # parameter's state the *same* 0-dim `step` tensor, and torch Adam increments it in place once
+    # per parameter, so after a resume the bias correction runs ahead and the updates differ from
+    # an uninterrupted run. Give each parameter its own copy.
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.load_state_dict
+    if getattr(original, "__hcustom_fix__", False):
+        return
+
+    @functools.wraps(original)
+    def load_state_dict(self, state_dict):
+        original(self, state_dict)
+        seen = set()
+        for state in self.optimizer.state.values():
+            step = state.get("step")
+            if isinstance(step, torch.Tensor):
+                if id(step) in seen:
+                    state["step"] = step.clone()
+                seen.add(id(state["step"]))
+
+    load_state_dict.__hcustom_fix__ = True
+    DistributedOptimizer.load_state_dict = load_state_dict
+
+
 def apply_megatron_fixes() -> None:
     _skip_missing_step_on_reshardable_load()
+    _unshare_adam_step_after_load()

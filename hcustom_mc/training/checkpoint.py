@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -87,6 +88,9 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
     if optimizer is not None:
         state["optimizer"] = _optimizer_sd(optimizer, flat_model_sd, is_loading=False)
     dist_checkpointing.save(state, str(tmp))
+    if os.environ.get("HCUSTOM_FAULT_KILL_IN_SAVE") == str(step):
+        # fault injection for the crash-safety test: die like SIGKILL, mid-save, before the rename
+        os.kill(os.getpid(), signal.SIGKILL)
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                tmp / "rng" / f"rank{dist.get_rank():05d}.pt")

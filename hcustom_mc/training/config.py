@@ -1,6 +1,6 @@
 """Training configuration: typed dataclasses, a YAML file, Megatron-style command-line overrides.
 
-Precedence: dataclass defaults < `--config FILE.yaml` < command-line flags. Every flag maps to one
+Precedence: dataclass defaults < `--config FILE.yaml` < `--set key=value` < named flags. Every flag maps to one
 field (FLAGS below), so `--help` and the YAML keys describe the same settings.
 """
 
@@ -87,6 +87,7 @@ class TrainConfig:
     micro_batch_size: int = 1
     global_batch_size: int = 1
     train_steps: int = 10
+    exit_after_steps: int | None = None  # stop (and save) after this many steps of this invocation
     bf16: bool = False
     recompute_granularity: str | None = None  # None | full | selective
     trainable: str = "all"  # all | new (audio / video-condition branches only)
@@ -154,6 +155,7 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--micro-batch-size": ("micro_batch_size", int, "samples per micro batch"),
     "--global-batch-size": ("global_batch_size", int, "samples per optimizer step"),
     "--train-iters": ("train_steps", int, "optimizer steps"),
+    "--exit-after-iters": ("exit_after_steps", int, "stop after N steps of this run, saving a checkpoint (the LR schedule still spans --train-iters)"),
     "--bf16": ("bf16", bool, "bf16 compute with fp32 main weights"),
     "--recompute-granularity": ("recompute_granularity", str, "full (every block) or selective (attention core)"),
     "--model": ("model", str, "tiny | 13b | ModelConfig file"),
@@ -225,15 +227,15 @@ def build_config(argv=None) -> TrainConfig:
         if not args.config.is_file():
             raise ConfigError(f"--config {args.config} does not exist")
         _apply_mapping(cfg, yaml.safe_load(args.config.read_text()) or {})
-    for flag, (dest, typ, _) in FLAGS.items():
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
-        if value is not None:
-            _set(cfg, dest, False if typ == "false" else value)
     for item in args.set:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         _set(cfg, key, yaml.safe_load(raw))
+    for flag, (dest, typ, _) in FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            _set(cfg, dest, False if typ == "false" else value)
     return cfg
 
 

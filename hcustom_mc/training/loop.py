@@ -293,9 +293,9 @@ def train(cfg: TrainConfig) -> dict:
         if loss != loss:
             raise FloatingPointError(f"loss is NaN at step {step} (task {task})")
         if step % cfg.logging.log_interval == 0 or step == cfg.train_steps:
-            tracker.log_step(step, cfg.train_steps, _metrics(cfg, model_cfg, micro[0], loss, grad_norm, optimizer,
+            tracker.log_step(step, cfg.train_steps, task, _metrics(cfg, model_cfg, micro[0], loss, grad_norm, optimizer,
                                                             step_time, info, peak, task))
-        stopping = stop.agreed()
+        stopping = stop.agreed() or (cfg.exit_after_steps is not None and step - start_step >= cfg.exit_after_steps)
         interval = cfg.checkpoint.save_interval
         if cfg.checkpoint.save and (stopping or step == cfg.train_steps or (interval and step % interval == 0)):
             ckpt.save_checkpoint(cfg.checkpoint.save, step, model, optimizer, scheduler,
@@ -303,7 +303,8 @@ def train(cfg: TrainConfig) -> dict:
                                  model_cfg, cfg.checkpoint.keep_last)
         if stopping:
             if info.rank == 0:
-                log.warning("stopping after step %d on signal %s (checkpoint %s)", step, stop.signal,
+                reason = f"signal {stop.signal}" if stop.signal else f"--exit-after-iters {cfg.exit_after_steps}"
+                log.warning("stopping after step %d on %s (checkpoint %s)", step, reason,
                             "saved" if cfg.checkpoint.save else "not requested: no --save")
             break
     tracker.finish()
@@ -363,7 +364,7 @@ def _metrics(cfg, model_cfg, mb, loss, grad_norm, optimizer, step_time, info, pe
         "lr": optimizer.param_groups[0]["lr"], "step_time_s": step_time,
         "tokens_per_s": (image_tokens + text_tokens) * cfg.global_batch_size / step_time,
         "tflops_per_device": tflops, "mfu": tflops / peak if peak else None,
-        "peak_mem_gib": peak_memory_gib(), "task_" + task: 1.0,
+        "peak_mem_gib": peak_memory_gib(),
     }
 
 

@@ -80,6 +80,12 @@ class Tracker:
         if mlflow.get_experiment_by_name(experiment) is None:
             mlflow.create_experiment(experiment, artifact_location=(run_path / "mlartifacts").as_uri())
         mlflow.set_experiment(experiment)
+        if run_id is not None:  # resume the run the checkpoint was written by, if this store has it
+            try:
+                mlflow.get_run(run_id)
+            except Exception:
+                log.info("MLflow run %s of the checkpoint is not in %s: starting a new run", run_id, self.tracking_uri)
+                run_id = None
         self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
         self.mlflow = mlflow
         log.info("MLflow run %s at %s", self.run.info.run_id, self.tracking_uri)
@@ -104,14 +110,14 @@ class Tracker:
         existing = self.mlflow.get_run(self.run_id).data.params
         self.mlflow.log_params({k: v for k, v in flat.items() if k not in existing})
 
-    def log_step(self, step: int, total: int, metrics: dict[str, float]) -> None:
+    def log_step(self, step: int, total: int, task: str, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
         if self.start_step is None:
             self.start_step, self.start_time = step - 1, time.time() - metrics.get("step_time_s", 0.0)
         done = step - self.start_step
         eta = (time.time() - self.start_time) / max(done, 1) * (total - step)
-        parts = [f"step {step}/{total}"] + [f"{k} {_fmt(v)}" for k, v in metrics.items()] + [f"ETA {_fmt_time(eta)}"]
+        parts = [f"step {step}/{total}", f"task {task}"] + [f"{k} {_fmt(v)}" for k, v in metrics.items()] + [f"ETA {_fmt_time(eta)}"]
         print(" | ".join(parts), file=sys.stdout, flush=True)
         self.mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
 
