@@ -105,6 +105,8 @@ BAD = {
                "8 pipeline stages (PP 2 x VPP 4) exceed the 4 transformer blocks"),
     "batch": (2, ["--global-batch-size", 3], "global_batch_size 3 is not divisible by micro_batch_size 1 x data parallel 2"),
     "checkpoint": (2, ["--load", "/nonexistent/ckpt"], "--load /nonexistent/ckpt does not exist"),
+    "sequence parallel": (2, ["--tensor-model-parallel-size", 2, "--sequence-parallel"],
+                          "--sequence-parallel is not available"),
 }
 
 
@@ -131,3 +133,10 @@ def test_readme_demo_trains_and_logs_to_mlflow(tmp_path):
     for key in ("loss", "grad_norm", "lr", "step_time_s", "tokens_per_s", "tflops_per_device", "peak_mem_gib"):
         assert len(client.get_metric_history(run_.info.run_id, key)) == 8, key
     assert (tmp_path / "demo" / "checkpoints" / "latest").read_text().strip() == "iter_0000008"
+    # a training checkpoint converts to the release format like any megatron checkpoint
+    proc = subprocess.run([sys.executable, "-m", "hcustom_mc.checkpoint.convert", "--src",
+                           str(tmp_path / "demo" / "checkpoints" / "iter_0000008"), "--src-format", "mcore", "--dst",
+                           str(tmp_path / "release"), "--dst-format", "release", "--model-config", "tiny",
+                           "--variant", "audio"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "release" / "mp_rank_00_model_states.pt").is_file()

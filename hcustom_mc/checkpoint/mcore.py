@@ -120,8 +120,15 @@ def load_mcore_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
     if not path.is_dir() or not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"{path} is not a megatron-core distributed checkpoint (no metadata.json)")
     sharded = model_sharded_state_dict(model)
-    loaded = dist_checkpointing.load(sharded, str(path), strict="raise_all")
-    _apply_loaded(model, loaded)
+    loaded, missing, unexpected = dist_checkpointing.load(sharded, str(path), strict="return_all")
+    # a training checkpoint also holds optimizer state: only the model's keys must match
+    missing, unexpected = ([k for k in keys if not k.startswith("optimizer.")] for keys in (missing, unexpected))
+    if missing or unexpected:
+        from hcustom_mc.parallel.sharding import StateDictError
+
+        raise StateDictError(f"{path} does not fit the model config:\n  - missing keys ({len(missing)}): "
+                             f"{sorted(missing)[:50]}\n  - unexpected keys ({len(unexpected)}): {sorted(unexpected)[:50]}")
+    _apply_loaded(model, {k: v for k, v in loaded.items() if k in sharded})
 
 
 def read_mcore_model_config(path: str | Path):

@@ -131,6 +131,11 @@ class TrainConfig:
             errors.append("the editing task needs variant=editing")
         if "multi_identity" in wants and self.mode != "paper":
             errors.append("multi_identity (K > 1) needs mode=paper (the release supports one identity image)")
+        if self.parallel.sequence_parallel:
+            # megatron-core's sequence-parallel layers need CUDA/NCCL, and the DiT's SP path (token
+            # sequence split outside attention, norm-grad reduction) is not built yet: say so plainly
+            errors.append("--sequence-parallel is not available: the DiT has no sequence-parallel path yet (and "
+                          "megatron-core's SP layers need CUDA); use --context-parallel-size to split long sequences")
         if self.checkpoint.load and not Path(self.checkpoint.load).exists():
             errors.append(f"--load {self.checkpoint.load} does not exist")
         if errors:
