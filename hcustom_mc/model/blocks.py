@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hcustom_mc.model import ops
 from hcustom_mc.model.attention import JointAttention, masked_attention
-from hcustom_mc.model.layers import Modulation, RMSNorm, layer_norm, modulate
-from hcustom_mc.model.rope import apply_rope
+from hcustom_mc.model.layers import Modulation, RMSNorm
 from hcustom_mc.model.spec import LinearSubmodules, build_column, build_row
 from hcustom_mc.parallel.sharding import mark_tp_split
 
@@ -69,23 +69,23 @@ class DoubleStreamBlock(nn.Module):
             setattr(self, f"{stream}_mlp", MLP(H, M, config, sub, gelu_tanh))
 
     def _qkv(self, stream: str, x, shift, scale):
-        out, _ = getattr(self, f"{stream}_attn_qkv")(modulate(layer_norm(x, self.eps), shift, scale))
-        q, k, v = split_heads(out, 3, self.head_dim)
-        return getattr(self, f"{stream}_attn_q_norm")(q), getattr(self, f"{stream}_attn_k_norm")(k), v
+        out, _ = getattr(self, f"{stream}_attn_qkv")(ops.layernorm_modulate(x, shift, scale, self.eps))
+        return split_heads(out, 3, self.head_dim)
 
-    def forward(self, x, vec, rope: tuple[torch.Tensor, torch.Tensor], attend: JointAttention):
+    def forward(self, x, vec, rotary: ops.Rotary, attend: JointAttention):
         image_len = attend.image_len
         img, txt = x[:image_len], x[image_len:]
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
         iq, ik, iv = self._qkv("img", img, i_shift1, i_scale1)
-        iq, ik = apply_rope(iq, *rope), apply_rope(ik, *rope)
+        iq, ik = rotary.norm_and_rotate(iq, ik, self.img_attn_q_norm, self.img_attn_k_norm, image_len)
         tq, tk, tv = self._qkv("txt", txt, t_shift1, t_scale1)
+        tq, tk = rotary.norm_and_rotate(tq, tk, self.txt_attn_q_norm, self.txt_attn_k_norm, 0)
         attn = attend(torch.cat([iq, tq]), torch.cat([ik, tk]), torch.cat([iv, tv]))
-        img = img + i_gate1.unsqueeze(0) * self.img_attn_proj(attn[:image_len])[0]
-        img = img + i_gate2.unsqueeze(0) * self.img_mlp(modulate(layer_norm(img, self.eps), i_shift2, i_scale2))
-        txt = txt + t_gate1.unsqueeze(0) * self.txt_attn_proj(attn[image_len:])[0]
-        txt = txt + t_gate2.unsqueeze(0) * self.txt_mlp(modulate(layer_norm(txt, self.eps), t_shift2, t_scale2))
+        img = ops.gated_residual(img, i_gate1, self.img_attn_proj(attn[:image_len])[0])
+        img = ops.gated_residual(img, i_gate2, self.img_mlp(ops.layernorm_modulate(img, i_shift2, i_scale2, self.eps)))
+        txt = ops.gated_residual(txt, t_gate1, self.txt_attn_proj(attn[image_len:])[0])
+        txt = ops.gated_residual(txt, t_gate2, self.txt_mlp(ops.layernorm_modulate(txt, t_shift2, t_scale2, self.eps)))
         return torch.cat([img, txt])
 
 
@@ -103,17 +103,15 @@ class SingleStreamBlock(nn.Module):
         self.k_norm = RMSNorm(D, cfg.norm_eps)
         self.modulation = Modulation(H, 3, config, sub)
 
-    def forward(self, x, vec, rope: tuple[torch.Tensor, torch.Tensor], attend: JointAttention):
+    def forward(self, x, vec, rotary: ops.Rotary, attend: JointAttention):
         image_len = attend.image_len
         shift, scale, gate = self.modulation(vec)
-        out, _ = self.linear1(modulate(layer_norm(x, self.eps), shift, scale))
+        out, _ = self.linear1(ops.layernorm_modulate(x, shift, scale, self.eps))
         qkv, mlp = out[..., : self.qkv_local], out[..., self.qkv_local :]
         q, k, v = split_heads(qkv, 3, self.head_dim)
-        q, k = self.q_norm(q), self.k_norm(k)
-        q = torch.cat([apply_rope(q[:image_len], *rope), q[image_len:]])
-        k = torch.cat([apply_rope(k[:image_len], *rope), k[image_len:]])
+        q, k = rotary.norm_and_rotate(q, k, self.q_norm, self.k_norm, image_len)
         attn = attend(q, k, v)
-        return x + gate.unsqueeze(0) * self.linear2(torch.cat([attn, gelu_tanh(mlp)], dim=-1))[0]
+        return ops.gated_residual(x, gate, self.linear2(torch.cat([attn, gelu_tanh(mlp)], dim=-1))[0])
 
 
 class RefinerBlock(nn.Module):

@@ -21,11 +21,11 @@ Video condition (editing): bg_latents [B, 32, f, H, W] (VAE(masked video) ++ VAE
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from hcustom_mc.model import ops
 
 
 
@@ -89,9 +89,7 @@ class AudioCrossAttention(nn.Module):
         """video [B, F, HW, C], audio [B, F, 16, C] -> update [B, F, HW, C] (before lambda_A)."""
         q = self.to_q(self.norm2(video))
         k, v = self.to_kv(self.norm1(audio)).chunk(2, dim=-1)
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        out = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
-        return self.to_out(out)
+        return self.to_out(ops.frame_cross_attention(q, k, v))
 
 
 def video_condition_projection(cfg) -> nn.Module:

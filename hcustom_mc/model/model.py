@@ -28,7 +28,7 @@ from hcustom_mc.model.conditions import (
 )
 from hcustom_mc.model.config import ModelConfig
 from hcustom_mc.model.layers import FinalLayer, MLPEmbedder, PatchEmbed, TimestepEmbedder
-from hcustom_mc.model.rope import image_positions, rope_cos_sin
+from hcustom_mc.model.ops import Rotary
 from hcustom_mc.model.spec import LinearSubmodules, get_linear_submodules, megatron_config
 
 
@@ -49,7 +49,7 @@ class ForwardContext:
     num_identity: int
     frames: range  # image frames (identity first, then video) held here
     image_len: int  # identity + video tokens held here
-    rope: tuple[torch.Tensor, torch.Tensor]
+    rotary: Rotary
     attend: JointAttention
     audio: torch.Tensor | None  # [B, frames with audio here, 16, C] aligned audio tokens
     audio_start: int  # first image token (local) that gets audio
@@ -225,8 +225,7 @@ class HunyuanCustomDiT(MegatronModule):
             vec = vec + self.guidance_in(guidance)
         K = 0 if identity_latents is None else identity_latents.shape[2]
         frames, cp = self._context_parallel(K + grid[0], hw)
-        positions = image_positions(K, *grid, mode=cfg.mode)[frames.start * hw : frames.stop * hw]
-        rope = rope_cos_sin(positions, cfg.rope_dims, cfg.rope_theta, device=latents.device)
+        rotary = Rotary(grid, K, cfg.mode, tuple(cfg.rope_dims), cfg.rope_theta, frames, latents.device)
         audio, audio_start = None, 0
         if audio_features is not None and getattr(self, "audio_slots", None):
             audio = align_audio_tokens(self.audio_proj(audio_features.to(dtype)), grid[0], K, cfg.mode)
@@ -236,7 +235,7 @@ class HunyuanCustomDiT(MegatronModule):
             audio, audio_start = audio[:, lo - first : hi - first], (lo - frames.start) * hw
         attend = JointAttention(Segments.from_text_mask((K + grid[0]) * hw, text_mask), len(frames) * hw, cp,
                                 recompute=self.recompute_granularity == "selective" and self.training)
-        ctx = ForwardContext(batch=B, grid=grid, num_identity=K, frames=frames, image_len=len(frames) * hw, rope=rope,
+        ctx = ForwardContext(batch=B, grid=grid, num_identity=K, frames=frames, image_len=len(frames) * hw, rotary=rotary,
                              attend=attend, audio=audio, audio_start=audio_start)
         return vec, ctx
 
@@ -283,9 +282,9 @@ class HunyuanCustomDiT(MegatronModule):
         for i in self.layers:
             block = self.double_blocks[str(i)] if i < D else self.single_blocks[str(i - D)]
             if full:  # keep only each block's input; recompute its activations in backward
-                x = torch.utils.checkpoint.checkpoint(block, x, vec, ctx.rope, ctx.attend, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, vec, ctx.rotary, ctx.attend, use_reentrant=False)
             else:
-                x = block(x, vec, ctx.rope, ctx.attend)
+                x = block(x, vec, ctx.rotary, ctx.attend)
             if i < D:
                 if ctx.audio is not None and ctx.audio.shape[1] and i in self.audio_slots:
                     x = self.inject_audio(x, ctx, self.audio_slots[i])

@@ -90,6 +90,7 @@ class TrainConfig:
     exit_after_steps: int | None = None  # stop (and save) after this many steps of this invocation
     bf16: bool = False
     recompute_granularity: str | None = None  # None | full | selective
+    kernels: str = "auto"  # auto (Triton on CUDA) | triton | torch: the DiT's fused glue kernels
     trainable: str = "all"  # all | new (audio / video-condition branches only)
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept frozen
     init_seed: int = 0
@@ -113,6 +114,8 @@ class TrainConfig:
             errors.append(f"train_steps must be >= 1, got {self.train_steps}")
         if self.recompute_granularity not in (None, "full", "selective"):
             errors.append(f"recompute_granularity must be full or selective, got {self.recompute_granularity!r}")
+        if self.kernels not in ("auto", "triton", "torch"):
+            errors.append(f"kernels must be auto, triton or torch, got {self.kernels!r}")
         if self.trainable not in ("all", "new"):
             errors.append(f"trainable must be all or new, got {self.trainable!r}")
         if self.optim.decay_style not in ("cosine", "linear", "constant"):
@@ -163,6 +166,7 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--exit-after-iters": ("exit_after_steps", int, "stop after N steps of this run, saving a checkpoint (the LR schedule still spans --train-iters)"),
     "--bf16": ("bf16", bool, "bf16 compute with fp32 main weights"),
     "--recompute-granularity": ("recompute_granularity", str, "full (every block) or selective (attention core)"),
+    "--kernels": ("kernels", str, "auto (Triton on CUDA) | triton | torch"),
     "--model": ("model", str, "tiny | 13b | ModelConfig file"),
     "--variant": ("variant", str, "base | audio | editing"),
     "--mode": ("mode", str, "release | paper"),

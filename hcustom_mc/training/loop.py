@@ -19,6 +19,7 @@ from hcustom_mc.checkpoint.mcore import STAGE_SHARED, _stage_replica
 from hcustom_mc.data.synthetic import SyntheticLatentDataset, TaskBatchSampler, collate, drop_conditions
 from hcustom_mc.model import HunyuanCustomDiT, get_model_config
 from hcustom_mc.model.init import initialize_weights
+from hcustom_mc.model.ops import set_kernel_backend
 from hcustom_mc.parallel.state import current_parallel_info, destroy_parallel, initialize_parallel
 from hcustom_mc.training import checkpoint as ckpt
 from hcustom_mc.training.config import TrainConfig, config_json
@@ -211,6 +212,7 @@ def train(cfg: TrainConfig) -> dict:
     model_cfg = get_model_config(cfg.model, cfg.variant, **overrides)
     cfg.validate(world)
     info = initialize_parallel(cfg.parallel, model_cfg, seed=cfg.init_seed)
+    set_kernel_backend(cfg.kernels)
     if info.rank == 0:
         run_dir = Path(cfg.logging.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
