@@ -58,7 +58,7 @@ def _group_size_rank(group) -> tuple[int, int]:
 
 def _seq_to_heads(x: Tensor, image_lens: list[int], group) -> Tensor:
     """[S_local, B, H, ...] -> [S_total, B, H/cp, ...]: scatter heads, gather the sequence."""
-    cp, rank = _group_size_rank(group)
+    cp, _ = _group_size_rank(group)
     s, b, h = x.shape[:3]
     rest = x.shape[3:]
     # chunk j of the head dim goes to rank j, so put it first and flatten it into dim 0
