@@ -29,4 +29,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":  # required: megatron's checkpoint writer may spawn a process that re-imports this file
-    sys.exit(main())
+    from hcustom_mc.parallel.state import exit_process
+
+    exit_process(main())

@@ -105,4 +105,12 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hcustom_mc.parallel.state import exit_process
+
+    try:
+        code = main()
+    except SystemExit as exc:  # argparse and input checks
+        if not isinstance(exc.code, int) and exc.code is not None:
+            print(exc.code, file=sys.stderr)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    exit_process(code)

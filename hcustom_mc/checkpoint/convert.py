@@ -180,8 +180,15 @@ def _mcore_dtype(path: Path) -> torch.dtype:
 
 
 if __name__ == "__main__":
+    from hcustom_mc.parallel.state import exit_process
+
     try:
-        sys.exit(main())
+        code = main()
+    except SystemExit as exc:  # argparse and the early checks above
+        if not isinstance(exc.code, int) and exc.code is not None:
+            print(exc.code, file=sys.stderr)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except (ConfigError, KeyError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
+    exit_process(code)
