@@ -18,11 +18,11 @@ Kernels
 from __future__ import annotations
 
 import torch
+
+from kernels._checks import check_backend, check_float_tensors
 import triton
 import triton.language as tl
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_BACKENDS = ("triton", "torch")
 # Widest C chunk held in registers by the LayerNorm kernels (C = 3072 at 13B fits in one chunk);
 # the tests lower it to exercise the chunk loop.
 _MAX_BLOCK = 4096
@@ -256,20 +256,8 @@ class _GatedResidual(torch.autograd.Function):
 # ------------------------------------------------------------------ validation
 def _check(name: str, x: torch.Tensor, vecs: dict, others: dict, backend: str) -> None:
     """Raise TypeError/ValueError for what the kernels do not handle, before any work."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"{name}: backend must be one of {_BACKENDS}, got {backend!r}")
-    tensors = {"x": x, **others, **vecs}
-    for k, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: {k} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name}: {k} has dtype {t.dtype}; supported: float32, bfloat16, float16")
-    dtypes = {k: t.dtype for k, t in tensors.items()}
-    if len(set(dtypes.values())) > 1:
-        raise TypeError(f"{name}: mixed dtypes {dtypes}; cast all inputs to one dtype")
-    devices = {k: t.device for k, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"{name}: inputs on different devices {devices}")
+    check_backend(name, backend)
+    check_float_tensors(name, {"x": x, **others, **vecs})
     if x.dim() != 3:
         raise ValueError(f"{name}: x must be [S, B, C], got shape {tuple(x.shape)}")
     for k, t in others.items():

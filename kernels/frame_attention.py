@@ -23,11 +23,11 @@ import math
 import os
 
 import torch
+
+from kernels._checks import check_backend, check_float_tensors
 import triton
 import triton.language as tl
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_BACKENDS = ("triton", "torch")
 _MAX_M = 64  # audio tokens per frame: the whole [BLOCK_N, M] score tile is held in registers
 _MAX_D = 4096  # head dim (1024 at 13B)
 _MAX_FRAME = 2**31 - 1  # offsets inside one frame (N * d) are int32; frame bases are int64
@@ -245,20 +245,9 @@ class _FrameAttention(torch.autograd.Function):
 def _check(q, k, v, backend: str) -> None:
     """Raise TypeError/ValueError for what the kernels do not handle, before any work."""
     name = "frame_cross_attention"
-    if backend not in _BACKENDS:
-        raise ValueError(f"{name}: backend must be one of {_BACKENDS}, got {backend!r}")
+    check_backend(name, backend)
     tensors = {"q": q, "k": k, "v": v}
-    for key, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: {key} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name}: {key} has dtype {t.dtype}; supported: float32, bfloat16, float16")
-    dtypes = {key: t.dtype for key, t in tensors.items()}
-    if len(set(dtypes.values())) > 1:
-        raise TypeError(f"{name}: mixed dtypes {dtypes}; cast q, k, v to one dtype")
-    devices = {key: t.device for key, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"{name}: inputs on different devices {devices}")
+    check_float_tensors(name, tensors, dtype_hint="cast q, k, v to one dtype")
     for key, t in tensors.items():
         if t.dim() != 4:
             raise ValueError(f"{name}: {key} must be 4-D ([B, F, tokens, d]), got shape {tuple(t.shape)}")

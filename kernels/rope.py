@@ -21,14 +21,14 @@ from __future__ import annotations
 import math
 
 import torch
+
+from kernels._checks import check_backend, check_float_tensors
 import triton
 import triton.language as tl
 
 from hcustom_mc.model.layers import RMSNorm
 from hcustom_mc.model.rope import apply_rope, image_positions, rope_cos_sin
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_BACKENDS = ("triton", "torch")
 _MODES = ("release", "paper")
 # Heads per tile; 24 heads x D/2 = 64 pairs fit in one 32 x 64 tile. The tests lower it to exercise the
 # head loop and its masked tail.
@@ -249,19 +249,9 @@ def _check(q, k, q_weight, k_weight, grid, num_identity, mode, rope_dims, theta,
            backend="triton") -> None:
     """Raise TypeError/ValueError for anything the kernel (or the reference) does not handle, before any work."""
     name = "qk_norm_rope"
-    if backend not in _BACKENDS:
-        raise ValueError(f"{name}: backend must be one of {_BACKENDS}, got {backend!r}")
+    check_backend(name, backend)
     tensors = {"q": q, "k": k, "q_weight": q_weight, "k_weight": k_weight}
-    for key, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: {key} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name}: {key} has dtype {t.dtype}; supported: float32, bfloat16, float16")
-    if q.dtype != k.dtype:
-        raise TypeError(f"{name}: q and k dtypes differ ({q.dtype} vs {k.dtype})")
-    devices = {key: t.device for key, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"{name}: inputs on different devices {devices}")
+    check_float_tensors(name, tensors, same_dtype=("q", "k"), dtype_hint="q and k dtypes differ: cast them to one dtype")
     if q.dim() != 4:
         raise ValueError(f"{name}: q must be [S, B, H, D], got shape {tuple(q.shape)}")
     if k.shape != q.shape:
