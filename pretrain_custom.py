@@ -23,7 +23,10 @@ def main(argv=None) -> int:
         run(cfg)
     except (ConfigError, FileNotFoundError) as exc:
         # every rank validates the same config, so every rank exits here with the same message
+        from hcustom_mc.parallel.state import wait_for_all_ranks_on_error
+
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        wait_for_all_ranks_on_error()
         return 2
     return 0
 
