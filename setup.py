@@ -23,9 +23,12 @@ setup(
         "pyyaml>=6",
         "psutil>=5.9",  # megatron-core dist_checkpointing uses it without declaring it
         "numpy",
+        "av>=12",  # PyAV: h264 decoding on CPU, audio decoding, mp4 writing (no system ffmpeg needed)
+        "Pillow>=9",
     ],
     extras_require={
-        "gpu": ["transformer-engine[pytorch]>=1.12", "flash-attn>=2.6", "nvidia-dali-cuda120>=1.40"],
-        "dev": ["pytest>=8", "diffusers>=0.32", "transformers>=4.45"],
+        "gpu": ["transformer-engine[pytorch]>=1.12", "flash-attn>=2.6", "nvidia-dali-cuda130>=2.0"],
+        # diffusers/transformers build the reference models and the tiny encoders; DALI's CPU path is tested
+        "dev": ["pytest>=8", "diffusers>=0.32", "transformers>=4.45", "nvidia-dali-cuda130>=2.0"],
     },
 )
