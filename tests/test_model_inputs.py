@@ -49,10 +49,17 @@ def test_text_mask_shape_mismatch(audio_model):
     _fails(audio_model, r"text_mask shape \(2, 5\) does not match", text_mask=torch.ones(2, 5))
 
 
-def test_text_mask_must_be_right_padded(audio_model):
+def test_text_mask_must_be_right_padded_in_paper_mode(single_process):
     mask = torch.ones(2, 7)
     mask[0, 2] = 0
-    _fails(audio_model, "right-padded", text_mask=mask)
+    _fails(HunyuanCustomDiT(get_model_config("tiny", "audio", mode="paper")), "right-padded", text_mask=mask)
+
+
+def test_release_mode_takes_the_llava_mask_with_appended_ones(audio_model):
+    # the release's LLaVA mask: padding, then ones appended after it; joint attention counts sum(mask)
+    inputs = tiny_inputs(audio_model.cfg)
+    inputs["text_mask"] = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 1, 1]])
+    assert torch.isfinite(audio_model(**inputs)).all()
 
 
 def test_text_dim_and_pooled(audio_model):

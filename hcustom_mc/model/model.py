@@ -148,9 +148,11 @@ class HunyuanCustomDiT(MegatronModule):
             m = text_mask.bool()
             if not m.any(dim=1).all():
                 errors.append("every sample needs at least one valid text token (text_mask row of zeros)")
-            # right padding: once a row turns False it stays False
-            if (m[:, 1:] & ~m[:, :-1]).any():
-                errors.append("text_mask must be right-padded (valid tokens first, then padding)")
+            # right padding: once a row turns False it stays False. The release's LLaVA mask breaks this (its
+            # image-token ones are appended after the padding) and the released DiT copes: joint attention
+            # counts the first sum(mask) text tokens valid, the refiner uses the positions as given. We do the same.
+            if cfg.mode == "paper" and (m[:, 1:] & ~m[:, :-1]).any():
+                errors.append("text_mask must be right-padded in paper mode (valid tokens first, then padding)")
         if tuple(text_pooled.shape) != (B, cfg.pooled_text_dim):
             errors.append(f"text_pooled must be [{B}, {cfg.pooled_text_dim}], got {tuple(text_pooled.shape)}")
         if cfg.guidance_embed and guidance is None:
