@@ -1,6 +1,19 @@
 """hcustom-mc: open training and inference for HunyuanCustom on megatron-core."""
 
-from setuptools import find_packages, setup
+import sys
+
+from setuptools import Extension, find_packages, setup
+
+# The C++ builder of the bucketed batch index (hcustom_mc/data/sampler.py). Optional: without a compiler the
+# install still succeeds and the sampler uses its bit-identical pure-Python fallback.
+_cxx_flags = ["/std:c++17", "/O2"] if sys.platform == "win32" else ["-std=c++17", "-O2"]
+bucket_index = Extension(
+    "hcustom_mc._bucket_index",
+    sources=["csrc/bucket_index.cpp"],
+    language="c++",
+    extra_compile_args=_cxx_flags,
+    optional=True,
+)
 
 setup(
     name="hcustom-mc",
@@ -10,6 +23,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["hcustom_mc", "hcustom_mc.*", "kernels", "kernels.*"]),
+    ext_modules=[bucket_index],
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16",
