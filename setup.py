@@ -39,6 +39,7 @@ setup(
         "numpy",
         "av>=12",  # PyAV: h264 decoding on CPU, audio decoding, mp4 writing (no system ffmpeg needed)
         "Pillow>=9",
+        "tqdm",  # preprocessing progress bars
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=1.12", "flash-attn>=2.6", "nvidia-dali-cuda130>=2.0"],

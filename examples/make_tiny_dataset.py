@@ -1,6 +1,6 @@
 """Write a small real dataset (videos, identity images, audio tones, edit masks) and its manifest.jsonl.
 
-    python examples/make_tiny_dataset.py --out runs/tiny_data/dataset --num-samples 16
+    python examples/make_tiny_dataset.py --out runs/tiny_data/dataset --num-samples 16 --encoders
     python examples/make_tiny_dataset.py --out /tmp/broken --broken-fraction 0.5   # with broken files
 
 Moving coloured shapes on white, h264 (.mp4) and VP9 (.webm) alternating; tasks cycle identity,
@@ -27,6 +27,9 @@ def main(argv=None) -> int:
     p.add_argument("--size", default="64x48", help="frame size WxH, even numbers (default 64x48)")
     p.add_argument("--frames", type=int, default=17, help="frames per clip (default 17)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--encoders", action="store_true",
+                   help="also write tiny random LLaVA, CLIP, Whisper and VAE folders (shaped for the tiny DiT) "
+                        "to OUT/encoders, as examples/tiny_data.yaml expects")
     p.add_argument("--broken-fraction", type=float, default=0.0,
                    help="fraction of samples given one broken file (truncated, missing, garbage, too short, "
                         "unreadable image, 8 kHz audio)")
@@ -36,6 +39,12 @@ def main(argv=None) -> int:
                                seed=args.seed, broken_fraction=args.broken_fraction)
     print(f"wrote {args.num_samples} samples to {args.out / 'manifest.jsonl'} in {time.perf_counter() - start:.1f}s")
     print(f"broken ids ({len(broken)}): {' '.join(broken) if broken else 'none'}")
+    if args.encoders:
+        from hcustom_mc.encoders.tiny import save_tiny_encoders
+        from hcustom_mc.model.config import get_model_config
+
+        paths = save_tiny_encoders(args.out / "encoders", get_model_config("tiny", "audio"), seed=args.seed)
+        print("tiny encoders: " + ", ".join(f"{k} {v}" for k, v in paths.items()))
     return 0
 
 

@@ -6,7 +6,7 @@ raise `DataError` (never a bare decoder exception) for anything wrong with the *
 
 from __future__ import annotations
 
-KINDS = ("missing", "corrupt", "codec", "sample_rate", "too_short", "image", "mismatch")
+KINDS = ("missing", "corrupt", "codec", "sample_rate", "too_short", "image", "caption", "mismatch")
 
 
 class DataError(Exception):

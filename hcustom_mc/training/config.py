@@ -45,17 +45,34 @@ class ObjectiveConfig:
 
 
 @dataclass
+class EncoderPaths:
+    """Local folders of the condition encoders (online encoding and tools/preprocess.py); none is downloaded."""
+
+    llava: str | None = None  # LlavaForConditionalGeneration + tokenizer (llava-llama-3-8b-v1_1)
+    clip: str | None = None  # CLIP-L text model + tokenizer
+    whisper: str | None = None  # whisper-tiny (feature extractor + model); audio task only
+    vae: str | None = None  # diffusers AutoencoderKLHunyuanVideo folder, or the released pytorch_model.pt + config.json
+
+
+@dataclass
 class DataConfig:
-    dataset: str = "synthetic"
-    num_samples: int = 256
-    frames: int = 5  # pixel frames (4k+1); latent frames = (frames-1)/4 + 1
-    latent_height: int = 4
+    dataset: str = "synthetic"  # synthetic | shards (tools/preprocess.py output) | manifest (raw files, online encoding)
+    path: str | None = None  # shards: the shard folder; manifest: the manifest.jsonl file
+    encoders: EncoderPaths = field(default_factory=EncoderPaths)
+    num_samples: int = 256  # synthetic only
+    frames: int = 5  # pixel frames per clip (4k+1); latent frames = (frames-1)/4 + 1
+    frame_stride: int = 1  # real data: take every n-th source frame
+    short_side: int = 512  # real data: bucket short side in pixels (buckets 1:1, 3:4, 9:16 and transposes)
+    video_backend: str = "auto"  # auto | dali-gpu | dali-cpu | pyav
+    audio_rate: int | None = None  # demand this native audio rate (other rates = bad data); None resamples any
+    latent_height: int = 4  # synthetic only
     latent_width: int = 4
-    text_len: int = 8
+    text_len: int = 8  # synthetic: caption tokens; real data: LLaVA prompt tokens (256 in the release)
     task_weights: dict[str, float] = field(default_factory=lambda: {"t2v": 1.0, "identity": 1.0})
     text_drop: float = 0.1  # condition dropout for classifier-free guidance
     identity_drop: float = 0.05
     audio_drop: float = 0.05
+    max_bad_sample_retries: int = 8  # real data: replacements tried for a broken sample before giving up
     seed: int = 1234
 
 
@@ -122,6 +139,18 @@ class TrainConfig:
             errors.append(f"decay_style must be cosine, linear or constant, got {self.optim.decay_style!r}")
         if (self.data.frames - 1) % 4:
             errors.append(f"data.frames must be 4k+1 (the causal VAE's frame rule), got {self.data.frames}")
+        if self.data.dataset not in ("synthetic", "shards", "manifest"):
+            errors.append(f"data.dataset must be synthetic, shards or manifest, got {self.data.dataset!r}")
+        elif self.data.dataset != "synthetic" and not self.data.path:
+            errors.append(f"data.dataset={self.data.dataset} needs data.path (--data-path)")
+        elif self.data.path and not Path(self.data.path).exists():
+            errors.append(f"data.path {self.data.path} does not exist")
+        if self.data.dataset == "manifest":
+            for name in ("llava", "clip", "vae"):
+                if not getattr(self.data.encoders, name):
+                    errors.append(f"data.dataset=manifest encodes online and needs data.encoders.{name}")
+        if self.data.video_backend not in ("auto", "dali-gpu", "dali-cpu", "pyav"):
+            errors.append(f"data.video_backend must be auto, dali-gpu, dali-cpu or pyav, got {self.data.video_backend!r}")
         unknown = set(self.data.task_weights) - set(TASKS)
         if unknown:
             errors.append(f"unknown tasks in task_weights: {sorted(unknown)} (known: {TASKS})")
@@ -144,6 +173,17 @@ class TrainConfig:
         if errors:
             raise ConfigError("invalid training config:\n  - " + "\n  - ".join(errors))
         return self
+
+    def model_config(self):
+        """The DiT config this run trains (preprocessing uses it too, so shards match the model)."""
+        from hcustom_mc.model.config import get_model_config
+
+        overrides = {"mode": self.mode}
+        if self.max_identity_images is not None:
+            overrides["max_identity_images"] = self.max_identity_images
+        elif self.mode == "paper":
+            overrides["max_identity_images"] = 3
+        return get_model_config(self.model, self.variant, **overrides)
 
     def num_microbatches(self, world_size: int) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.parallel.data_parallel(world_size))
@@ -179,6 +219,9 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--clip-grad": ("optim.clip_grad", float, "global gradient-norm clip"),
     "--no-distributed-optimizer": ("optim.use_distributed_optimizer", "false", "keep full optimizer state on every DP rank"),
     "--seed": ("data.seed", int, "data / noise seed"),
+    "--data-type": ("data.dataset", str, "synthetic | shards | manifest"),
+    "--data-path": ("data.path", str, "shard folder (shards) or manifest.jsonl (manifest)"),
+    "--video-backend": ("data.video_backend", str, "auto | dali-gpu | dali-cpu | pyav"),
     "--init-seed": ("init_seed", int, "weight init seed"),
     "--save": ("checkpoint.save", str, "checkpoint folder"),
     "--load": ("checkpoint.load", str, "resume from this checkpoint folder"),
@@ -213,6 +256,14 @@ def _set(cfg, dotted: str, value) -> None:
         obj = getattr(obj, part)
     if not hasattr(obj, last):
         raise ConfigError(f"unknown config field {dotted!r}")
+    current = getattr(obj, last)
+    if dataclasses.is_dataclass(current) and isinstance(value, dict):  # a section given as a mapping: merge
+        for key, sub in value.items():
+            try:
+                _set(current, key, sub)
+            except ConfigError:
+                raise ConfigError(f"unknown config field {dotted}.{key}") from None
+        return
     setattr(obj, last, value)
 
 

@@ -16,14 +16,14 @@ import torch
 import torch.distributed as dist
 
 from hcustom_mc.checkpoint.mcore import STAGE_SHARED, _stage_replica
-from hcustom_mc.data.synthetic import SyntheticLatentDataset, TaskBatchSampler, collate, drop_conditions
-from hcustom_mc.model import HunyuanCustomDiT, get_model_config
+from hcustom_mc.model import HunyuanCustomDiT
 from hcustom_mc.model.init import initialize_weights
 from hcustom_mc.model.ops import set_kernel_backend
 from hcustom_mc.parallel.state import current_parallel_info, destroy_parallel, initialize_parallel
 from hcustom_mc.training import checkpoint as ckpt
 from hcustom_mc.training.config import TrainConfig, config_json
-from hcustom_mc.training.objective import add_noise, flow_matching_loss_sum, sample_noise_and_t
+from hcustom_mc.training.batches import BatchMaker
+from hcustom_mc.training.objective import flow_matching_loss_sum
 from hcustom_mc.training.tracking import Tracker, model_flops_per_sample, peak_memory_gib, peak_tflops
 
 log = logging.getLogger("hcustom_mc")
@@ -97,37 +97,6 @@ def allreduce_stage_shared_grads(model_chunks, shared: list[tuple[str, tuple[int
 
 def _device():
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-# ----------------------------------------------------------------------------- data
-class BatchMaker:
-    """Turns global batch `step` into this DP rank's micro batches of model inputs and targets."""
-
-    def __init__(self, cfg: TrainConfig, model_cfg, dp_rank: int, dp_size: int, num_micro: int):
-        if cfg.data.dataset != "synthetic":
-            raise ValueError(f"unknown dataset {cfg.data.dataset!r} (available: synthetic)")
-        self.cfg, self.model_cfg = cfg, model_cfg
-        self.dataset = SyntheticLatentDataset(model_cfg, cfg.data)
-        self.sampler = TaskBatchSampler(self.dataset, cfg.data.task_weights, cfg.global_batch_size, cfg.data.seed)
-        self.dp_rank, self.dp_size, self.num_micro = dp_rank, dp_size, num_micro
-
-    def microbatches(self, step: int) -> tuple[str, list[dict]]:
-        task, indices = self.sampler.global_batch_indices(step)
-        mbs, out = self.cfg.micro_batch_size, []
-        for m in range(self.num_micro):
-            start = (m * self.dp_size + self.dp_rank) * mbs  # same global sample order at any DP size
-            keys = [(step, p) for p in range(start, start + mbs)]
-            batch = collate([self.dataset[i] for i in indices[start : start + mbs]])
-            drop_conditions(batch, self.cfg.data, keys)
-            x0 = batch.pop("latents")
-            noise, t = sample_noise_and_t(tuple(x0.shape[1:]), keys, self.cfg.objective, self.cfg.data.seed)
-            xt, target = add_noise(x0, noise, t)
-            inputs = {"latents": xt, "timestep": t * 1000.0, **batch}
-            if self.model_cfg.guidance_embed:
-                inputs["guidance"] = torch.full_like(t, 6.0 * 1000.0)
-            dev = _device()
-            out.append({"inputs": {k: v.to(dev) for k, v in inputs.items()}, "target": target.to(dev)})
-        return task, out
 
 
 # ----------------------------------------------------------------------------- one step
@@ -204,12 +173,7 @@ def train(cfg: TrainConfig) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    overrides = {"mode": cfg.mode}
-    if cfg.max_identity_images is not None:
-        overrides["max_identity_images"] = cfg.max_identity_images
-    elif cfg.mode == "paper":
-        overrides["max_identity_images"] = 3
-    model_cfg = get_model_config(cfg.model, cfg.variant, **overrides)
+    model_cfg = cfg.model_config()
     cfg.validate(world)
     info = initialize_parallel(cfg.parallel, model_cfg, seed=cfg.init_seed)
     set_kernel_backend(cfg.kernels)
@@ -247,6 +211,14 @@ def train(cfg: TrainConfig) -> dict:
         c.config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
         c.config.grad_sync_func = None
 
+    # Data (built before resuming: the sampler position is part of the checkpoint).
+    num_micro = cfg.num_microbatches(info.world_size)
+    from megatron.core import parallel_state as ps
+
+    first_of_dp_group = (ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+                         and ps.get_pipeline_model_parallel_rank() == 0)
+    batches = BatchMaker(cfg, model_cfg, info.dp_rank, info.dp_size, num_micro, log_events=first_of_dp_group)
+
     # Resume.
     start_step, train_state = 0, {}
     if cfg.checkpoint.load:
@@ -257,10 +229,9 @@ def train(cfg: TrainConfig) -> dict:
         start_step = int(train_state["step"])
         if hasattr(optimizer, "reload_model_params"):
             optimizer.reload_model_params()
+        batches.load_state_dict(train_state.get("data", {}))
 
-    # Data, tracking.
-    num_micro = cfg.num_microbatches(info.world_size)
-    batches = BatchMaker(cfg, model_cfg, info.dp_rank, info.dp_size, num_micro)
+    # Tracking.
     tracker = Tracker(info.rank == 0, cfg.logging.run_dir, cfg.logging.mlflow_tracking_uri, cfg.logging.mlflow_experiment,
                       cfg.logging.run_name, run_id=train_state.get("mlflow_run_id") if cfg.checkpoint.load else None)
     tracker.log_params(cfg.to_dict())
@@ -292,13 +263,15 @@ def train(cfg: TrainConfig) -> dict:
         if loss != loss:
             raise FloatingPointError(f"loss is NaN at step {step} (task {task})")
         if step % cfg.logging.log_interval == 0 or step == cfg.train_steps:
-            tracker.log_step(step, cfg.train_steps, task, _metrics(cfg, model_cfg, micro[0], loss, grad_norm, optimizer,
-                                                            step_time, info, peak, task))
+            metrics = _metrics(cfg, model_cfg, micro[0], loss, grad_norm, optimizer, step_time, info, peak, task)
+            metrics["data_wait_s"] = batches.data_wait_s  # time this step waited for its batch (in step_time)
+            tracker.log_step(step, cfg.train_steps, task, metrics)
         stopping = stop.agreed() or (cfg.exit_after_steps is not None and step - start_step >= cfg.exit_after_steps)
         interval = cfg.checkpoint.save_interval
         if cfg.checkpoint.save and (stopping or step == cfg.train_steps or (interval and step % interval == 0)):
             ckpt.save_checkpoint(cfg.checkpoint.save, step, model, optimizer, scheduler,
-                                 {"mlflow_run_id": tracker.run_id, "consumed_samples": step * cfg.global_batch_size},
+                                 {"mlflow_run_id": tracker.run_id, "consumed_samples": step * cfg.global_batch_size,
+                                  "data": batches.state_dict()},
                                  model_cfg, cfg.checkpoint.keep_last)
         if stopping:
             if info.rank == 0:
@@ -307,6 +280,7 @@ def train(cfg: TrainConfig) -> dict:
                             "saved" if cfg.checkpoint.save else "not requested: no --save")
             break
     tracker.finish()
+    history["bad_samples"] = batches.summarize(cfg.logging.run_dir, info.rank == 0)
     if info.rank == 0:
         (Path(cfg.logging.run_dir) / "history.json").write_text(json.dumps(history) + "\n")
     return history

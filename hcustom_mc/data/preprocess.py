@@ -1,0 +1,157 @@
+"""Offline preprocessing: manifest -> shards of VAE latents, LLaVA/CLIP text states and Whisper features.
+
+    torchrun --nproc-per-node 8 tools/preprocess.py --config train.yaml --data-path data/manifest.jsonl --out shards/
+
+The manifest's samples of the tasks the config trains on, [k*S, (k+1)*S), form shard k; rank r encodes shards r, r+W, r+2W, ... and skips every shard
+whose file already exists (shards are renamed into place only when complete), so a crashed or killed run
+restarted with the same command finishes the job and writes byte-identical shards: each sample's random
+choices depend only on (seed, manifest position). Rank 0 writes index.json once every shard exists.
+Samples whose files are broken are recorded in their shard (kind, path, reason) and listed in the index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hcustom_mc.data import shards
+from hcustom_mc.data.datasets import clip_spec
+from hcustom_mc.data.encode import SampleEncoder, group_key
+from hcustom_mc.data.errors import DataError
+from hcustom_mc.data.manifest import load_manifest
+
+log = logging.getLogger("hcustom_mc.preprocess")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def settings_of(cfg, manifest: Path, shard_size: int, dtype: str) -> dict:
+    """Everything that changes the shards' bytes; a restart must match it exactly."""
+    d = cfg.data
+    return {"manifest": str(manifest.resolve()), "shard_size": shard_size, "dtype": dtype, "mode": cfg.mode,
+            "model": cfg.model, "variant": cfg.variant, "frames": d.frames, "frame_stride": d.frame_stride,
+            "short_side": d.short_side, "tasks": sorted(t for t, w in d.task_weights.items() if w > 0), "audio_rate": d.audio_rate, "text_len": d.text_len, "seed": d.seed,
+            "encoders": {k: v for k, v in vars(d.encoders).items()}, "max_identity_images": cfg.model_config().max_identity_images}
+
+
+def _claim_settings(out: Path, settings: dict, rank: int) -> None:
+    path = out / shards.CONFIG_FILE
+    if rank == 0 and not path.exists():
+        path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    if dist.is_initialized():
+        dist.barrier()
+    found = json.loads(path.read_text())
+    if found != settings:
+        diff = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
+        raise ValueError(f"{out} holds shards made with other settings (differ in: {', '.join(diff)}); "
+                         f"use a new --out folder or the original settings")
+
+
+def encode_shard(encoder: SampleEncoder, items: list, dtype: torch.dtype) -> list[dict]:
+    """items: (manifest position, entry) pairs; the position seeds the sample's random choices."""
+    records = []
+    for position, entry in items:
+        try:
+            tensors = encoder.encode(entry, position)
+        except DataError as err:
+            log.warning("skipping %s: %s", entry.id, err)
+            records.append({"id": entry.id, "error": {"kind": err.kind, "path": err.path, "reason": err.reason}})
+            continue
+        K = tensors["identity_latents"].shape[1] if "identity_latents" in tensors else 0
+        _, _, h, w = tensors["latents"].shape
+        size = (h * 8, w * 8)  # the bucket, recovered from the latent grid (8x spatial compression)
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        records.append({"id": entry.id, "task": entry.task, "group": group_key(entry.task, size, encoder.spec.frames, K),
+                        "tensors": tensors})
+    return records
+
+
+def preprocess(cfg, manifest: str | Path, out: str | Path, shard_size: int = 64, dtype: str = "float32",
+               progress: bool = True) -> dict | None:
+    """Run on every rank (or alone). Returns the index on rank 0, None elsewhere."""
+    from tqdm import tqdm
+
+    manifest, out = Path(manifest), Path(out)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    tasks = sorted(t for t, w in cfg.data.task_weights.items() if w > 0)
+    # only the tasks this config trains on (others may not even be encodable, e.g. K > 1 in release mode)
+    entries = [(pos, e) for pos, e in enumerate(load_manifest(manifest)) if e.task in tasks]
+    num_shards = (len(entries) + shard_size - 1) // shard_size
+    out.mkdir(parents=True, exist_ok=True)
+    _claim_settings(out, settings_of(cfg, manifest, shard_size, dtype), rank)
+
+    mine = [s for s in range(rank, num_shards, world)]
+    todo = [s for s in mine if not shards.shard_path(out, s).exists()]
+    if rank == 0:
+        log.info("preprocess %s -> %s: %d samples, %d shards of %d, %d ranks; this rank: %d shards, %d already done",
+                 manifest, out, len(entries), num_shards, shard_size, world, len(mine), len(mine) - len(todo))
+    if todo:
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        mcfg = cfg.model_config()
+        encoder = SampleEncoder(cfg.data.encoders, mode=cfg.mode, text_len=cfg.data.text_len,
+                                max_identity=mcfg.max_identity_images, spec=clip_spec(cfg.data), seed=cfg.data.seed,
+                                device=device)
+        kill_after = int(os.environ.get("HCUSTOM_FAULT_KILL_AFTER_SHARDS", "0"))  # fault injection for tests
+        bar = tqdm(total=len(todo), desc=f"rank {rank} shards", unit="shard", disable=not progress,
+                   position=rank, file=sys.stderr)
+        t0, done = time.time(), 0
+        for n, s in enumerate(todo):
+            first = s * shard_size
+            records = encode_shard(encoder, entries[first : first + shard_size], DTYPES[dtype])
+            shards.write_shard(out, s, records)
+            done += len(records)
+            bar.set_postfix(samples_per_s=f"{done / (time.time() - t0):.2f}")
+            bar.update(1)
+            if kill_after and n + 1 >= kill_after:
+                os._exit(137)  # simulate a crash right after a shard landed
+        bar.close()
+    if dist.is_initialized():
+        dist.barrier()
+    if rank != 0:
+        return None
+    index = shards.write_index(out, num_shards)
+    log.info("preprocess done: %d samples usable, %d skipped (%s)", len(index["samples"]), len(index["skipped"]),
+             ", ".join(f"{r['id']}: {r['error']['kind']}" for r in index["skipped"]) or "none")
+    return index
+
+
+def main(argv=None) -> int:
+    from hcustom_mc.model.config import ConfigError
+    from hcustom_mc.training.config import build_config
+
+    p = argparse.ArgumentParser(description="Encode a manifest into training shards (run under torchrun for many ranks). "
+                                "Other arguments are training-config arguments (--config, --set, --data-path ...).")
+    p.add_argument("--out", required=True, help="shard folder (created; re-running resumes)")
+    p.add_argument("--shard-size", type=int, default=64, help="samples per shard file")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="stored tensor dtype")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args, rest = p.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        cfg = build_config(rest)
+        if not cfg.data.path:
+            raise ConfigError("--data-path (the manifest.jsonl) is required")
+        if args.shard_size < 1:
+            raise ConfigError(f"--shard-size must be >= 1, got {args.shard_size}")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")  # only barriers: encoders run independently on each rank
+    try:
+        preprocess(cfg, cfg.data.path, args.out, args.shard_size, args.dtype, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

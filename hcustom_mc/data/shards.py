@@ -1,0 +1,127 @@
+"""Preprocessed-sample shards: the fast path training reads.
+
+Layout of a shard folder:
+    config.json                  the preprocessing settings (a restart with other settings is refused)
+    shard_00000.safetensors      manifest samples [0, S), then [S, 2S), ...; written to a temporary name and
+    shard_00001.safetensors      renamed when complete, so a file that exists is a finished shard
+    index.json                   every usable sample: id, task, group key, shard, slot; and every skipped one
+
+Inside a shard, sample slot j's tensors are named "j.<name>" (latents, text_states, text_mask, text_pooled,
+identity_latents, audio_features, video_condition); the safetensors metadata "samples" holds, per slot,
+{"id", "task", "group"} or {"id", "error": {"kind", "path", "reason"}} for a sample that could not be encoded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hcustom_mc.data.errors import DataError
+
+INDEX_FILE = "index.json"
+CONFIG_FILE = "config.json"
+
+
+def shard_path(root: str | Path, shard: int) -> Path:
+    return Path(root) / f"shard_{shard:05d}.safetensors"
+
+
+def write_shard(root: str | Path, shard: int, records: list[dict]) -> Path:
+    """records[j] = {"id", "task", "group", "tensors": {...}} or {"id", "error": {...}}; atomic."""
+    tensors, meta = {}, []
+    for j, rec in enumerate(records):
+        if "error" in rec:
+            meta.append({"id": rec["id"], "error": rec["error"]})
+            continue
+        meta.append({"id": rec["id"], "task": rec["task"], "group": rec["group"]})
+        for name, t in rec["tensors"].items():
+            tensors[f"{j}.{name}"] = t.detach().cpu().contiguous()
+    final = shard_path(root, shard)
+    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"samples": json.dumps(meta, sort_keys=True)})
+    os.replace(tmp, final)  # atomic: a crash leaves either no shard or a whole one
+    return final
+
+
+def read_shard_samples(path: str | Path) -> list[dict]:
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["samples"])
+
+
+def write_index(root: str | Path, num_shards: int) -> dict:
+    """Collect the per-shard sample lists into index.json (run once, after every shard exists)."""
+    root = Path(root)
+    samples, skipped = [], []
+    for s in range(num_shards):
+        for j, rec in enumerate(read_shard_samples(shard_path(root, s))):
+            if "error" in rec:
+                skipped.append(rec)
+            else:
+                samples.append({**rec, "shard": s, "slot": j})
+    index = {"num_shards": num_shards, "samples": samples, "skipped": skipped}
+    tmp = root / (INDEX_FILE + ".tmp")
+    tmp.write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, root / INDEX_FILE)
+    return index
+
+
+@dataclass
+class ShardSample:
+    id: str
+    task: str
+    group: str
+    shard: int
+    slot: int
+
+
+class ShardLatentDataset:
+    """Reads a preprocessed shard folder; implements the LatentDataset protocol plus `group_of`."""
+
+    def __init__(self, root: str | Path, tasks: set[str] | None = None):
+        self.root = Path(root)
+        index_file = self.root / INDEX_FILE
+        if not index_file.exists():
+            raise FileNotFoundError(f"{index_file}: no index (run tools/preprocess.py to completion first)")
+        index = json.loads(index_file.read_text())
+        self.samples = [ShardSample(s["id"], s["task"], s["group"], s["shard"], s["slot"]) for s in index["samples"]
+                        if tasks is None or s["task"] in tasks]
+        # samples preprocessing could not encode: reported by training with the rest of the bad data
+        self.unusable = [DataError(r["error"]["kind"], r["error"]["path"], r["error"]["reason"]) for r in index["skipped"]]
+        if not self.samples:
+            raise ValueError(f"{index_file}: no usable samples for tasks {sorted(tasks or [])} "
+                             f"({len(self.unusable)} skipped in preprocessing)")
+        self._open: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def task_of(self, index: int) -> str:
+        return self.samples[index].task
+
+    def group_of(self, index: int) -> str:
+        return self.samples[index].group
+
+    def path_of(self, index: int) -> str:
+        s = self.samples[index]
+        return f"{shard_path(self.root, s.shard)}#{s.slot} ({s.id})"
+
+    def _handle(self, shard: int):
+        if shard not in self._open:  # memory-mapped; kept open for the life of the dataset
+            self._open[shard] = safe_open(str(shard_path(self.root, shard)), framework="pt")
+        return self._open[shard]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        s = self.samples[index]
+        f, prefix = self._handle(s.shard), f"{s.slot}."
+        out = {}
+        for key in f.keys():
+            if key.startswith(prefix):
+                t = f.get_tensor(key)
+                out[key[len(prefix):]] = t.float() if t.is_floating_point() else t  # shards may hold bf16
+        return out

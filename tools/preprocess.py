@@ -1,0 +1,13 @@
+"""Encode a dataset manifest into training shards (VAE latents, LLaVA/CLIP text states, Whisper features).
+
+    torchrun --nproc-per-node 8 tools/preprocess.py --config train.yaml --data-path data/manifest.jsonl --out shards/
+
+Re-running the same command after a crash skips finished shards. Then train with
+`--data-type shards --data-path shards/`. See hcustom_mc/data/preprocess.py.
+"""
+
+if __name__ == "__main__":
+    from hcustom_mc.data.preprocess import main
+    from hcustom_mc.parallel.state import exit_process
+
+    exit_process(main())
