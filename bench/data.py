@@ -10,7 +10,12 @@ Rows (each where it can run here):
   pyav       PyAV decode + torch antialiased bilinear resize/crop
 One row = `read_clip` of a whole clip (decode, cover-resize to the bucket, centre-crop, normalise),
 median over --iters after --warmup; the probe is cached, as in training. frames/s = clip frames /
-seconds per clip. The data wait inside the training loop is measured by the trainer, not here.
+seconds per clip.
+
+    python bench/data.py --loader-config examples/tiny_data.yaml [--set data.dataset=manifest ...]
+
+measures instead what the training loop waits for per step: the trainer's own BatchMaker (the loop loads
+each global batch synchronously, so this is its data wait; training logs the same figure as data_wait_s).
 """
 
 from __future__ import annotations
@@ -96,7 +101,12 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=None, help="default 5 (3 for clips under 256 px)")
     p.add_argument("--out", type=Path, help="also write the table (markdown, with the command) here")
+    p.add_argument("--loader-config", type=Path, help="training YAML: time its BatchMaker per step instead")
+    p.add_argument("--set", action="append", default=[], help="training-config overrides (with --loader-config)")
+    p.add_argument("--loader-steps", type=int, default=10)
     args = p.parse_args(argv)
+    if args.loader_config:
+        return loader_wait(args, argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.video:
@@ -124,6 +134,29 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
         args.out.write_text(f"# Clip reading benchmark\n\ncommand: `{cmd}`\n\n{text}\n")
+    return 0
+
+
+def loader_wait(args, argv) -> int:
+    """Seconds the training loop waits for each global batch, from the trainer's BatchMaker (one DP rank)."""
+    from hcustom_mc.training.batches import BatchMaker
+    from hcustom_mc.training.config import build_config
+
+    cfg = build_config(["--config", str(args.loader_config), *[x for kv in args.set for x in ("--set", kv)]])
+    model_cfg = cfg.model_config()
+    batches = BatchMaker(cfg, model_cfg, dp_rank=0, dp_size=1, num_micro=cfg.num_microbatches(1), log_events=False)
+    waits = []
+    for step in range(1, args.loader_steps + 1):
+        batches.microbatches(step)
+        waits.append(batches.data_wait_s)
+    first, rest = waits[0], sorted(waits[1:]) or [waits[0]]
+    text = (f"dataset {cfg.data.dataset} ({cfg.data.path}), global batch {cfg.global_batch_size}, "
+            f"{args.loader_steps} steps: first step {first * 1e3:.1f} ms, median of the rest "
+            f"{rest[len(rest) // 2] * 1e3:.1f} ms, max {max(rest) * 1e3:.1f} ms")
+    print(text)
+    if args.out:
+        cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+        args.out.write_text(f"# Training-loop data wait\n\ncommand: `{cmd}`\n\n{text}\n")
     return 0
 
 

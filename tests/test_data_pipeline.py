@@ -162,3 +162,10 @@ def test_training_on_raw_files_with_10_percent_broken(tiny, tmp_path):
         assert hits[0] in out, "the broken file is named in the log"
     assert checked >= 4, f"only {checked} broken samples fall in trained tasks"
     assert "broken samples met" in out
+
+
+def test_bench_measures_the_training_loop_data_wait(tiny, shards, tmp_path):
+    out = _run(1, "bench/data.py", "--loader-config", "examples/tiny_data.yaml", *tiny["sets"], "--set",
+               f"data.path={shards}", "--loader-steps", 3, "--out", tmp_path / "wait.md")
+    assert "dataset shards" in out and "median of the rest" in out
+    assert "command: `python bench/data.py --loader-config" in (tmp_path / "wait.md").read_text()
