@@ -33,7 +33,8 @@ from hcustom_mc.model.spec import LinearSubmodules, get_linear_submodules, megat
 
 
 class InputError(ValueError):
-    """Model inputs that do not fit the model config (raised before any compute)."""
+    """Inputs that cannot run: model tensors that do not fit the config, or a sampling job's bad files and
+    settings (the message lists every problem); raised before any compute."""
 
 
 @dataclass
