@@ -1,0 +1,207 @@
+"""The parallel denoising loop: the training model, loaded by the training loaders, under TP x CP x CFG.
+
+Layout: world = TP x CP x CFG. megatron's parallel_state is initialised exactly as for training with
+PP = 1, so its data-parallel group *is* the CFG group: with CFG-parallel 2 (or 3 for ip-cfg) each of its
+ranks runs one guidance branch, otherwise every rank runs all branches as one batch. Per step:
+
+    velocity of my branches  (TP: megatron's column/row-parallel linears; CP: my latent frames only)
+    -> all-gather frames over CP -> all-gather branches over CFG -> guidance -> Euler step in fp32
+
+Every rank ends each step with identical latents. Weights are never all-gathered: TP ranks load only
+their shards (megatron dist checkpoints reshard on load; release/diffusers files are sliced per rank).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hcustom_mc.inference.scheduler import FlowMatchEulerScheduler, branches_needed, guide
+from hcustom_mc.model import HunyuanCustomDiT
+from hcustom_mc.model.config import ConfigError, ModelConfig
+
+log = logging.getLogger("hcustom_mc")
+CHECKPOINT_FORMATS = ("auto", "mcore", "release", "diffusers")
+
+
+@dataclass
+class SamplerLayout:
+    tensor_parallel: int = 1
+    context_parallel: int = 1
+    cp_mode: str = "ulysses"
+    cfg_parallel: int = 1
+
+    def validate(self, world_size: int, num_branches: int, model_cfg: ModelConfig | None = None) -> "SamplerLayout":
+        errors = []
+        tp, cp, cfgp = self.tensor_parallel, self.context_parallel, self.cfg_parallel
+        if min(tp, cp, cfgp) < 1:
+            errors.append(f"TP, CP and CFG-parallel sizes must be >= 1, got {tp}, {cp}, {cfgp}")
+        elif tp * cp * cfgp != world_size:
+            errors.append(f"TP {tp} x CP {cp} x CFG-parallel {cfgp} = {tp * cp * cfgp} must equal the world size "
+                          f"{world_size} (torchrun --nproc-per-node {tp * cp * cfgp})")
+        if cfgp not in (1, num_branches):
+            errors.append(f"CFG-parallel {cfgp} must be 1 or the number of guidance branches ({num_branches} here)")
+        if self.cp_mode not in ("ulysses", "ring"):
+            errors.append(f"cp_mode must be ulysses or ring, got {self.cp_mode!r}")
+        if model_cfg is not None and tp >= 1 and model_cfg.num_heads % tp:
+            errors.append(f"{model_cfg.num_heads} heads are not divisible by TP {tp}")
+        if model_cfg is not None and self.cp_mode == "ulysses" and tp >= 1 and cp >= 1 and (model_cfg.num_heads // tp) % cp:
+            errors.append(f"Ulysses CP {cp} needs the {model_cfg.num_heads // tp} heads per TP rank divisible by it "
+                          f"(or use cp_mode ring)")
+        if errors:
+            raise ConfigError("invalid sampler layout:\n  - " + "\n  - ".join(errors))
+        return self
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def resolve_checkpoint(path: str | Path, fmt: str = "auto") -> tuple[str, Path]:
+    """(format, path to load): a training run folder resolves to its `latest` checkpoint."""
+    from hcustom_mc.training.checkpoint import latest_checkpoint
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if fmt not in CHECKPOINT_FORMATS:
+        raise ConfigError(f"checkpoint format must be one of {CHECKPOINT_FORMATS}, got {fmt!r}")
+    if fmt in ("auto", "mcore") and path.is_dir() and (path / "latest").is_file():
+        path = latest_checkpoint(path)
+    if fmt != "auto":
+        return fmt, path
+    if path.is_dir() and (path / "metadata.json").is_file():
+        return "mcore", path
+    if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return "diffusers", path
+    if path.is_file() or any(path.glob("*_model_states*.pt")) or any(path.glob("pytorch_model_*.pt")):
+        return "release", path
+    raise ConfigError(f"cannot tell the format of checkpoint {path}; pass --checkpoint-format")
+
+
+def model_config_for(path: Path, fmt: str, fallback: ModelConfig | None) -> ModelConfig:
+    """The checkpoint's own config when it carries one (mcore, diffusers), else the given one."""
+    if fmt == "mcore":
+        from hcustom_mc.checkpoint.mcore import read_mcore_model_config
+
+        cfg = read_mcore_model_config(path)
+        if cfg is not None:
+            return cfg
+    if fmt == "diffusers":
+        import json
+
+        from hcustom_mc.checkpoint.diffusers_format import model_config_from_diffusers_config
+
+        overrides = {} if fallback is None else {k: getattr(fallback, k) for k in (
+            "mode", "max_identity_images", "audio", "video_condition")}
+        return model_config_from_diffusers_config(json.loads((path / "config.json").read_text()), **overrides)
+    if fallback is None:
+        raise ConfigError(f"{path} ({fmt}) carries no model config: pass --model-config (tiny, 13b or a file)")
+    return fallback
+
+
+def load_model(path: Path, fmt: str, model_cfg: ModelConfig, dtype: torch.dtype, cp_mode: str) -> HunyuanCustomDiT:
+    """Collective: build this rank's shard of the DiT (the training module) and fill it from the checkpoint."""
+    from hcustom_mc.parallel.sharding import load_full_state_dict
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    model = HunyuanCustomDiT(model_cfg, params_dtype=dtype, cp_mode=cp_mode)
+    if fmt == "mcore":
+        from hcustom_mc.checkpoint.mcore import load_mcore_checkpoint
+
+        load_mcore_checkpoint(model, path)
+    else:
+        from hcustom_mc.checkpoint.convert import read_full_state_dict
+
+        full, _ = read_full_state_dict(path, fmt)
+        load_full_state_dict(model, {k: v.to(dtype) for k, v in full.items()})
+        del full
+    return model.to(device).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- the loop
+def _gather_frames(v: torch.Tensor, frames: range, total: int) -> torch.Tensor:
+    """[B, C, f_here, H, W] on each CP rank -> [B, C, total, H, W] on all of them."""
+    from megatron.core import parallel_state as ps
+
+    cp = ps.get_context_parallel_world_size()
+    if cp == 1:
+        return v
+    group = ps.get_context_parallel_group()
+    starts = [torch.zeros(2, dtype=torch.long, device=v.device) for _ in range(cp)]
+    dist.all_gather(starts, torch.tensor([frames.start, len(frames)], device=v.device), group=group)
+    most = max(int(s[1]) for s in starts)
+    padded = torch.zeros(*v.shape[:2], most, *v.shape[3:], dtype=v.dtype, device=v.device)
+    padded[:, :, : v.shape[2]] = v
+    parts = [torch.empty_like(padded) for _ in range(cp)]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    out = torch.empty(*v.shape[:2], total, *v.shape[3:], dtype=v.dtype, device=v.device)
+    for part, s in zip(parts, starts):
+        start, n = int(s[0]), int(s[1])
+        out[:, :, start : start + n] = part[:, :, :n]
+    return out
+
+
+class ParallelSampler:
+    def __init__(self, model: HunyuanCustomDiT, layout: SamplerLayout):
+        from megatron.core import parallel_state as ps
+
+        self.model, self.layout = model, layout
+        self.cfg_rank = ps.get_data_parallel_rank() if layout.cfg_parallel > 1 else 0
+        self.device = next(model.parameters()).device
+
+    def _my_branches(self, names: list[str]) -> list[str]:
+        return names if self.layout.cfg_parallel == 1 else [names[self.cfg_rank]]
+
+    @torch.no_grad()
+    def velocities(self, latents: torch.Tensor, timestep: float, branches: dict[str, dict], names: list[str],
+                   guidance: float | None) -> dict[str, torch.Tensor]:
+        """The model's velocity for every branch in `names`, full frames, on every rank (fp32)."""
+        from megatron.core import parallel_state as ps
+
+        mine = self._my_branches(names)
+        B = latents.shape[0]
+        dtype = next(self.model.parameters()).dtype
+        inputs = {k: torch.cat([branches[n][k] for n in mine]).to(self.device) for k in branches[mine[0]]}
+        x = latents.to(self.device, dtype).repeat(len(mine), 1, 1, 1, 1)
+        t = torch.full((x.shape[0],), timestep, device=self.device, dtype=torch.float32)
+        g = None if guidance is None else torch.full_like(t, guidance * 1000.0)
+        v = self.model(x, t, guidance=g, **inputs).float()
+        K = inputs["identity_latents"].shape[2] if "identity_latents" in inputs else 0
+        pt, ph, pw = self.model.cfg.patch_size
+        f, hw = latents.shape[2] // pt, (latents.shape[3] // ph) * (latents.shape[4] // pw)
+        frames = self.model.video_frames_here(K, f, hw)
+        v = _gather_frames(v, range(frames.start * pt, frames.stop * pt), latents.shape[2])
+        out = dict(zip(mine, v.split(B)))
+        if self.layout.cfg_parallel > 1:  # each CFG rank computed one branch: share them
+            parts = [torch.empty_like(v) for _ in range(self.layout.cfg_parallel)]
+            dist.all_gather(parts, v.contiguous(), group=ps.get_data_parallel_group())
+            out = dict(zip(names, parts))
+        return out
+
+    def sample(self, noise: torch.Tensor, branches: dict[str, dict], steps: int, shift: float, cfg_scale: float,
+               ip_cfg_scale: float = 0.0, embedded_guidance: float | None = None, progress=None) -> torch.Tensor:
+        """Integrate from sigma 1 (noise) to 0; returns the clean latents (fp32, on every rank)."""
+        scheduler = FlowMatchEulerScheduler(steps, shift)
+        names = branches_needed(cfg_scale, ip_cfg_scale)
+        missing = [n for n in names if n not in branches]
+        if missing:
+            raise ValueError(f"guidance needs branches {names}; missing {missing}")
+        latents = noise.float().to(self.device)
+        for i, t in enumerate(scheduler.timesteps.tolist()):
+            t0 = time.time()
+            v = self.velocities(latents, t, branches, names, embedded_guidance)
+            velocity = guide(v, cfg_scale, ip_cfg_scale, step=i, num_steps=steps)
+            latents = scheduler.step(velocity, i, latents)
+            if progress is not None:
+                progress.update(time.time() - t0)
+        return latents
+
+
+def with_audio_strength(model: HunyuanCustomDiT, strength: float | None) -> None:
+    """lambda_A is read from the model config at every forward; a job may override it."""
+    if strength is not None:
+        model.cfg = dataclasses.replace(model.cfg, audio_strength=float(strength))

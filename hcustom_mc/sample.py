@@ -1,0 +1,215 @@
+"""Generate videos with HunyuanCustom on one process or many (TP x CP x CFG-parallel).
+
+    python -m hcustom_mc.sample --checkpoint CKPT --encoders-dir ENC --task identity \\
+        --prompt "A man is playing guitar." --image man=ref.png --out outputs/
+    torchrun --nproc-per-node 8 -m hcustom_mc.sample --tp 2 --cp 2 --cfg-parallel 2 ... --jobs jobs.yaml
+
+CKPT: a training run folder (its `latest`), a megatron-core checkpoint, a released `*_model_states.pt`
+(or fp8 pair) or a diffusers folder. --jobs takes a YAML/JSON list of job mappings (SampleJob fields);
+command-line job flags are the defaults every listed job starts from. Every job is validated on every
+rank before the model is loaded. Per job: `NAME.mp4` (+ the audio track for audio jobs), `NAME.png`
+(contact sheet) and `NAME.json` (all settings, seed, timings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hcustom_mc.model.config import ConfigError
+
+log = logging.getLogger("hcustom_mc")
+JOB_FLAGS = ("task", "prompt", "negative_prompt", "audio", "source_video", "mask_video", "edit_mode", "mask_dilation",
+             "height", "width", "frames", "seed", "steps", "shift", "cfg_scale", "embedded_guidance", "ip_cfg_scale",
+             "audio_strength", "fps")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m hcustom_mc.sample", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--checkpoint", required=True, type=Path)
+    m.add_argument("--checkpoint-format", default="auto", choices=("auto", "mcore", "release", "diffusers"))
+    m.add_argument("--model-config", default=None, help="tiny | 13b | file; for checkpoints without a config")
+    m.add_argument("--variant", default="base", choices=("base", "audio", "editing"))
+    m.add_argument("--mode", default="release", choices=("release", "paper"))
+    m.add_argument("--dtype", default=None, choices=("bfloat16", "float32"), help="default bf16 on GPU, fp32 on CPU")
+    e = p.add_argument_group("encoders (local folders; nothing is downloaded)")
+    e.add_argument("--encoders-dir", type=Path, help="folder holding llava/ clip/ whisper/ vae/")
+    for name in ("llava", "clip", "whisper", "vae"):
+        e.add_argument(f"--{name}", type=Path, help=f"{name} folder (overrides --encoders-dir)")
+    e.add_argument("--text-len", type=int, default=256, help="LLaVA prompt tokens (256 in the release)")
+    lay = p.add_argument_group("parallel layout (world = TP x CP x CFG)")
+    lay.add_argument("--tp", type=int, default=1)
+    lay.add_argument("--cp", type=int, default=1)
+    lay.add_argument("--cp-mode", default="ulysses", choices=("ulysses", "ring"))
+    lay.add_argument("--cfg-parallel", type=int, default=1, help="1, or the number of guidance branches")
+    j = p.add_argument_group("job (defaults for every --jobs entry; unset values take the task defaults)")
+    j.add_argument("--jobs", type=Path, help="YAML/JSON list of jobs")
+    j.add_argument("--task", default=None, choices=("t2v", "identity", "multi_identity", "audio", "editing"))
+    j.add_argument("--prompt")
+    j.add_argument("--negative-prompt")
+    j.add_argument("--image", action="append", default=[], metavar="NAME=PATH", help="identity image (repeat for K > 1)")
+    j.add_argument("--audio", type=Path)
+    j.add_argument("--source-video", type=Path)
+    j.add_argument("--mask-video", type=Path)
+    j.add_argument("--edit-mode", choices=("replace", "insert"))
+    j.add_argument("--mask-dilation", type=int)
+    for flag in ("height", "width", "frames", "seed", "steps"):
+        j.add_argument(f"--{flag}", type=int)
+    for flag in ("shift", "cfg-scale", "embedded-guidance", "ip-cfg-scale", "audio-strength", "fps"):
+        j.add_argument(f"--{flag}", type=float)
+    p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def build_jobs(args) -> list:
+    import yaml
+
+    from hcustom_mc.inference.inputs import SampleJob
+
+    base = {k: getattr(args, k) for k in JOB_FLAGS if getattr(args, k) is not None}
+    base = {k: str(v) if isinstance(v, Path) else v for k, v in base.items()}
+    if args.image:
+        subjects = []
+        for item in args.image:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"--image expects NAME=PATH, got {item!r}")
+            subjects.append([name, path])
+        base["subjects"] = subjects
+    entries = [{}]
+    if args.jobs is not None:
+        if not args.jobs.is_file():
+            raise ConfigError(f"--jobs {args.jobs} does not exist")
+        entries = yaml.safe_load(args.jobs.read_text())  # JSON is YAML
+        if not isinstance(entries, list) or not entries or not all(isinstance(x, dict) for x in entries):
+            raise ConfigError(f"--jobs {args.jobs} must hold a non-empty list of mappings")
+    jobs = []
+    for n, entry in enumerate(entries):
+        merged = {**base, **entry}
+        merged.setdefault("output", str(args.out / f"{n:03d}_{merged.get('task', 'job')}"))
+        try:
+            jobs.append(SampleJob.from_dict(merged))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"job {n}: {exc}") from None
+    return jobs
+
+
+def encoder_paths(args):
+    from hcustom_mc.training.config import EncoderPaths
+
+    paths = EncoderPaths()
+    for name in ("llava", "clip", "whisper", "vae"):
+        given = getattr(args, name)
+        if given is None and args.encoders_dir is not None and (args.encoders_dir / name).exists():
+            given = args.encoders_dir / name
+        setattr(paths, name, str(given) if given is not None else None)
+    missing = [n for n in ("llava", "clip", "vae") if getattr(paths, n) is None]
+    if missing:
+        raise ConfigError(f"encoders not given: {', '.join(missing)} (--encoders-dir or --{missing[0]})")
+    return paths
+
+
+def run(args) -> int:
+    from hcustom_mc.inference.inputs import EncoderSet, prepare_conditions, resolve_job, validate_job
+    from hcustom_mc.inference.output import StepProgress, to_uint8_frames, write_contact_sheet, write_mp4, write_sidecar
+    from hcustom_mc.inference.pipeline import (ParallelSampler, SamplerLayout, load_model, model_config_for,
+                                               resolve_checkpoint, with_audio_strength)
+    from hcustom_mc.inference.scheduler import branches_needed
+    from hcustom_mc.model.config import get_model_config
+    from hcustom_mc.parallel.config import ParallelConfig
+    from hcustom_mc.parallel.state import initialize_parallel
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    fmt, ckpt = resolve_checkpoint(args.checkpoint, args.checkpoint_format)
+    overrides = {"mode": args.mode} | ({"max_identity_images": 3} if args.mode == "paper" else {})
+    fallback = get_model_config(args.model_config, args.variant, **overrides) if args.model_config else None
+    model_cfg = model_config_for(ckpt, fmt, fallback)
+    layout = SamplerLayout(args.tp, args.cp, args.cp_mode, args.cfg_parallel)
+    paths = encoder_paths(args)
+    jobs = [resolve_job(j) for j in build_jobs(args)]
+    # everything that can be checked without the model is checked now, on every rank
+    for n, job in enumerate(jobs):
+        names = branches_needed(job.cfg_scale, job.ip_cfg_scale)
+        layout.validate(world, len(names), model_cfg)
+        validate_job(job, model_cfg, world, args.tp, args.cp, args.cfg_parallel, cp_mode=args.cp_mode)
+        if job.task == "audio" and paths.whisper is None:
+            raise ConfigError(f"job {n} is an audio job: pass --whisper (or --encoders-dir with whisper/)")
+
+    info = initialize_parallel(ParallelConfig(tensor_parallel=args.tp, context_parallel=args.cp, cp_mode=args.cp_mode),
+                               model_cfg)
+    rank0 = info.rank == 0
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    t_load = time.time()
+    model = load_model(ckpt, fmt, model_cfg, dtype, args.cp_mode)
+    encoders = EncoderSet.from_paths(paths, needs_audio=any(j.task == "audio" for j in jobs), device=info.device,
+                                     dtype=torch.float32 if info.device.type == "cpu" else torch.float16,
+                                     mode=model_cfg.mode, max_subjects=model_cfg.max_identity_images,
+                                     text_len=args.text_len)
+    if rank0:
+        log.info("loaded %s (%s) and encoders in %.1fs; layout TP %d x CP %d (%s) x CFG %d; DiT dtype %s",
+                 ckpt, fmt, time.time() - t_load, args.tp, args.cp, args.cp_mode, args.cfg_parallel, dtype)
+    sampler = ParallelSampler(model, layout)
+    for n, job in enumerate(jobs):
+        t0 = time.time()
+        with_audio_strength(model, job.audio_strength)
+        cond = prepare_conditions(job, encoders, model_cfg, info.device, dtype)
+        noise = torch.randn(cond["latent_shape"], generator=torch.Generator().manual_seed(job.seed))[None]
+        progress = StepProgress(job.steps, enabled=rank0 and not args.no_progress, desc=f"job {n} ({job.task})")
+        latents = sampler.sample(noise, cond["branches"], job.steps, job.shift, job.cfg_scale, job.ip_cfg_scale,
+                                 job.embedded_guidance, progress)
+        timing = progress.close()
+        if rank0:  # the VAE decode runs once, tiled, on rank 0
+            t_dec = time.time()
+            video = encoders.vae.decode(latents.to(encoders.vae.device, encoders.vae.dtype))[0].float().cpu()
+            frames = to_uint8_frames(video)
+            audio = None
+            if job.task == "audio":
+                from hcustom_mc.encoders.audio import load_audio
+
+                audio = load_audio(job.audio, sample_rate=16000).numpy()
+            out = Path(job.output)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_mp4(out.with_suffix(".mp4"), frames, job.fps, audio=audio, audio_rate=16000)
+            write_contact_sheet(out.with_suffix(".png"), frames)
+            write_sidecar(out.with_suffix(".json"), {
+                "job": job.to_dict(), "checkpoint": str(ckpt), "checkpoint_format": fmt, "model": model_cfg.to_dict(),
+                "layout": vars(layout), "world_size": world, "dtype": str(dtype), "denoise": timing,
+                "decode_s": time.time() - t_dec, "total_s": time.time() - t0})
+            torch.save(latents.cpu(), out.with_suffix(".latents.pt"))
+            log.info("job %d: wrote %s (%d frames at %g fps) in %.1fs", n, out.with_suffix(".mp4"), frames.shape[0],
+                     job.fps, time.time() - t0)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+    return 0
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    from hcustom_mc.model.model import InputError
+    from hcustom_mc.parallel.state import destroy_parallel, wait_for_all_ranks_on_error
+
+    try:
+        return run(parse_args(argv))
+    except (ConfigError, InputError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        wait_for_all_ranks_on_error()
+        return 2
+    finally:
+        destroy_parallel()
+
+
+if __name__ == "__main__":
+    from hcustom_mc.parallel.state import exit_process
+
+    exit_process(main())

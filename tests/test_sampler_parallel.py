@@ -1,0 +1,110 @@
+"""The sampler end to end: checkpoints trained by pretrain_custom.py sample into playable mp4s; TP, CP (both
+modes), CFG-parallel and TP x CFG give the single-process latents; bad inputs fail before any model work."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.torchrun import REPO, _free_port
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def _run(nproc: int, module_or_script: list[str], *args, expect=0, timeout=300) -> str:
+    if nproc == 1:
+        cmd = [sys.executable, *module_or_script, *map(str, args)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+               f"--master_port={_free_port()}", *module_or_script, *map(str, args)]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == expect, f"exit {proc.returncode} (expected {expect})\n{out[-6000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny dataset + encoders, and audio- and editing-variant checkpoints trained for 2 steps."""
+    from hcustom_mc.data.tiny_dataset import make_tiny_dataset
+    from hcustom_mc.encoders.tiny import save_tiny_encoders
+    from hcustom_mc.model.config import get_model_config
+
+    root = tmp_path_factory.mktemp("sampler")
+    make_tiny_dataset(root / "data", num_samples=5, size="64x48", frames=13, seed=0)
+    save_tiny_encoders(root / "enc", get_model_config("tiny", "audio"))
+    for variant in ("audio", "editing"):
+        _run(1, ["pretrain_custom.py"], "--config", "examples/tiny_3d.yaml", "--variant", variant, "--train-iters", 2,
+             "--set", "data.task_weights={t2v: 1}", "--set", "zero_init=false", "--save", root / f"ck_{variant}",
+             "--run-dir", root / f"run_{variant}")
+    return root
+
+
+def _sample(setup, nproc, out, *layout, task="audio", extra=(), expect=0):
+    d = setup / "data"
+    job = {"audio": ["--image", f"circle={d}/images/s0003_0.png", "--audio", d / "audio/s0003.wav",
+                     "--prompt", "A blue circle moves down."],
+           "editing": ["--image", f"square={d}/images/s0004_0.png", "--source-video", d / "videos/s0004_source.mp4",
+                       "--mask-video", d / "masks/s0004.mp4", "--prompt", "A purple square moves down."]}[task]
+    size = [] if task == "editing" else ["--height", 32, "--width", 48, "--frames", 9]
+    return _run(nproc, ["-m", "hcustom_mc.sample"], "--checkpoint", setup / f"ck_{task}", "--encoders-dir", setup / "enc",
+                "--text-len", 256, "--task", task, *job, *size, "--steps", 3, "--seed", 7, "--out", out,
+                "--no-progress", *layout, *extra, expect=expect)
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    out = setup / "single"
+    _sample(setup, 1, out)
+    return out
+
+
+def test_audio_job_writes_a_playable_mp4_with_its_audio_track(reference):
+    from hcustom_mc.inference.output import read_mp4
+
+    frames, fps, audio, rate = read_mp4(reference / "000_audio.mp4")
+    assert frames.shape == (9, 32, 48, 3) and fps == 25
+    assert audio is not None and rate and audio.size >= 0.3 * rate  # the tone, ~9/25 s
+    assert (reference / "000_audio.png").stat().st_size > 0
+    sidecar = json.loads((reference / "000_audio.json").read_text())
+    assert sidecar["job"]["seed"] == 7 and sidecar["job"]["steps"] == 3 and sidecar["denoise"]["steps"] == 3
+
+
+@pytest.mark.parametrize("nproc,layout", [
+    (2, ["--tp", 2]),
+    (2, ["--cp", 2, "--cp-mode", "ulysses"]),
+    (2, ["--cp", 2, "--cp-mode", "ring"]),
+    (2, ["--cfg-parallel", 2]),
+    (4, ["--tp", 2, "--cfg-parallel", 2]),
+], ids=["tp2", "cp2-ulysses", "cp2-ring", "cfg2", "tp2xcfg2"])
+def test_parallel_layouts_give_the_single_process_latents(setup, reference, tmp_path, nproc, layout):
+    _sample(setup, nproc, tmp_path, *layout)
+    want = torch.load(reference / "000_audio.latents.pt")
+    got = torch.load(tmp_path / "000_audio.latents.pt")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+
+
+def test_editing_job_takes_size_and_length_from_the_source_video(setup, tmp_path):
+    from hcustom_mc.inference.output import read_mp4
+
+    _sample(setup, 1, tmp_path, task="editing")
+    frames, fps, audio, _ = read_mp4(tmp_path / "000_editing.mp4")
+    assert frames.shape == (13, 48, 64, 3) and fps == 25 and audio is None
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--image", "ghost=/nonexistent.png"], "/nonexistent.png"),
+    (["--frames", 10], "4k+1"),
+    (["--tp", 4], "world size"),
+], ids=["missing-image", "frames", "layout"])
+def test_bad_inputs_fail_before_the_model_loads(setup, tmp_path, extra, message):
+    out = _sample(setup, 1, tmp_path / "out", extra=extra, expect=2)
+    assert message in out and "loaded" not in out and not (tmp_path / "out").exists()
+
+
+def test_bad_layout_fails_on_every_rank(setup, tmp_path):
+    out = _sample(setup, 2, tmp_path, "--cfg-parallel", 3, expect=1)
+    assert out.count("CFG-parallel 3") >= 2 and "loaded" not in out
