@@ -108,3 +108,9 @@ def test_bad_inputs_fail_before_the_model_loads(setup, tmp_path, extra, message)
 def test_bad_layout_fails_on_every_rank(setup, tmp_path):
     out = _sample(setup, 2, tmp_path, "--cfg-parallel", 3, expect=1)
     assert out.count("CFG-parallel 3") >= 2 and "loaded" not in out
+
+
+def test_sampler_benchmark_runs_and_reports_scaling(tmp_path):
+    out = _run(1, ["bench/sampler.py"], "--layouts", "1", "cfg=2", "--steps", 1, "--out", tmp_path / "s.md")
+    table = (tmp_path / "s.md").read_text()
+    assert "command: `python bench/sampler.py" in table and "| cfg=2 | 2 |" in table and "speedup" in out
