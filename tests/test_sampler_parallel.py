@@ -114,3 +114,18 @@ def test_sampler_benchmark_runs_and_reports_scaling(tmp_path):
     out = _run(1, ["bench/sampler.py"], "--layouts", "1", "cfg=2", "--steps", 1, "--out", tmp_path / "s.md")
     table = (tmp_path / "s.md").read_text()
     assert "command: `python bench/sampler.py" in table and "| cfg=2 | 2 |" in table and "speedup" in out
+
+
+def test_infer_parallel_script_trains_the_demo_model_and_writes_videos(tmp_path):
+    from hcustom_mc.inference.output import read_mp4
+
+    root = tmp_path / "tiny"
+    proc = subprocess.run(["bash", "examples/infer_parallel.sh"], cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**ENV, "ROOT": str(root), "MASTER_PORT": str(_free_port()),
+                               "EXTRA": "--height 32 --width 48 --frames 9 --steps 2 --text-len 256"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (root / "checkpoints" / "latest").is_file()
+    for name in ("000_t2v", "001_identity", "002_audio"):
+        frames, fps, audio, _ = read_mp4(root / "samples" / f"{name}.mp4")
+        assert frames.shape == (9, 32, 48, 3) and fps == 25
+        assert (audio is not None) == (name == "002_audio")
