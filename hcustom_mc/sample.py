@@ -120,6 +120,7 @@ def encoder_paths(args):
 
 
 def run(args) -> int:
+    from hcustom_mc.inference.decode import decode_across_ranks
     from hcustom_mc.inference.inputs import EncoderSet, prepare_conditions, resolve_job, validate_job
     from hcustom_mc.inference.output import StepProgress, to_uint8_frames, write_contact_sheet, write_mp4, write_sidecar
     from hcustom_mc.inference.pipeline import (ParallelSampler, SamplerLayout, load_model, model_config_for,
@@ -168,9 +169,10 @@ def run(args) -> int:
         latents = sampler.sample(noise, cond["branches"], job.steps, job.shift, job.cfg_scale, job.ip_cfg_scale,
                                  job.embedded_guidance, progress)
         timing = progress.close()
-        if rank0:  # the VAE decode runs once, tiled, on rank 0
-            t_dec = time.time()
-            video = encoders.vae.decode(latents.to(encoders.vae.device, encoders.vae.dtype))[0].float().cpu()
+        t_dec = time.time()
+        video = decode_across_ranks(encoders.vae, latents)  # temporal tiles split over all ranks; video on rank 0
+        if rank0:
+            video = video[0].float().cpu()
             frames = to_uint8_frames(video)
             audio = None
             if job.task == "audio":

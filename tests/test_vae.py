@@ -148,3 +148,12 @@ def test_release_config_with_unknown_key_is_rejected(folders, tmp_path):
     torch.save({}, tmp_path / "pytorch_model.pt")
     with pytest.raises(CheckpointFormatError, match="mystery_option"):
         VideoVAE.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_decode_split_across_ranks_equals_the_single_rank_decode(tmp_path, nproc):
+    from tests.torchrun import REPO, torchrun
+
+    save_tiny_vae(tmp_path / "vae")
+    out = torchrun(nproc, REPO / "tests" / "dist_scripts" / "vae_decode_check.py", tmp_path / "vae")
+    assert "decode OK (1, 3, 21, 24, 40)" in out
