@@ -129,3 +129,12 @@ def test_infer_parallel_script_trains_the_demo_model_and_writes_videos(tmp_path)
         frames, fps, audio, _ = read_mp4(root / "samples" / f"{name}.mp4")
         assert frames.shape == (9, 32, 48, 3) and fps == 25
         assert (audio is not None) == (name == "002_audio")
+
+
+def test_ip_cfg_three_branches_over_cfg_parallel_3(setup, tmp_path):
+    _sample(setup, 1, tmp_path / "one", extra=["--ip-cfg-scale", 2.0])
+    _sample(setup, 3, tmp_path / "three", "--cfg-parallel", 3, extra=["--ip-cfg-scale", 2.0])
+    want = torch.load(tmp_path / "one" / "000_audio.latents.pt")
+    torch.testing.assert_close(torch.load(tmp_path / "three" / "000_audio.latents.pt"), want, rtol=1e-4, atol=2e-5)
+    sidecar = json.loads((tmp_path / "three" / "000_audio.json").read_text())
+    assert sidecar["job"]["ip_cfg_scale"] == 2.0 and sidecar["layout"]["cfg_parallel"] == 3
