@@ -93,15 +93,22 @@ def build_jobs(args) -> list:
         entries = yaml.safe_load(args.jobs.read_text())  # JSON is YAML
         if not isinstance(entries, list) or not entries or not all(isinstance(x, dict) for x in entries):
             raise ConfigError(f"--jobs {args.jobs} must hold a non-empty list of mappings")
-    jobs = []
+    jobs, outputs = [], set()
     for n, entry in enumerate(entries):
         merged = {**base, **entry}
         merged.setdefault("output", str(args.out / f"{n:03d}_{merged.get('task', 'job')}"))
+        if merged["output"] in outputs:
+            raise ConfigError(f"job {n}: output {merged['output']} is used by an earlier job")
+        outputs.add(merged["output"])
         try:
             jobs.append(SampleJob.from_dict(merged))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"job {n}: {exc}") from None
     return jobs
+
+
+def _named(out: Path, suffix: str) -> Path:
+    return out.with_name(out.name + suffix)  # not with_suffix: "clip.v2" must not become "clip.mp4"
 
 
 def encoder_paths(args):
@@ -119,14 +126,37 @@ def encoder_paths(args):
     return paths
 
 
+def _write_outputs(job, n, video, latents, ckpt, fmt, model_cfg, layout, world, dtype, timing, decode_s, t0) -> None:
+    from hcustom_mc.inference.output import to_uint8_frames, write_contact_sheet, write_mp4, write_sidecar
+
+    frames = to_uint8_frames(video)
+    audio = None
+    if job.task == "audio":
+        from hcustom_mc.encoders.audio import load_audio
+
+        audio = load_audio(job.audio, sample_rate=16000).numpy()
+    out = Path(job.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_mp4(_named(out, ".mp4"), frames, job.fps, audio=audio, audio_rate=16000)
+    write_contact_sheet(_named(out, ".png"), frames)
+    write_sidecar(_named(out, ".json"), {
+        "job": job.to_dict(), "checkpoint": str(ckpt), "checkpoint_format": fmt, "model": model_cfg.to_dict(),
+        "layout": vars(layout), "world_size": world, "dtype": str(dtype), "denoise": timing, "decode_s": decode_s,
+        "total_s": time.time() - t0})
+    torch.save(latents.cpu(), _named(out, ".latents.pt"))
+    log.info("job %d: wrote %s (%d frames at %g fps) in %.1fs", n, _named(out, ".mp4"), frames.shape[0], job.fps,
+             time.time() - t0)
+
+
 def run(args) -> int:
     from hcustom_mc.inference.decode import decode_across_ranks
     from hcustom_mc.inference.inputs import EncoderSet, prepare_conditions, resolve_job, validate_job
-    from hcustom_mc.inference.output import StepProgress, to_uint8_frames, write_contact_sheet, write_mp4, write_sidecar
+    from hcustom_mc.inference.output import StepProgress
     from hcustom_mc.inference.pipeline import (ParallelSampler, SamplerLayout, load_model, model_config_for,
                                                resolve_checkpoint, with_audio_strength)
     from hcustom_mc.inference.scheduler import branches_needed
     from hcustom_mc.model.config import get_model_config
+    from hcustom_mc.model.model import InputError
     from hcustom_mc.parallel.config import ParallelConfig
     from hcustom_mc.parallel.state import initialize_parallel
 
@@ -163,7 +193,10 @@ def run(args) -> int:
     for n, job in enumerate(jobs):
         t0 = time.time()
         with_audio_strength(model, job.audio_strength)
-        cond = prepare_conditions(job, encoders, model_cfg, info.device, dtype)
+        try:
+            cond = prepare_conditions(job, encoders, model_cfg, info.device, dtype)
+        except ValueError as exc:  # e.g. a prompt too long for --text-len: same on every rank
+            raise InputError(f"job {n}: {exc}") from None
         noise = torch.randn(cond["latent_shape"], generator=torch.Generator().manual_seed(job.seed))[None]
         progress = StepProgress(job.steps, enabled=rank0 and not args.no_progress, desc=f"job {n} ({job.task})")
         latents = sampler.sample(noise, cond["branches"], job.steps, job.shift, job.cfg_scale, job.ip_cfg_scale,
@@ -171,39 +204,33 @@ def run(args) -> int:
         timing = progress.close()
         t_dec = time.time()
         video = decode_across_ranks(encoders.vae, latents)  # temporal tiles split over all ranks; video on rank 0
+        failed = None
         if rank0:
-            video = video[0].float().cpu()
-            frames = to_uint8_frames(video)
-            audio = None
-            if job.task == "audio":
-                from hcustom_mc.encoders.audio import load_audio
-
-                audio = load_audio(job.audio, sample_rate=16000).numpy()
-            out = Path(job.output)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            write_mp4(out.with_suffix(".mp4"), frames, job.fps, audio=audio, audio_rate=16000)
-            write_contact_sheet(out.with_suffix(".png"), frames)
-            write_sidecar(out.with_suffix(".json"), {
-                "job": job.to_dict(), "checkpoint": str(ckpt), "checkpoint_format": fmt, "model": model_cfg.to_dict(),
-                "layout": vars(layout), "world_size": world, "dtype": str(dtype), "denoise": timing,
-                "decode_s": time.time() - t_dec, "total_s": time.time() - t0})
-            torch.save(latents.cpu(), out.with_suffix(".latents.pt"))
-            log.info("job %d: wrote %s (%d frames at %g fps) in %.1fs", n, out.with_suffix(".mp4"), frames.shape[0],
-                     job.fps, time.time() - t0)
+            try:
+                _write_outputs(job, n, video[0].float().cpu(), latents, ckpt, fmt, model_cfg, layout, world, dtype,
+                               timing, time.time() - t_dec, t0)
+            except Exception as exc:  # other ranks must not wait forever in the next collective
+                failed = exc
         if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+            flag = torch.tensor([1.0 if failed else 0.0], device=info.device)
+            torch.distributed.all_reduce(flag)
+            if flag.item() and failed is None:
+                raise RuntimeError(f"job {n}: writing the outputs failed on rank 0")
+        if failed is not None:
+            raise failed
     return 0
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    from hcustom_mc.data.errors import DataError
     from hcustom_mc.model.model import InputError
     from hcustom_mc.parallel.state import destroy_parallel, wait_for_all_ranks_on_error
 
     try:
         return run(parse_args(argv))
-    except (ConfigError, InputError, FileNotFoundError) as exc:
+    except (ConfigError, InputError, FileNotFoundError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         wait_for_all_ranks_on_error()
         return 2

@@ -63,10 +63,11 @@ def test_preprocess_killed_and_restarted_writes_the_same_shards(tiny, shards, tm
     # two ranks, each killed right after its first shard lands; then the same command again
     _preprocess(tiny, out, nproc=2, env={"HCUSTOM_FAULT_KILL_AFTER_SHARDS": "1"}, expect=1)
     landed = sorted(p.name for p in out.glob("shard_*.safetensors"))
-    assert landed == ["shard_00000.safetensors", "shard_00001.safetensors"], landed
+    # rank 0 always lands shard 0; rank 1 may be torn down by torchrun before its shard 1 lands
+    assert landed[0] == "shard_00000.safetensors" and len(landed) <= 2, landed
     assert not (out / "index.json").exists()
     log = _preprocess(tiny, out, nproc=2)
-    assert "2 already done" in log or "1 already done" in log
+    assert "this rank: 2 shards, 1 already done" in log
     reference = sorted(p.name for p in shards.glob("shard_*.safetensors"))
     assert sorted(p.name for p in out.glob("shard_*.safetensors")) == reference and len(reference) == 3
     for name in reference:
@@ -169,3 +170,50 @@ def test_bench_measures_the_training_loop_data_wait(tiny, shards, tmp_path):
                f"data.path={shards}", "--loader-steps", 3, "--out", tmp_path / "wait.md")
     assert "dataset shards" in out and "median of the rest" in out
     assert "command: `python bench/data.py --loader-config" in (tmp_path / "wait.md").read_text()
+
+
+def test_broken_sample_replacements_never_cycle_back(tiny):
+    """Replacements are keyed on the originally drawn sample, so a chain cannot loop over broken members."""
+    from hcustom_mc.data.errors import DataError
+    from hcustom_mc.data.sampler import BucketBatchSampler
+    from hcustom_mc.training.batches import BadSamples, BatchMaker
+    from hcustom_mc.training.config import TrainConfig
+
+    class Fake:
+        broken = {0, 2, 3}
+
+        def __getitem__(self, i):
+            if i in self.broken:
+                raise DataError("corrupt", f"/data/{i}.mp4", "truncated")
+            return {"i": i}
+
+        def group_of(self, i):
+            return "identity|32x48|9f|1id"
+
+    bm = BatchMaker.__new__(BatchMaker)
+    bm.cfg, bm.dataset, bm.bad, bm.log_events, bm.bucketed = TrainConfig(), Fake(), BadSamples(), False, True
+    bm.sampler = BucketBatchSampler(["identity|32x48|9f|1id"] * 5, 1, 1234)
+    for start in (0, 2, 3):
+        assert bm._load(start, step=1)["i"] in (1, 4)
+    assert set(bm.bad.seen) <= {f"/data/{i}.mp4" for i in Fake.broken}
+
+
+def test_editing_source_of_another_length_is_bad_data(tiny, tmp_path):
+    import dataclasses
+
+    import numpy as np
+
+    from hcustom_mc.data.encode import ClipSpec, SampleEncoder
+    from hcustom_mc.data.errors import DataError
+    from hcustom_mc.data.manifest import load_manifest
+    from hcustom_mc.data.tiny_dataset import write_video
+    from hcustom_mc.training.config import EncoderPaths
+
+    entry = next(e for e in load_manifest(tiny["root"] / "clean" / "manifest.jsonl") if e.task == "editing")
+    short = tmp_path / "short.mp4"
+    write_video(short, np.full((9, 48, 64, 3), 200, dtype=np.uint8))
+    enc = SampleEncoder(EncoderPaths(**tiny["encoders"]), mode="release", text_len=64, max_identity=1,
+                        spec=ClipSpec(frames=9, stride=1, short_side=32), seed=0)
+    with pytest.raises(DataError, match="9 frames of 48x64") as info:
+        enc.encode(dataclasses.replace(entry, source_video=short), 4)
+    assert info.value.kind == "mismatch" and info.value.path == str(short)

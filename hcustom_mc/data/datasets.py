@@ -11,11 +11,20 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from hcustom_mc.data.encode import ClipSpec, SampleEncoder, group_key, sample_shape
 from hcustom_mc.data.errors import DataError
 from hcustom_mc.data.manifest import load_manifest
 
 log = logging.getLogger(__name__)
+
+
+def encoder_dtype(name: str) -> torch.dtype:
+    """`auto`: fp16 on GPU (as the release runs LLaVA and the VAE), fp32 on CPU."""
+    if name == "auto":
+        return torch.float16 if torch.cuda.is_available() else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
 def clip_spec(data) -> ClipSpec:
@@ -24,23 +33,31 @@ def clip_spec(data) -> ClipSpec:
 
 
 def index_manifest(entries, spec: ClipSpec, tasks: set[str]) -> tuple[list, list[int], list[str], list[DataError]]:
-    """Keep the entries of wanted tasks whose video can be sized.
+    """Index the entries of wanted tasks by batch-shape group.
 
-    Returns (entries, their manifest positions, group keys, unusable): the position seeds a sample's random
-    choices, so online encoding gives exactly what tools/preprocess.py stores.
+    Returns (entries, their manifest positions, group keys, unreadable): the position seeds a sample's
+    random choices, so online encoding gives exactly what tools/preprocess.py stores. An entry whose video
+    cannot be probed stays in the index, in its task's most common group (so one file going bad between
+    runs does not reshuffle every later sample or block a resume); reading it fails and it is replaced.
     """
-    kept, positions, keys, bad = [], [], [], []
+    kept, positions, keys, bad, unsized = [], [], [], [], []
     for pos, e in enumerate(entries):
         if e.task not in tasks:
             continue
         try:
-            size = sample_shape(e, spec)
-        except DataError as err:  # unreadable at indexing time: never sampled, reported with the rest
+            key = group_key(e.task, sample_shape(e, spec), spec.frames, len(e.subjects))
+        except DataError as err:
             bad.append(err)
-            continue
+            key = None
+            unsized.append(len(kept))
         kept.append(e)
         positions.append(pos)
-        keys.append(group_key(e.task, size, spec.frames, len(e.subjects)))
+        keys.append(key)
+    for i in unsized:
+        e = kept[i]
+        peers = sorted(k for k in keys if k is not None and k.startswith(f"{e.task}|") and k.endswith(f"|{len(e.subjects)}id"))
+        keys[i] = max(set(peers), key=lambda k: (peers.count(k), k)) if peers else group_key(e.task, (0, 0), spec.frames,
+                                                                                             len(e.subjects))
     return kept, positions, keys, bad
 
 
@@ -52,7 +69,7 @@ class ManifestDataset:
             raise ValueError(f"{manifest}: no usable samples for tasks {sorted(tasks)} "
                              f"({len(self.unusable)} unreadable)")
         self.encoder = SampleEncoder(data.encoders, mode=mode, text_len=data.text_len, max_identity=max_identity,
-                                     spec=spec, seed=data.seed, device=device)
+                                     spec=spec, seed=data.seed, device=device, dtype=encoder_dtype(data.encoder_dtype))
 
     def __len__(self) -> int:
         return len(self.entries)

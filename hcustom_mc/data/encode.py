@@ -100,6 +100,8 @@ class SampleEncoder:
         if self.whisper is None:
             raise ValueError(f"sample {entry.id} has audio but data.encoders.whisper is not set")
         samples = load_audio(entry.audio, sample_rate=16000, expected_rate=self.spec.audio_rate)
+        if not fps > 0:
+            raise DataError("mismatch", entry.video, "the video has no frame rate: cannot align its audio")
         offset = int(round(start / fps * 16000))  # the clip's first frame, in audio samples
         clip_fps = fps / self.spec.stride
         if abs(clip_fps - AUDIO_FPS) > 1e-3:
@@ -115,6 +117,15 @@ class SampleEncoder:
         spec = self.spec
         info = probe_video(entry.video)
         size = bucket_for(info.height, info.width, spec.short_side)
+        if size != sample_shape(entry, spec):  # stale manifest metadata would put it in the wrong batch shape
+            raise DataError("mismatch", entry.video, f"video is {info.height}x{info.width} (bucket {size}) but the "
+                            f"manifest says {entry.height}x{entry.width} (bucket {sample_shape(entry, spec)})")
+        if entry.task == "editing":  # source and mask are read at the target's clip start: same frames, same size
+            for other in (entry.source_video, entry.mask_video):
+                o = probe_video(other)
+                if (o.num_frames, o.height, o.width) != (info.num_frames, info.height, info.width):
+                    raise DataError("mismatch", other, f"{o.num_frames} frames of {o.height}x{o.width}, the video "
+                                    f"{entry.video} has {info.num_frames} of {info.height}x{info.width}")
         start = choose_start(info.num_frames, spec.frames, spec.stride, self.seed, position, path=str(entry.video))
         video = read_clip(entry.video, spec.frames, spec.stride, size=size, start=start, backend=spec.backend)
         latents = self._vae(video, position, "video")
@@ -136,10 +147,8 @@ class SampleEncoder:
             sample["audio_features"] = self._audio(entry, start, info.fps, latents.shape[1], len(subjects))
         if entry.task == "editing":
             source = read_clip(entry.source_video, spec.frames, spec.stride, size=size, start=start, backend=spec.backend)
-            mask = read_mask_clip(entry.mask_video, spec.frames, spec.stride, size=size, start=start)
-            if mask.shape[1:] != source.shape[1:]:
-                raise DataError("mismatch", entry.mask_video, f"mask clip {tuple(mask.shape[1:])} != source "
-                                f"{tuple(source.shape[1:])}")
+            mask = read_mask_clip(entry.mask_video, spec.frames, spec.stride, size=size, start=start,
+                                  backend=spec.backend).to(source.device)
             masked = (source + 1) * (1 - mask) - 1  # the region to generate is black (pixel 0), as in the release
             sample["video_condition"] = torch.cat([self._vae(masked, position, "masked"),
                                                    self._vae((mask * 2 - 1).expand_as(source), position, "mask")], 0)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from hcustom_mc.data import shards
-from hcustom_mc.data.datasets import clip_spec
+from hcustom_mc.data.datasets import clip_spec, encoder_dtype
 from hcustom_mc.data.encode import SampleEncoder, group_key
 from hcustom_mc.data.errors import DataError
 from hcustom_mc.data.manifest import load_manifest
@@ -34,8 +34,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def settings_of(cfg, manifest: Path, shard_size: int, dtype: str) -> dict:
     """Everything that changes the shards' bytes; a restart must match it exactly."""
+    from hcustom_mc.data.video import resolve_backend
+
     d = cfg.data
-    return {"manifest": str(manifest.resolve()), "shard_size": shard_size, "dtype": dtype, "mode": cfg.mode,
+    return {"video_backend": resolve_backend(d.video_backend), "encoder_dtype": str(encoder_dtype(d.encoder_dtype)),"manifest": str(manifest.resolve()), "shard_size": shard_size, "dtype": dtype, "mode": cfg.mode,
             "model": cfg.model, "variant": cfg.variant, "frames": d.frames, "frame_stride": d.frame_stride,
             "short_side": d.short_side, "tasks": sorted(t for t, w in d.task_weights.items() if w > 0), "audio_rate": d.audio_rate, "text_len": d.text_len, "seed": d.seed,
             "encoders": {k: v for k, v in vars(d.encoders).items()}, "max_identity_images": cfg.model_config().max_identity_images}
@@ -43,8 +45,11 @@ def settings_of(cfg, manifest: Path, shard_size: int, dtype: str) -> dict:
 
 def _claim_settings(out: Path, settings: dict, rank: int) -> None:
     path = out / shards.CONFIG_FILE
-    if rank == 0 and not path.exists():
-        path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    if rank == 0:
+        for stale in out.glob("shard_*.safetensors.tmp*"):  # a killed run's half-written shard
+            stale.unlink()
+        if not path.exists():
+            path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     if dist.is_initialized():
         dist.barrier()
     found = json.loads(path.read_text())
@@ -98,7 +103,7 @@ def preprocess(cfg, manifest: str | Path, out: str | Path, shard_size: int = 64,
         mcfg = cfg.model_config()
         encoder = SampleEncoder(cfg.data.encoders, mode=cfg.mode, text_len=cfg.data.text_len,
                                 max_identity=mcfg.max_identity_images, spec=clip_spec(cfg.data), seed=cfg.data.seed,
-                                device=device)
+                                device=device, dtype=encoder_dtype(cfg.data.encoder_dtype))
         kill_after = int(os.environ.get("HCUSTOM_FAULT_KILL_AFTER_SHARDS", "0"))  # fault injection for tests
         bar = tqdm(total=len(todo), desc=f"rank {rank} shards", unit="shard", disable=not progress,
                    position=rank, file=sys.stderr)
@@ -144,6 +149,8 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if torch.cuda.is_available():  # one GPU per rank (DALI and the encoders use the current device)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo")  # only barriers: encoders run independently on each rank
     try:

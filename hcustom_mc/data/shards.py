@@ -71,6 +71,22 @@ def write_index(root: str | Path, num_shards: int) -> dict:
     return index
 
 
+def check_shard_settings(root: str | Path, cfg, model_cfg) -> None:
+    """Refuse shards made for another model shape or clip setting (they would fail late or train wrongly)."""
+    from hcustom_mc.model.config import ConfigError
+
+    path = Path(root) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a tools/preprocess.py shard folder")
+    made = json.loads(path.read_text())
+    want = {"mode": cfg.mode, "frames": cfg.data.frames, "frame_stride": cfg.data.frame_stride,
+            "short_side": cfg.data.short_side, "text_len": cfg.data.text_len,
+            "max_identity_images": model_cfg.max_identity_images}
+    diff = [f"{k}: shards {made.get(k)!r}, training {v!r}" for k, v in want.items() if made.get(k) != v]
+    if diff:
+        raise ConfigError(f"{root} was preprocessed with other settings than this training run:\n  - " + "\n  - ".join(diff))
+
+
 @dataclass
 class ShardSample:
     id: str

@@ -362,7 +362,11 @@ def _run_dali(gpu: bool, source: str, size, nearest: bool, path: str, **inputs) 
     pipeline = _pipeline(gpu, source, size, nearest)
     try:
         return pipeline.run(**inputs)
+    except torch.cuda.OutOfMemoryError:
+        raise  # not the data's fault: must not be turned into a skipped sample
     except RuntimeError as e:
+        if "out of memory" in str(e).lower():
+            raise  # DALI's own allocation failures: a machine problem, not bad data
         # A failed DALI pipeline is "no longer valid": drop it so the next sample builds a fresh one.
         key = _key(gpu, source, size, nearest)
         with _pipelines_lock:

@@ -202,6 +202,8 @@ class ParallelSampler:
 
 
 def with_audio_strength(model: HunyuanCustomDiT, strength: float | None) -> None:
-    """lambda_A is read from the model config at every forward; a job may override it."""
-    if strength is not None:
-        model.cfg = dataclasses.replace(model.cfg, audio_strength=float(strength))
+    """lambda_A is read from the model config at every forward; a job may override it (None: the model's own)."""
+    if not hasattr(model, "hc_default_audio_strength"):
+        model.hc_default_audio_strength = model.cfg.audio_strength
+    value = model.hc_default_audio_strength if strength is None else float(strength)
+    model.cfg = dataclasses.replace(model.cfg, audio_strength=value)

@@ -28,8 +28,9 @@ def build_dataset(cfg, model_cfg):
         return SyntheticLatentDataset(model_cfg, data)
     tasks = {t for t, w in data.task_weights.items() if w > 0}
     if data.dataset == "shards":
-        from hcustom_mc.data.shards import ShardLatentDataset
+        from hcustom_mc.data.shards import ShardLatentDataset, check_shard_settings
 
+        check_shard_settings(data.path, cfg, model_cfg)
         return ShardLatentDataset(data.path, tasks=tasks)
     from hcustom_mc.data.datasets import ManifestDataset
 
@@ -64,6 +65,24 @@ class BadSamples:
         return merged
 
 
+def _any_rank_of_replica(flag: bool) -> bool:
+    """True if `flag` is set on any rank holding the same data (TP x PP x CP of one DP replica)."""
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized() or not ps.model_parallel_is_initialized():
+        return flag
+    groups = [g for g, n in ((ps.get_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
+                              * ps.get_pipeline_model_parallel_world_size()),
+                             (ps.get_context_parallel_group(), ps.get_context_parallel_world_size())) if n > 1]
+    if not groups:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    for g in groups:  # max over TP x PP, then over CP: the max over the whole replica
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=g)
+    return bool(t.item())
+
+
 class BatchMaker:
     def __init__(self, cfg, model_cfg, dp_rank: int, dp_size: int, num_micro: int, log_events: bool = True):
         self.cfg, self.model_cfg = cfg, model_cfg
@@ -84,7 +103,7 @@ class BatchMaker:
             # samples that could not even be indexed (unreadable video) are reported once, by DP rank 0
             if dp_rank == 0:
                 for err in getattr(self.dataset, "unusable", []):
-                    self._report(err, "excluded at indexing")
+                    self._report(err, "unreadable at indexing (replaced whenever drawn)")
 
     def _report(self, err: DataError, what: str) -> None:
         self.bad.add(err)
@@ -92,13 +111,23 @@ class BatchMaker:
             log.warning("bad sample (%s) %s: %s: %s", err.kind, what, err.path, err.reason)
 
     def _load(self, index: int, step: int) -> dict:
+        if not self.bucketed:  # synthetic samples cannot be broken
+            return self.dataset[index]
+        original = index
         for attempt in range(self.cfg.data.max_bad_sample_retries + 1):
+            sample, err = None, None
             try:
-                return self.dataset[index]
-            except DataError as err:
-                replacement = self.sampler.replacement(index, attempt)
-                self._report(err, f"at step {step}, replaced by sample {replacement}")
-                index = replacement
+                sample = self.dataset[index]
+            except DataError as exc:
+                err = exc
+            if not _any_rank_of_replica(err is not None):
+                return sample
+            # every rank of this DP replica replaces the sample, even one that read it fine (a transient
+            # failure on one TP/CP/PP rank must not leave the ranks computing on different inputs)
+            replacement = self.sampler.replacement(original, attempt)  # keyed on the original: no cycles
+            self._report(err or DataError("corrupt", self.dataset.path_of(index), "failed on another rank of "
+                                          "this replica"), f"at step {step}, replaced by sample {replacement}")
+            index = replacement
         raise RuntimeError(f"step {step}: {self.cfg.data.max_bad_sample_retries + 1} broken samples in a row in "
                            f"group {self.dataset.group_of(index)!r}; the data is too damaged to continue")
 
@@ -134,9 +163,17 @@ class BatchMaker:
         return {"sampler": self.sampler.state_dict() if self.bucketed else {},
                 "bad_samples": self.bad.merged_over_dp()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, step: int) -> None:
         if self.bucketed and state.get("sampler"):
             self.sampler.load_state_dict(state["sampler"])
+        elif self.bucketed and step > 0:
+            # a checkpoint without the sampler position (older, or trained on another dataset type):
+            # continue where `step` full batches would have left an uninterrupted run of this data
+            sd = self.sampler.state_dict()
+            sd["epoch"], sd["position"] = divmod(step, self.sampler.batches_per_epoch)
+            self.sampler.load_state_dict(sd)
+            log.warning("the checkpoint holds no data-sampler position: continuing at epoch %d, batch %d (as if "
+                        "this dataset had been used from step 0)", sd["epoch"], sd["position"])
         self.bad = BadSamples()
         if self.dp_rank == 0:  # the saved union is re-counted once, so later unions stay exact
             for path, e in state.get("bad_samples", {}).items():

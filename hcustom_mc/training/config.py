@@ -64,6 +64,7 @@ class DataConfig:
     frame_stride: int = 1  # real data: take every n-th source frame
     short_side: int = 512  # real data: bucket short side in pixels (buckets 1:1, 3:4, 9:16 and transposes)
     video_backend: str = "auto"  # auto | dali-gpu | dali-cpu | pyav
+    encoder_dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | float32 | float16 | bfloat16
     audio_rate: int | None = None  # demand this native audio rate (other rates = bad data); None resamples any
     latent_height: int = 4  # synthetic only
     latent_width: int = 4
@@ -149,6 +150,10 @@ class TrainConfig:
             for name in ("llava", "clip", "vae"):
                 if not getattr(self.data.encoders, name):
                     errors.append(f"data.dataset=manifest encodes online and needs data.encoders.{name}")
+            if self.data.task_weights.get("audio", 0) > 0 and not self.data.encoders.whisper:
+                errors.append("the audio task with data.dataset=manifest needs data.encoders.whisper")
+        if self.data.encoder_dtype not in ("auto", "float32", "float16", "bfloat16"):
+            errors.append(f"data.encoder_dtype must be auto, float32, float16 or bfloat16, got {self.data.encoder_dtype!r}")
         if self.data.video_backend not in ("auto", "dali-gpu", "dali-cpu", "pyav"):
             errors.append(f"data.video_backend must be auto, dali-gpu, dali-cpu or pyav, got {self.data.video_backend!r}")
         unknown = set(self.data.task_weights) - set(TASKS)

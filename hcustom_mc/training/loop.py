@@ -229,7 +229,7 @@ def train(cfg: TrainConfig) -> dict:
         start_step = int(train_state["step"])
         if hasattr(optimizer, "reload_model_params"):
             optimizer.reload_model_params()
-        batches.load_state_dict(train_state.get("data", {}))
+        batches.load_state_dict(train_state.get("data", {}), start_step)
 
     # Tracking.
     tracker = Tracker(info.rank == 0, cfg.logging.run_dir, cfg.logging.mlflow_tracking_uri, cfg.logging.mlflow_experiment,
