@@ -32,6 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import write_report  # noqa: E402
+
 from hcustom_mc.data.buckets import bucket_for  # noqa: E402
 from hcustom_mc.data.tiny_dataset import write_video  # noqa: E402
 from hcustom_mc.data.video import (  # noqa: E402
@@ -128,12 +130,7 @@ def main(argv=None) -> int:
                                        iters=iters)
             lines.append(f"| {label} | {clip_frames / fps * 1e3:.1f} | {fps:.1f} |")
             print(lines[-1], flush=True)
-    text = "\n".join(lines)
-    print("\n" + text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-        args.out.write_text(f"# Clip reading benchmark\n\ncommand: `{cmd}`\n\n{text}\n")
+    write_report(args.out, "Clip reading benchmark", "\n".join(lines), argv)
     return 0
 
 
@@ -153,10 +150,7 @@ def loader_wait(args, argv) -> int:
     text = (f"dataset {cfg.data.dataset} ({cfg.data.path}), global batch {cfg.global_batch_size}, "
             f"{args.loader_steps} steps: first step {first * 1e3:.1f} ms, median of the rest "
             f"{rest[len(rest) // 2] * 1e3:.1f} ms, max {max(rest) * 1e3:.1f} ms")
-    print(text)
-    if args.out:
-        cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-        args.out.write_text(f"# Training-loop data wait\n\ncommand: `{cmd}`\n\n{text}\n")
+    write_report(args.out, "Training-loop data wait", text, argv)
     return 0
 
 

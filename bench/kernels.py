@@ -26,6 +26,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import write_report  # noqa: E402
+
 HBM_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}
 SHAPES = {  # frames, H', W', identity images, text tokens
     "tiny": dict(f=2, hp=3, wp=4, K=1, L=8, heads=2, head_dim=16, rope_dims=(4, 6, 6), hidden=64, audio_dim=32),
@@ -156,12 +158,7 @@ def main(argv=None) -> int:
         ratio = lambda a, b: f"{b / a:.2f}x" if b is not None else "n/a"  # noqa: E731
         lines.append(f"| {kname} | {ms(t_ours)} | {ms(t_ref)} | {ms(t_cmp)} | {ms(b_ours)} | {ms(b_ref)} | {ms(b_cmp)} | "
                      f"{gbs:.1f} | {pct} | {ratio(t_ours, t_ref)} | {ratio(t_ours, t_cmp)} | {ratio(b_ours, b_ref)} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-        args.out.write_text(f"# Kernel benchmark\n\ncommand: `{cmd}`\n\n{text}\n")
+    write_report(args.out, "Kernel benchmark", "\n".join(lines), argv)
     return 0
 
 

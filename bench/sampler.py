@@ -24,6 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.report import write_report  # noqa: E402
+
 
 def _free_port() -> int:
     import socket
@@ -112,12 +114,7 @@ def driver(args, argv) -> int:
              f"CFG 2 branches, {args.steps} timed steps after {args.warmup}; device {rows[0]['device']}",
              "", "| layout | ranks | s / step | speedup vs first |", "|---|---|---|---|"]
     lines += [f"| {r['layout']} | {r['world']} | {r['s_per_step']:.4f} | {base / r['s_per_step']:.2f}x |" for r in rows]
-    text = "\n".join(lines)
-    print("\n" + text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-        args.out.write_text(f"# Sampler step time\n\ncommand: `{cmd}`\n\n{text}\n")
+    write_report(args.out, "Sampler step time", "\n".join(lines), argv)
     return 0
 
 
