@@ -148,6 +148,28 @@ def _write_outputs(job, n, video, latents, ckpt, fmt, model_cfg, layout, world, 
              time.time() - t0)
 
 
+def check_prompts(jobs, llava_path, model_cfg, text_len: int) -> None:
+    """Every prompt (and negative prompt) must fit --text-len with its identity phrases: checked with the
+    tokenizer alone, before the model and encoders load."""
+    from hcustom_mc.encoders.text import LlavaTextEncoder
+    from hcustom_mc.inference.inputs import DEFAULT_NEGATIVE_PROMPT
+    from hcustom_mc.model.model import InputError
+
+    checker = LlavaTextEncoder.tokenizer_only(llava_path, mode=model_cfg.mode, text_len=text_len,
+                                              max_subjects=model_cfg.max_identity_images)
+    problems = []
+    for n, job in enumerate(jobs):
+        names = [name for name, _ in job.subjects]
+        for what, text in (("prompt", job.prompt), ("negative prompt",
+                                                      DEFAULT_NEGATIVE_PROMPT if job.negative_prompt is None else job.negative_prompt)):
+            try:
+                checker.tokenize([text], [names])
+            except ValueError as exc:
+                problems.append(f"job {n} {what}: {exc}")
+    if problems:
+        raise InputError("prompts that do not fit:\n  - " + "\n  - ".join(problems))
+
+
 def run(args) -> int:
     from hcustom_mc.inference.decode import decode_across_ranks
     from hcustom_mc.inference.inputs import EncoderSet, prepare_conditions, resolve_job, validate_job
@@ -175,6 +197,7 @@ def run(args) -> int:
         validate_job(job, model_cfg, world, args.tp, args.cp, args.cfg_parallel, cp_mode=args.cp_mode)
         if job.task == "audio" and paths.whisper is None:
             raise ConfigError(f"job {n} is an audio job: pass --whisper (or --encoders-dir with whisper/)")
+    check_prompts(jobs, paths.llava, model_cfg, args.text_len)
 
     info = initialize_parallel(ParallelConfig(tensor_parallel=args.tp, context_parallel=args.cp, cp_mode=args.cp_mode),
                                model_cfg)

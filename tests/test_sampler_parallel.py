@@ -99,7 +99,8 @@ def test_editing_job_takes_size_and_length_from_the_source_video(setup, tmp_path
     (["--image", "ghost=/nonexistent.png"], "/nonexistent.png"),
     (["--frames", 10], "4k+1"),
     (["--tp", 4], "world size"),
-], ids=["missing-image", "frames", "layout"])
+    (["--text-len", 8], "prompts that do not fit"),
+], ids=["missing-image", "frames", "layout", "prompt-too-long"])
 def test_bad_inputs_fail_before_the_model_loads(setup, tmp_path, extra, message):
     out = _sample(setup, 1, tmp_path / "out", extra=extra, expect=2)
     assert message in out and "loaded" not in out and not (tmp_path / "out").exists()

@@ -86,6 +86,19 @@ def template_crop_start(tokenizer, template: str = VIDEO_TEMPLATE) -> int:
     return len(tokenizer(prefix, add_special_tokens=True)["input_ids"])
 
 
+class _ConfigOnly:
+    """Stands in for the LLaVA model where only its config is needed (no weights loaded)."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def eval(self):
+        return self
+
+    def requires_grad_(self, flag: bool = True):
+        return self
+
+
 class LlavaTextEncoder:
     """Frozen LLaVA encoder of prompt + identity images -> (states [B, L, D] float32, mask [B, L] long)."""
 
@@ -139,6 +152,16 @@ class LlavaTextEncoder:
         model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype, local_files_only=True).to(device)
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path or path), local_files_only=True)
         return cls(model, tokenizer, mode, text_len, crop_start, max_subjects, sep_token)
+
+    @classmethod
+    def tokenizer_only(cls, path: str | Path, mode: str = "release", text_len: int = 256, max_subjects: int | None = None,
+                       sep_token: str = "<SEP>") -> "LlavaTextEncoder":
+        """Tokenizer and config, no weights: checks prompts (`tokenize`) before anything heavy is loaded."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return cls(_ConfigOnly(config), tokenizer, mode, text_len, None, max_subjects, sep_token)
 
     @property
     def output_len(self) -> int:
