@@ -6,7 +6,8 @@
 
 CKPT: a training run folder (its `latest`), a megatron-core checkpoint, a released `*_model_states.pt`
 (or fp8 pair) or a diffusers folder. --jobs takes a YAML/JSON list of job mappings (SampleJob fields);
-command-line job flags are the defaults every listed job starts from. Every job is validated on every
+command-line job flags (--image included) are the defaults every listed job starts from, so a t2v entry
+next to --image sets `subjects: []`. Every job is validated on every
 rank before the model is loaded. Per job: `NAME.mp4` (+ the audio track for audio jobs), `NAME.png`
 (contact sheet) and `NAME.json` (all settings, seed, timings).
 """
