@@ -177,24 +177,22 @@ def run(args) -> int:
     from hcustom_mc.inference.output import StepProgress
     from hcustom_mc.inference.pipeline import (ParallelSampler, SamplerLayout, load_model, model_config_for,
                                                resolve_checkpoint, with_audio_strength)
-    from hcustom_mc.inference.scheduler import branches_needed
-    from hcustom_mc.model.config import get_model_config
+    from hcustom_mc.model.config import get_model_config, mode_overrides
     from hcustom_mc.model.model import InputError
     from hcustom_mc.parallel.config import ParallelConfig
     from hcustom_mc.parallel.state import initialize_parallel
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     fmt, ckpt = resolve_checkpoint(args.checkpoint, args.checkpoint_format)
-    overrides = {"mode": args.mode} | ({"max_identity_images": 3} if args.mode == "paper" else {})
-    fallback = get_model_config(args.model_config, args.variant, **overrides) if args.model_config else None
+    fallback = None
+    if args.model_config:
+        fallback = get_model_config(args.model_config, args.variant, **mode_overrides(args.mode))
     model_cfg = model_config_for(ckpt, fmt, fallback)
     layout = SamplerLayout(args.tp, args.cp, args.cp_mode, args.cfg_parallel)
     paths = encoder_paths(args)
     jobs = [resolve_job(j) for j in build_jobs(args)]
     # everything that can be checked without the model is checked now, on every rank
     for n, job in enumerate(jobs):
-        names = branches_needed(job.cfg_scale, job.ip_cfg_scale)
-        layout.validate(world, len(names), model_cfg)
         validate_job(job, model_cfg, world, args.tp, args.cp, args.cfg_parallel, cp_mode=args.cp_mode)
         if job.task == "audio" and paths.whisper is None:
             raise ConfigError(f"job {n} is an audio job: pass --whisper (or --encoders-dir with whisper/)")

@@ -51,6 +51,14 @@ def group_key(task: str, size: tuple[int, int], frames: int, num_identity: int) 
     return f"{task}|{size[0]}x{size[1]}|{frames}f|{num_identity}id"
 
 
+def editing_condition(source: torch.Tensor, mask: torch.Tensor, encode) -> torch.Tensor:
+    """The release's video condition: VAE(source with the masked region black, pixel 0) ++ VAE(the mask as 3
+    channels in [-1, 1]) on channels. source [3, F, H, W] in [-1, 1], mask [1, F, H, W] in {0, 1};
+    encode(pixels, tag) -> latents [C, f, h, w] (the tag names the input for seeding)."""
+    masked = (source + 1) * (1 - mask) - 1
+    return torch.cat([encode(masked, "masked"), encode((mask * 2 - 1).expand_as(source), "mask")], 0)
+
+
 def _generator(seed: int, position: int, what: str) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{what}:{seed}:{position}".encode()))
 
@@ -149,7 +157,6 @@ class SampleEncoder:
             source = read_clip(entry.source_video, spec.frames, spec.stride, size=size, start=start, backend=spec.backend)
             mask = read_mask_clip(entry.mask_video, spec.frames, spec.stride, size=size, start=start,
                                   backend=spec.backend).to(source.device)
-            masked = (source + 1) * (1 - mask) - 1  # the region to generate is black (pixel 0), as in the release
-            sample["video_condition"] = torch.cat([self._vae(masked, position, "masked"),
-                                                   self._vae((mask * 2 - 1).expand_as(source), position, "mask")], 0)
+            sample["video_condition"] = editing_condition(source, mask,
+                                                          lambda pixels, tag: self._vae(pixels, position, tag))
         return sample

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from hcustom_mc.data import shards
 from hcustom_mc.data.datasets import clip_spec, encoder_dtype
-from hcustom_mc.data.encode import SampleEncoder, group_key
+from hcustom_mc.data.encode import SampleEncoder, group_key, sample_shape
 from hcustom_mc.data.errors import DataError
 from hcustom_mc.data.manifest import load_manifest
 
@@ -69,12 +69,10 @@ def encode_shard(encoder: SampleEncoder, items: list, dtype: torch.dtype) -> lis
             log.warning("skipping %s: %s", entry.id, err)
             records.append({"id": entry.id, "error": {"kind": err.kind, "path": err.path, "reason": err.reason}})
             continue
-        K = tensors["identity_latents"].shape[1] if "identity_latents" in tensors else 0
-        _, _, h, w = tensors["latents"].shape
-        size = (h * 8, w * 8)  # the bucket, recovered from the latent grid (8x spatial compression)
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-        records.append({"id": entry.id, "task": entry.task, "group": group_key(entry.task, size, encoder.spec.frames, K),
-                        "tensors": tensors})
+        # the same key online training gives the sample (encode() checked its video fits that bucket)
+        group = group_key(entry.task, sample_shape(entry, encoder.spec), encoder.spec.frames, len(entry.subjects))
+        records.append({"id": entry.id, "task": entry.task, "group": group, "tensors": tensors})
     return records
 
 

@@ -34,23 +34,15 @@ import torch
 import torch.nn.functional as F
 
 from hcustom_mc.data.errors import DataError
+from hcustom_mc.inference.scheduler import NEGATIVE_PROMPT as DEFAULT_NEGATIVE_PROMPT
+from hcustom_mc.inference.scheduler import TASK_DEFAULTS
 from hcustom_mc.model.model import InputError
-
-TASKS = ("t2v", "identity", "multi_identity", "audio", "editing")
+from hcustom_mc.training.config import TASKS
 EDIT_MODES = ("replace", "insert")
 # replace: the new subject must cover the old one's silhouette, so the drawn mask is grown a little;
 # insert: the mask marks where the new subject goes, exactly as drawn.
 DEFAULT_DILATION = {"replace": 8, "insert": 0}
-TASK_DEFAULTS = {  # release scripts (facts 3.1): steps, flow shift, cfg
-    "editing": dict(steps=50, shift=5.0, cfg_scale=7.5),
-    "other": dict(steps=30, shift=13.0, cfg_scale=7.5),
-}
-DEFAULT_SIZE, DEFAULT_FRAMES, DEFAULT_FPS = (512, 896), 129, 25.0  # release argparse defaults / saved fps
-DEFAULT_NEGATIVE_PROMPT = (
-    "Aerial view, aerial view, overexposed, low quality, deformation, a poor composition, bad hands, bad teeth, "
-    "bad eyes, bad limbs, distortion, blurring, text, subtitles, static, picture, black border."
-)
-
+DEFAULT_SIZE, DEFAULT_FRAMES = (512, 896), 129  # release argparse defaults
 
 
 @dataclass
@@ -109,10 +101,12 @@ def resolve_job(job: SampleJob) -> SampleJob:
     """A copy with every None default filled in (editing probes the source video; an unreadable one
     leaves its fields None for validate_job to report)."""
     out = dataclasses.replace(job, subjects=list(job.subjects))
-    defaults = TASK_DEFAULTS["editing" if job.task == "editing" else "other"]
-    for key, value in defaults.items():
-        if getattr(out, key) is None:
-            setattr(out, key, value)
+    defaults = TASK_DEFAULTS.get(job.task)  # an unknown task is left for validate_job to report
+    if defaults is not None:
+        for key, value in (("steps", defaults.steps), ("shift", defaults.flow_shift), ("cfg_scale", defaults.cfg_scale)):
+            if getattr(out, key) is None:
+                setattr(out, key, value)
+    default_fps = float(defaults.fps if defaults is not None else TASK_DEFAULTS["identity"].fps)
     if out.mask_dilation is None:
         out.mask_dilation = DEFAULT_DILATION.get(out.edit_mode, 0)
     source = None
@@ -128,12 +122,12 @@ def resolve_job(job: SampleJob) -> SampleJob:
         out.height = out.height or source.height // 16 * 16
         out.width = out.width or source.width // 16 * 16
         out.frames = out.frames or (source.num_frames - 1) // 4 * 4 + 1
-        out.fps = out.fps or source.fps or DEFAULT_FPS
+        out.fps = out.fps or source.fps or default_fps
     elif job.task != "editing":
         out.height = out.height or DEFAULT_SIZE[0]
         out.width = out.width or DEFAULT_SIZE[1]
         out.frames = out.frames or DEFAULT_FRAMES
-        out.fps = out.fps or DEFAULT_FPS
+        out.fps = out.fps or default_fps
     return out
 
 
@@ -301,7 +295,7 @@ def validate_job(job: SampleJob, model_cfg, world_size: int = 1, tp: int = 1, cp
     else:
         if tp * cp * cfg_parallel != world_size:
             errors.append(f"tp x cp x cfg_parallel = {tp} x {cp} x {cfg_parallel} = {tp * cp * cfg_parallel} "
-                          f"must equal the world size {world_size}")
+                          f"must equal the world size {world_size} (torchrun --nproc-per-node {tp * cp * cfg_parallel})")
         if names and cfg_parallel not in (1, len(names)):
             errors.append(f"cfg_parallel must be 1 or the number of guidance branches ({len(names)}: "
                           f"{', '.join(names)}), got {cfg_parallel}")
@@ -389,6 +383,7 @@ def prepare_conditions(job: SampleJob, encoders: EncoderSet, model_cfg, device, 
     """{"branches": {"uncond", "cond"[, "ip"]: DiT keyword inputs (batch 1) without latents, timestep and
     guidance (the sampler adds those)}, "latent_shape": (C, f, h, w) of the noise}. Branches as in the
     module docstring; "uncond" is always built, the sampler skips it when cfg_scale == 1."""
+    from hcustom_mc.data.encode import editing_condition
     from hcustom_mc.data.video import read_clip, read_image, read_mask_clip
     from hcustom_mc.encoders.audio import load_audio
 
@@ -440,10 +435,8 @@ def prepare_conditions(job: SampleJob, encoders: EncoderSet, model_cfg, device, 
         source = read_clip(job.source_video, frames, 1, size, backend=backend).to(vae.device, torch.float32)
         m = read_mask_clip(job.mask_video, frames, 1, size, backend=backend).to(vae.device, torch.float32)
         m = dilate_mask(m, job.mask_dilation)
-        masked = (source + 1) * (1 - m) - 1  # the region to regenerate becomes black (pixel 0), as the release
-        condition = torch.cat([vae.encode(masked[None], generator=_generator(job.seed, "masked")),
-                               vae.encode((m * 2 - 1).expand_as(source)[None], generator=_generator(job.seed, "mask"))],
-                              dim=1)
+        condition = editing_condition(
+            source, m, lambda pixels, tag: vae.encode(pixels[None], generator=_generator(job.seed, tag))[0])[None]
         for branch in (cond, uncond, ip):
             if branch is not None:
                 branch["video_condition"] = condition

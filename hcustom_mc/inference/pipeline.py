@@ -32,31 +32,12 @@ CHECKPOINT_FORMATS = ("auto", "mcore", "release", "diffusers")
 
 @dataclass
 class SamplerLayout:
+    """world = TP x CP x CFG-parallel; checked with the job by inputs.validate_job before anything loads."""
+
     tensor_parallel: int = 1
     context_parallel: int = 1
     cp_mode: str = "ulysses"
     cfg_parallel: int = 1
-
-    def validate(self, world_size: int, num_branches: int, model_cfg: ModelConfig | None = None) -> "SamplerLayout":
-        errors = []
-        tp, cp, cfgp = self.tensor_parallel, self.context_parallel, self.cfg_parallel
-        if min(tp, cp, cfgp) < 1:
-            errors.append(f"TP, CP and CFG-parallel sizes must be >= 1, got {tp}, {cp}, {cfgp}")
-        elif tp * cp * cfgp != world_size:
-            errors.append(f"TP {tp} x CP {cp} x CFG-parallel {cfgp} = {tp * cp * cfgp} must equal the world size "
-                          f"{world_size} (torchrun --nproc-per-node {tp * cp * cfgp})")
-        if cfgp not in (1, num_branches):
-            errors.append(f"CFG-parallel {cfgp} must be 1 or the number of guidance branches ({num_branches} here)")
-        if self.cp_mode not in ("ulysses", "ring"):
-            errors.append(f"cp_mode must be ulysses or ring, got {self.cp_mode!r}")
-        if model_cfg is not None and tp >= 1 and model_cfg.num_heads % tp:
-            errors.append(f"{model_cfg.num_heads} heads are not divisible by TP {tp}")
-        if model_cfg is not None and self.cp_mode == "ulysses" and tp >= 1 and cp >= 1 and (model_cfg.num_heads // tp) % cp:
-            errors.append(f"Ulysses CP {cp} needs the {model_cfg.num_heads // tp} heads per TP rank divisible by it "
-                          f"(or use cp_mode ring)")
-        if errors:
-            raise ConfigError("invalid sampler layout:\n  - " + "\n  - ".join(errors))
-        return self
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -131,6 +131,16 @@ VARIANT_FLAGS = {
 }
 
 
+PAPER_IDENTITY_IMAGES = 3  # identity images a paper-mode run takes when it does not say (the release takes 1)
+
+
+def mode_overrides(mode: str, max_identity_images: int | None = None) -> dict:
+    """The ModelConfig overrides of a run's mode, for get_model_config (training and sampling alike)."""
+    if max_identity_images is None and mode == "paper":
+        max_identity_images = PAPER_IDENTITY_IMAGES
+    return {"mode": mode} | ({} if max_identity_images is None else {"max_identity_images": max_identity_images})
+
+
 def get_model_config(name_or_path: str | Path, variant: str = "base", **overrides) -> ModelConfig:
     """`tiny`, `13b`, or a JSON/YAML file of ModelConfig fields; `variant` sets the released flags."""
     if variant not in VARIANT_FLAGS:
@@ -159,4 +169,5 @@ def save_model_config(cfg: ModelConfig, path: str | Path) -> None:
     Path(path).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
-__all__ = ["ConfigError", "ModelConfig", "PRESETS", "MODES", "VARIANTS", "get_model_config", "save_model_config"]
+__all__ = ["ConfigError", "ModelConfig", "PRESETS", "MODES", "VARIANTS", "get_model_config", "mode_overrides",
+           "save_model_config"]

@@ -181,14 +181,9 @@ class TrainConfig:
 
     def model_config(self):
         """The DiT config this run trains (preprocessing uses it too, so shards match the model)."""
-        from hcustom_mc.model.config import get_model_config
+        from hcustom_mc.model.config import get_model_config, mode_overrides
 
-        overrides = {"mode": self.mode}
-        if self.max_identity_images is not None:
-            overrides["max_identity_images"] = self.max_identity_images
-        elif self.mode == "paper":
-            overrides["max_identity_images"] = 3
-        return get_model_config(self.model, self.variant, **overrides)
+        return get_model_config(self.model, self.variant, **mode_overrides(self.mode, self.max_identity_images))
 
     def num_microbatches(self, world_size: int) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.parallel.data_parallel(world_size))
