@@ -54,8 +54,7 @@ def released_shapes(variant: str, guidance: bool = False) -> dict:
 def _meta_model(variant, **kw):
     from hcustom_mc.model import HunyuanCustomDiT, get_model_config
 
-    with torch.device("meta"):
-        return HunyuanCustomDiT(get_model_config("13b", variant, **kw), params_dtype=torch.bfloat16)
+    return HunyuanCustomDiT(get_model_config("13b", variant, **kw), params_dtype=torch.bfloat16, device="meta")
 
 
 @pytest.mark.parametrize("variant", ["base", "audio", "editing"])

@@ -71,10 +71,7 @@ def resolve_model_config(args, src_cfg: ModelConfig | None) -> ModelConfig:
 def build_model(cfg: ModelConfig, dtype: torch.dtype, meta: bool = False, layers: range | None = None):
     from hcustom_mc.model import HunyuanCustomDiT
 
-    if meta:
-        with torch.device("meta"):
-            return HunyuanCustomDiT(cfg, params_dtype=dtype, layers=layers)
-    return HunyuanCustomDiT(cfg, params_dtype=dtype, layers=layers)
+    return HunyuanCustomDiT(cfg, params_dtype=dtype, layers=layers, device="meta" if meta else None)
 
 
 def check_keys(cfg: ModelConfig, sd: dict) -> None:

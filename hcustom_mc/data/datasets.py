@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from hcustom_mc.device import uses_cuda
+
 from hcustom_mc.data.encode import ClipSpec, SampleEncoder, group_key, sample_shape
 from hcustom_mc.data.errors import DataError
 from hcustom_mc.data.manifest import load_manifest
@@ -23,7 +25,7 @@ log = logging.getLogger(__name__)
 def encoder_dtype(name: str) -> torch.dtype:
     """`auto`: fp16 on GPU (as the release runs LLaVA and the VAE), fp32 on CPU."""
     if name == "auto":
-        return torch.float16 if torch.cuda.is_available() else torch.float32
+        return torch.float16 if uses_cuda() else torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 

@@ -27,6 +27,7 @@ from hcustom_mc.data.datasets import clip_spec, encoder_dtype
 from hcustom_mc.data.encode import SampleEncoder, group_key, sample_shape
 from hcustom_mc.data.errors import DataError
 from hcustom_mc.data.manifest import load_manifest
+from hcustom_mc.device import compute_device, local_cuda_index, uses_cuda
 
 log = logging.getLogger("hcustom_mc.preprocess")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -97,7 +98,7 @@ def preprocess(cfg, manifest: str | Path, out: str | Path, shard_size: int = 64,
         log.info("preprocess %s -> %s: %d samples, %d shards of %d, %d ranks; this rank: %d shards, %d already done",
                  manifest, out, len(entries), num_shards, shard_size, world, len(mine), len(mine) - len(todo))
     if todo:
-        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        device = compute_device()
         mcfg = cfg.model_config()
         encoder = SampleEncoder(cfg.data.encoders, mode=cfg.mode, text_len=cfg.data.text_len,
                                 max_identity=mcfg.max_identity_images, spec=clip_spec(cfg.data), seed=cfg.data.seed,
@@ -147,8 +148,8 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if torch.cuda.is_available():  # one GPU per rank (DALI and the encoders use the current device)
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    if uses_cuda():  # one GPU per rank (DALI and the encoders use the current device)
+        torch.cuda.set_device(local_cuda_index())
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo")  # only barriers: encoders run independently on each rank
     try:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from hcustom_mc.inference.scheduler import FlowMatchEulerScheduler, branches_needed, guide
 from hcustom_mc.model import HunyuanCustomDiT
 from hcustom_mc.model.config import ConfigError, ModelConfig
+from hcustom_mc.device import compute_device
 
 log = logging.getLogger("hcustom_mc")
 CHECKPOINT_FORMATS = ("auto", "mcore", "release", "diffusers")
@@ -88,7 +89,7 @@ def load_model(path: Path, fmt: str, model_cfg: ModelConfig, dtype: torch.dtype,
     """Collective: build this rank's shard of the DiT (the training module) and fill it from the checkpoint."""
     from hcustom_mc.parallel.sharding import load_full_state_dict
 
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = compute_device()
     model = HunyuanCustomDiT(model_cfg, params_dtype=dtype, cp_mode=cp_mode)
     if fmt == "mcore":
         from hcustom_mc.checkpoint.mcore import load_mcore_checkpoint

@@ -29,6 +29,7 @@ from hcustom_mc.model.conditions import (
 from hcustom_mc.model.config import ModelConfig
 from hcustom_mc.model.layers import FinalLayer, MLPEmbedder, PatchEmbed, TimestepEmbedder
 from hcustom_mc.model.ops import Rotary
+from hcustom_mc.device import place_module, resolve_device
 from hcustom_mc.model.spec import LinearSubmodules, get_linear_submodules, megatron_config
 
 
@@ -68,7 +69,8 @@ class ForwardContext:
 
 class HunyuanCustomDiT(MegatronModule):
     def __init__(self, cfg: ModelConfig, submodules: LinearSubmodules | None = None, params_dtype=torch.float32,
-                 vp_stage: int | None = None, layers: range | None = None, cp_mode: str = "ulysses"):
+                 vp_stage: int | None = None, layers: range | None = None, cp_mode: str = "ulysses",
+                 device: torch.device | str | None = None):
         """Build the whole model, or one pipeline stage of it.
 
         Layers are numbered globally over [double blocks ; single blocks]. By default the stage is the
@@ -77,12 +79,22 @@ class HunyuanCustomDiT(MegatronModule):
         Every stage keeps the small conditioning embedders (time_in, vector_in, guidance_in, and
         audio_proj where it has audio blocks) because every block needs the modulation vector.
         `cp_mode` picks the context-parallel attention (ulysses or ring) when CP > 1.
+        Every parameter is created on `device` (default: `hcustom_mc.device.compute_device()`);
+        `device="meta"` builds the structure without allocating anything (names and shapes).
         """
+        cfg.validate()
+        device = resolve_device(device)
+        config = megatron_config(cfg, params_dtype, device)
+        super().__init__(config)
+        with torch.device(device):
+            self._build(cfg, config, submodules, vp_stage, layers, cp_mode)
+        self.to(params_dtype)
+        if device.type != "meta":
+            place_module(self, device)
+
+    def _build(self, cfg, config, submodules, vp_stage, layers, cp_mode) -> None:
         from megatron.core import parallel_state as ps
 
-        cfg.validate()
-        config = megatron_config(cfg, params_dtype)
-        super().__init__(config)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.share_embeddings_and_output_weights = False  # read by megatron's finalize_model_grads
         self.vp_stage = vp_stage
@@ -120,7 +132,6 @@ class HunyuanCustomDiT(MegatronModule):
                 self.audio_models = nn.ModuleDict({str(n): AudioCrossAttention(cfg) for n in self.audio_slots.values()})
         if self.post_process:
             self.final_layer = FinalLayer(H, cfg.patch_size, cfg.out_channels, cfg.norm_eps)
-        self.to(params_dtype)
 
     def weight_state_dict(self) -> dict[str, torch.Tensor]:
         """`state_dict()` without megatron's `_extra_state` entries: at TP=1 exactly the release keys."""

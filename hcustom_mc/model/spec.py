@@ -17,6 +17,8 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from hcustom_mc.device import resolve_device, uses_cuda
+
 log = logging.getLogger("hcustom_mc")
 
 
@@ -29,7 +31,7 @@ class LinearSubmodules:
 
 @lru_cache(maxsize=None)
 def transformer_engine_usable() -> bool:
-    if not torch.cuda.is_available():
+    if not uses_cuda():
         return False
     try:
         from megatron.core.extensions.transformer_engine import TEColumnParallelLinear  # noqa: F401
@@ -74,8 +76,13 @@ def build_row(spec: ModuleSpec, in_f: int, out_f: int, config, *, bias: bool = T
     )
 
 
-def megatron_config(cfg, params_dtype: torch.dtype = torch.float32, device: str | None = None):
-    """The megatron TransformerConfig that parallel linear layers read (sizes, dtype, TP)."""
+def megatron_config(cfg, params_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+    """The megatron TransformerConfig that parallel linear layers read (sizes, dtype, TP).
+
+    megatron allocates its linears on `torch.cuda.current_device()` unless `use_cpu_initialization`;
+    then it allocates on the default device, which the model sets to `device` (CPU, or meta for a
+    build that allocates nothing). So only a CUDA `device` takes megatron's own CUDA path.
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -91,7 +98,7 @@ def megatron_config(cfg, params_dtype: torch.dtype = torch.float32, device: str 
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
-        use_cpu_initialization=not torch.cuda.is_available() or device == "cpu",
+        use_cpu_initialization=resolve_device(device).type != "cuda",
         perform_initialization=False,
         gradient_accumulation_fusion=False,
         sequence_parallel=False,

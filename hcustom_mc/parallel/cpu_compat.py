@@ -32,6 +32,8 @@ import types
 
 import torch
 
+from hcustom_mc.device import uses_cuda
+
 log = logging.getLogger("hcustom_mc")
 
 # megatron-core modules whose module-level `torch` gets the proxy.
@@ -277,7 +279,7 @@ def install_cpu_compat(force: bool = False) -> bool:
     `force` installs them even with CUDA present (tests only).
     """
     global _installed
-    if torch.cuda.is_available() and not force:
+    if uses_cuda() and not force:
         return False
     if _installed:
         return True

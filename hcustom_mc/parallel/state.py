@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from hcustom_mc.model.config import ModelConfig
 from hcustom_mc.parallel.config import ParallelConfig
+from hcustom_mc.device import compute_device, dist_backend, local_cuda_index
 
 log = logging.getLogger("hcustom_mc")
 
@@ -45,11 +46,9 @@ def _init_process_group(timeout_s: float) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
-        backend = "nccl"
-    else:
-        backend = "gloo"
+    backend = dist_backend()
+    if backend == "nccl":
+        torch.cuda.set_device(local_cuda_index())
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
@@ -91,13 +90,12 @@ def initialize_parallel(
 def current_parallel_info() -> ParallelInfo:
     from megatron.core import parallel_state as ps
 
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return ParallelInfo(
         world_size=dist.get_world_size(), rank=dist.get_rank(),
         tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
         pp_rank=ps.get_pipeline_model_parallel_rank(), pp_size=ps.get_pipeline_model_parallel_world_size(),
         cp_rank=ps.get_context_parallel_rank(), cp_size=ps.get_context_parallel_world_size(),
-        dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(), device=device,
+        dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(), device=compute_device(),
     )
 
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from hcustom_mc.data.errors import DataError
 from hcustom_mc.data.synthetic import SyntheticLatentDataset, TaskBatchSampler, collate, drop_conditions
 from hcustom_mc.training.objective import add_noise, sample_noise_and_t
+from hcustom_mc.device import compute_device
 
 log = logging.getLogger("hcustom_mc")
 
@@ -34,7 +35,7 @@ def build_dataset(cfg, model_cfg):
         return ShardLatentDataset(data.path, tasks=tasks)
     from hcustom_mc.data.datasets import ManifestDataset
 
-    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    device = compute_device()
     return ManifestDataset(data.path, data, mode=model_cfg.mode, max_identity=model_cfg.max_identity_images,
                            tasks=tasks, device=device)
 
@@ -76,7 +77,7 @@ def _any_rank_of_replica(flag: bool) -> bool:
                              (ps.get_context_parallel_group(), ps.get_context_parallel_world_size())) if n > 1]
     if not groups:
         return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = compute_device()
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     for g in groups:  # max over TP x PP, then over CP: the max over the whole replica
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=g)
@@ -141,7 +142,7 @@ class BatchMaker:
         t0 = time.time()
         task, indices = self._global_batch(step)
         mbs, out = self.cfg.micro_batch_size, []
-        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        dev = compute_device()
         for m in range(self.num_micro):
             start = (m * self.dp_size + self.dp_rank) * mbs  # same global sample order at any DP size
             keys = [(step, p) for p in range(start, start + mbs)]

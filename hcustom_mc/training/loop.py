@@ -25,6 +25,7 @@ from hcustom_mc.training.config import TrainConfig, config_json
 from hcustom_mc.training.batches import BatchMaker
 from hcustom_mc.training.objective import flow_matching_loss_sum
 from hcustom_mc.training.tracking import Tracker, model_flops_per_sample, peak_memory_gib, peak_tflops
+from hcustom_mc.device import compute_device
 
 log = logging.getLogger("hcustom_mc")
 NEW_MODULES = ("audio_proj.", "audio_models.", "bg_in.", "bg_proj.")
@@ -64,8 +65,8 @@ def build_model_chunks(cfg: TrainConfig, model_cfg, cp_mode: str) -> list[Hunyua
 
 def stage_shared_names(model_cfg) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every stage-shared parameter of the whole model, identical on all ranks."""
-    with torch.device("meta"):
-        whole = HunyuanCustomDiT(model_cfg, layers=range(model_cfg.num_double_blocks + model_cfg.num_single_blocks))
+    whole = HunyuanCustomDiT(model_cfg, layers=range(model_cfg.num_double_blocks + model_cfg.num_single_blocks),
+                             device="meta")
     return [(n, tuple(p.shape)) for n, p in whole.named_parameters() if _is_stage_shared(n)]
 
 
@@ -84,7 +85,7 @@ def allreduce_stage_shared_grads(model_chunks, shared: list[tuple[str, tuple[int
         for name, param in ckpt.unwrap(chunk).named_parameters():
             if getattr(param, "hc_stage_shared", False) and param.requires_grad:
                 holders.setdefault(name, []).append(param.main_grad)
-    flat = torch.cat([sum(holders[n]).flatten() if n in holders else torch.zeros(s, dtype=torch.float32, device=_device()).flatten()
+    flat = torch.cat([sum(holders[n]).flatten() if n in holders else torch.zeros(s, dtype=torch.float32, device=compute_device()).flatten()
                       for n, s in shared])
     dist.all_reduce(flat, group=ps.get_pipeline_model_parallel_group())
     offset = 0
@@ -93,10 +94,6 @@ def allreduce_stage_shared_grads(model_chunks, shared: list[tuple[str, tuple[int
         for grad in holders.get(name, []):
             grad.copy_(flat[offset : offset + n].view(shape))
         offset += n
-
-
-def _device():
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------- one step
@@ -158,7 +155,7 @@ class _StopRequest:
 
     def agreed(self) -> bool:
         """Collective: did any rank get SIGTERM/SIGINT?"""
-        flag = torch.tensor([1.0 if self.signal else 0.0], device=_device())
+        flag = torch.tensor([1.0 if self.signal else 0.0], device=compute_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -314,7 +311,7 @@ def _global_loss(losses: list[dict]) -> float:
     """Mean micro-batch loss over DP, delivered to every rank (it exists on the last stage only)."""
     from megatron.core import parallel_state as ps
 
-    value = torch.zeros(1, device=_device())
+    value = torch.zeros(1, device=compute_device())
     if ps.is_pipeline_last_stage(ignore_virtual=True) and losses:
         value += torch.stack([l["loss"] for l in losses]).mean().to(value.device)
     dist.all_reduce(value, group=ps.get_data_parallel_group())
