@@ -15,13 +15,20 @@ from hcustom_mc.model.config import ConfigError
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    from hcustom_mc.checkpoint.pretrained import PretrainedError
+    from hcustom_mc.training.checkpoint import CheckpointError
     from hcustom_mc.training.config import build_config
     from hcustom_mc.training.loop import run
+    from hcustom_mc.training.step import NonFiniteError
 
     try:
         cfg = build_config(argv)
         run(cfg)
-    except (ConfigError, FileNotFoundError) as exc:
+    except NonFiniteError as exc:
+        # every rank sees the same reduced loss / grad norm, so every rank stops here; the last checkpoint stands
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 3
+    except (ConfigError, FileNotFoundError, PretrainedError, CheckpointError) as exc:
         # every rank validates the same config, so every rank exits here with the same message
         from hcustom_mc.parallel.state import wait_for_all_ranks_on_error
 

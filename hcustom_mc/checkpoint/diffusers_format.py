@@ -286,33 +286,38 @@ def diffusers_to_release(sd: Mapping[str, torch.Tensor], *, copy: bool = True) -
     """
     rows = _rows(*_shape_of(sd, "diffusers"))
     _check_keys(sd, (d for _, ds, _ in rows for d in ds), "diffusers")
-    out: dict[str, torch.Tensor] = {}
-    for rel, difs, kind in rows:
-        parts = [sd[d] for d in difs]
-        if kind == COPY:
-            out[rel] = _fresh(parts[0]) if copy else parts[0]
-            continue
-        dtypes = {p.dtype for p in parts}
-        trailing = {tuple(p.shape[1:]) for p in parts}
-        if len(dtypes) != 1 or len(trailing) != 1:
-            raise CheckpointFormatError(
-                f"cannot fuse {list(difs)} into {rel}: parts differ in dtype or trailing shape "
-                f"({[(str(p.dtype), tuple(p.shape)) for p in parts]})"
-            )
-        if kind == QKV:
-            if len({p.shape[0] for p in parts}) != 1:
-                raise CheckpointFormatError(f"cannot fuse {list(difs)} into {rel}: q, k, v sizes differ")
-            out[rel] = torch.cat(parts, dim=0)
-        elif kind == LINEAR1:
-            out[rel] = torch.cat(parts, dim=0)
-        elif kind == SWAP:
-            if parts[0].shape[0] % 2:
-                raise CheckpointFormatError(f"{difs[0]} has shape {tuple(parts[0].shape)}: dim 0 is not even")
-            scale, shift = parts[0].chunk(2, dim=0)
-            out[rel] = torch.cat([shift, scale], dim=0)
-        else:  # pragma: no cover - table error
-            raise AssertionError(kind)
-    return out
+    return {rel: fuse_release_tensor(rel, difs, kind, [sd[d] for d in difs], copy=copy) for rel, difs, kind in rows}
+
+
+def diffusers_rows(keys: Iterable[str]) -> list[tuple[str, tuple[str, ...], str]]:
+    """The (release key, diffusers keys, kind) rules for a diffusers checkpoint holding `keys`."""
+    return _rows(*_shape_of(dict.fromkeys(keys), "diffusers"))
+
+
+def fuse_release_tensor(rel: str, difs: tuple[str, ...], kind: str, parts: list[torch.Tensor], *,
+                        copy: bool = True) -> torch.Tensor:
+    """One release tensor from its diffusers parts (one row of the table)."""
+    if kind == COPY:
+        return _fresh(parts[0]) if copy else parts[0]
+    dtypes = {p.dtype for p in parts}
+    trailing = {tuple(p.shape[1:]) for p in parts}
+    if len(dtypes) != 1 or len(trailing) != 1:
+        raise CheckpointFormatError(
+            f"cannot fuse {list(difs)} into {rel}: parts differ in dtype or trailing shape "
+            f"({[(str(p.dtype), tuple(p.shape)) for p in parts]})"
+        )
+    if kind == QKV:
+        if len({p.shape[0] for p in parts}) != 1:
+            raise CheckpointFormatError(f"cannot fuse {list(difs)} into {rel}: q, k, v sizes differ")
+        return torch.cat(parts, dim=0)
+    if kind == LINEAR1:
+        return torch.cat(parts, dim=0)
+    if kind == SWAP:
+        if parts[0].shape[0] % 2:
+            raise CheckpointFormatError(f"{difs[0]} has shape {tuple(parts[0].shape)}: dim 0 is not even")
+        scale, shift = parts[0].chunk(2, dim=0)
+        return torch.cat([shift, scale], dim=0)
+    raise AssertionError(kind)  # pragma: no cover - table error
 
 
 # ---------------------------------------------------------------------------------------------

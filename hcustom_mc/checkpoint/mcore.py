@@ -65,22 +65,27 @@ def _stage_replica(model, name: str) -> int:
     return 0
 
 
-def model_sharded_state_dict(model: torch.nn.Module, prefix: str = "model.", keep_vars: bool = True) -> dict:
+def model_sharded_state_dict(model: torch.nn.Module, prefix: str = "model.", keep_vars: bool = True,
+                             tensors: dict[str, torch.Tensor] | None = None, names=None) -> dict:
     """The megatron sharded state dict of `model` (keys are global parameter names).
 
     `keep_vars` keeps the Parameter objects as data: megatron's distributed optimizer finds each
-    parameter's checkpoint entry by identity.
+    parameter's checkpoint entry by identity. `tensors` (name -> tensor shaped like the parameter)
+    stores other tensors under the parameters' sharding, e.g. the EMA weights under prefix "ema.";
+    `names` keeps only those parameters.
     """
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     tp_rank, tp, dp_rank = _ranks()
     out = {}
     for name, param in model.state_dict(keep_vars=True).items():
-        if name.endswith("_extra_state"):
+        if name.endswith("_extra_state") or (names is not None and name not in names):
+            continue
+        if tensors is not None and name not in tensors:
             continue
         key = prefix + name
         split = get_tp_split(param)
-        data = param if keep_vars else param.detach()
+        data = tensors[name] if tensors is not None else param if keep_vars else param.detach()
         stage = _stage_replica(model, name)
         if split is None:  # replicated across TP: TP rank 0 of each DP replica 0 writes it
             out[name] = ShardedTensor.from_rank_offsets(key, data, replica_id=(stage, tp_rank, dp_rank))

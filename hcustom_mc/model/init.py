@@ -25,14 +25,16 @@ def _full_shape(param: torch.Tensor) -> list[int]:
     return shape
 
 
-def initialize_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.02, zero_init: bool = True) -> None:
-    """Normal(0, std) weights, zero biases, unit norms; `zero_init=False` randomises everything (tests)."""
+def initialize_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.02, zero_init: bool = True,
+                       names: set[str] | None = None) -> None:
+    """Normal(0, std) weights, zero biases, unit norms; `zero_init=False` randomises everything (tests).
+    `names` initialises only those parameters (the modules a pretrained source lacks)."""
     from megatron.core import parallel_state as ps
 
     rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.is_meta:
+            if param.is_meta or (names is not None and name not in names):
                 continue
             gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             is_norm = name.endswith("norm.weight") or "norm1." in name or "norm2." in name or ".norm." in name

@@ -68,8 +68,8 @@ def _layout() -> dict:
 
 
 def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, scheduler, train_state: dict,
-                    model_config=None, keep_last: int = 2) -> Path:
-    """Collective. Returns the final checkpoint folder."""
+                    model_config=None, keep_last: int = 2, ema=None) -> Path:
+    """Collective. Returns the final checkpoint folder. `ema` (a WeightEMA) is saved beside the weights."""
     from megatron.core import dist_checkpointing
 
     start = time.time()
@@ -87,6 +87,8 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
     flat_model_sd = {f"{k}.{n}": v for k, sd in model_sd.items() for n, v in sd.items()}
     if optimizer is not None:
         state["optimizer"] = _optimizer_sd(optimizer, flat_model_sd, is_loading=False)
+    if ema is not None:
+        state.update(ema.sharded_state_dict())
     dist_checkpointing.save(state, str(tmp))
     if os.environ.get("HCUSTOM_FAULT_KILL_IN_SAVE") == str(step):
         # fault injection for the crash-safety test: die like SIGKILL, mid-save, before the rename
@@ -95,7 +97,7 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
     torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                tmp / "rng" / f"rank{dist.get_rank():05d}.pt")
     if dist.get_rank() == 0:
-        meta = {**train_state, "step": step, "layout": _layout(),
+        meta = {**train_state, "step": step, "layout": _layout(), "ema": ema is not None,
                 "scheduler": scheduler.state_dict() if scheduler is not None else None}
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         if model_config is not None:
@@ -134,19 +136,42 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler, load_optimizer: bool = True) -> dict:
-    """Collective. Fills model (and optimizer, scheduler, RNG) from `path`; returns its train state."""
+def read_train_state(path: str | Path) -> dict:
+    """The train_state.json of a complete checkpoint folder."""
+    file = Path(path) / STATE_FILE
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: unreadable train state ({type(exc).__name__}: {exc})") from None
+
+
+def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler, load_optimizer: bool = True,
+                    ema=None) -> dict:
+    """Collective. Fills model (and optimizer, scheduler, EMA, RNG) from `path`; returns its train state
+    (with "optimizer_loaded": whether optimizer state was read)."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
-    meta = json.loads((path / STATE_FILE).read_text())
+    meta = read_train_state(path)
     same_layout = meta.get("layout") == _layout()
     model_sd = _chunks_state_dict(model_chunks)
     state = {**model_sd}
     flat_model_sd = {f"{k}.{n}": v for k, sd in model_sd.items() for n, v in sd.items()}
     if optimizer is not None and load_optimizer:
         state["optimizer"] = _optimizer_sd(optimizer, flat_model_sd, is_loading=True)
-    loaded = dist_checkpointing.load(state, str(path), strict="raise_all")
+    if ema is not None:
+        if not meta.get("ema"):
+            raise CheckpointError(f"{path} has no EMA weights (saved without --ema-decay); resume without --ema-decay "
+                                  "or start the EMA fresh from --pretrained")
+        state.update(ema.sharded_state_dict())
+    loaded, missing, unexpected = dist_checkpointing.load(state, str(path), strict="return_all")
+    # EMA weights of a run that had --ema-decay may be left behind by a run without it
+    unexpected = [k for k in unexpected if not k.startswith("ema.")]
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not fit this run:\n  - missing keys ({len(missing)}): {sorted(missing)[:50]}"
+                              f"\n  - unexpected keys ({len(unexpected)}): {sorted(unexpected)[:50]}")
+    if meta.get("ema") and ema is None and dist.get_rank() == 0:
+        log.warning("%s holds EMA weights; this run has no --ema-decay, so they are not carried on", path)
     for i, chunk in enumerate(model_chunks):
         params = unwrap(chunk).state_dict(keep_vars=True)
         with torch.no_grad():
@@ -154,6 +179,8 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler, load_o
                 params[name].copy_(tensor)
     if "optimizer" in state:
         optimizer.load_state_dict(loaded["optimizer"])
+    if ema is not None:
+        ema.load_full_tensors(loaded)
     if scheduler is not None and meta.get("scheduler"):
         scheduler.load_state_dict(meta["scheduler"])
     rng = path / "rng" / f"rank{dist.get_rank():05d}.pt"
@@ -168,4 +195,4 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler, load_o
                     meta.get("layout"), _layout())
     if dist.get_rank() == 0:
         log.info("loaded checkpoint %s (step %d)", path, meta["step"])
-    return meta
+    return {**meta, "optimizer_loaded": "optimizer" in state}

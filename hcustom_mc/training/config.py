@@ -83,6 +83,12 @@ class CheckpointConfig:
     load: str | None = None  # a folder written by --save (resumes from its `latest`)
     save_interval: int = 0  # steps; 0 = only at the end and on SIGTERM/SIGINT
     keep_last: int = 2
+    # weights-only start for fine-tuning (used when --load has no checkpoint yet): release .pt, diffusers, mcore
+    pretrained: str | None = None
+    pretrained_format: str = "auto"  # auto | release | diffusers | mcore
+    pretrained_key: str = "module"  # module | ema (release files and our checkpoints)
+    pretrained_allow_missing: list[str] = field(default_factory=list)  # name prefixes initialised fresh
+    override_schedule: bool = False  # resume with a changed LR schedule / length (continues from the step)
 
 
 @dataclass
@@ -113,6 +119,8 @@ class TrainConfig:
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept frozen
     init_seed: int = 0
     zero_init: bool = True  # release zero-inits modulations and the final layer
+    ema_decay: float | None = None  # EMA of the weights (e.g. 0.9999); None = off
+    skip_nonfinite_steps: int = 0  # skip up to N steps with a non-finite loss or grad norm (0 = stop at the first)
     optim: OptimConfig = field(default_factory=OptimConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -173,8 +181,21 @@ class TrainConfig:
             # sequence split outside attention, norm-grad reduction) is not built yet: say so plainly
             errors.append("--sequence-parallel is not available: the DiT has no sequence-parallel path yet (and "
                           "megatron-core's SP layers need CUDA); use --context-parallel-size to split long sequences")
-        if self.checkpoint.load and not Path(self.checkpoint.load).exists():
+        if self.checkpoint.load and not Path(self.checkpoint.load).exists() and not self.checkpoint.pretrained:
             errors.append(f"--load {self.checkpoint.load} does not exist")
+        ck = self.checkpoint
+        if ck.pretrained and not Path(ck.pretrained).exists():
+            errors.append(f"--pretrained {ck.pretrained} does not exist")
+        if ck.pretrained_format not in ("auto", "release", "diffusers", "mcore"):
+            errors.append(f"--pretrained-format must be auto, release, diffusers or mcore, got {ck.pretrained_format!r}")
+        if ck.pretrained_key not in ("module", "ema"):
+            errors.append(f"--pretrained-key must be module or ema, got {ck.pretrained_key!r}")
+        if ck.pretrained_allow_missing and not ck.pretrained:
+            errors.append("--pretrained-allow-missing needs --pretrained")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            errors.append(f"--ema-decay must be in (0, 1), got {self.ema_decay}")
+        if self.skip_nonfinite_steps < 0:
+            errors.append(f"--skip-nonfinite-steps must be >= 0, got {self.skip_nonfinite_steps}")
         if errors:
             raise ConfigError("invalid training config:\n  - " + "\n  - ".join(errors))
         return self
@@ -225,6 +246,17 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--init-seed": ("init_seed", int, "weight init seed"),
     "--save": ("checkpoint.save", str, "checkpoint folder"),
     "--load": ("checkpoint.load", str, "resume from this checkpoint folder"),
+    "--pretrained": ("checkpoint.pretrained", str, "initialise the weights (only) from a release .pt, a diffusers folder or an "
+                     "mcore checkpoint; ignored when --load holds a checkpoint (resume)"),
+    "--pretrained-format": ("checkpoint.pretrained_format", str, "auto | release | diffusers | mcore"),
+    "--pretrained-key": ("checkpoint.pretrained_key", str, "module | ema: which weights of a release file or our checkpoint"),
+    "--pretrained-allow-missing": ("checkpoint.pretrained_allow_missing", list, "parameter-name prefixes the source may "
+                                   "lack; initialised fresh (e.g. audio_ for base -> audio)"),
+    "--override-schedule": ("checkpoint.override_schedule", bool, "resume with a changed --lr/--min-lr/--lr-decay-style/"
+                            "--lr-warmup-iters/--train-iters: the new schedule continues from the resumed step"),
+    "--ema-decay": ("ema_decay", float, "keep an EMA of the weights with this decay (saved, resumed, exportable)"),
+    "--skip-nonfinite-steps": ("skip_nonfinite_steps", int, "skip up to N steps whose loss or grad norm is inf/NaN "
+                               "(default 0: stop at the first, before the optimizer step)"),
     "--save-interval": ("checkpoint.save_interval", int, "save every N steps"),
     "--keep-last": ("checkpoint.keep_last", int, "checkpoints kept"),
     "--log-interval": ("logging.log_interval", int, "console/MLflow logging every N steps"),
@@ -244,6 +276,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag, (dest, typ, help_) in FLAGS.items():
         if typ is bool or typ == "false":
             p.add_argument(flag, action="store_true", default=None, help=help_)
+        elif typ is list:
+            p.add_argument(flag, nargs="+", default=None, metavar="PREFIX", help=help_)
         else:
             p.add_argument(flag, type=typ, default=None, help=help_)
     return p.parse_args(argv)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import signal
 import time
 from pathlib import Path
@@ -22,10 +23,13 @@ from hcustom_mc.model.ops import set_kernel_backend
 from hcustom_mc.parallel.state import current_parallel_info, destroy_parallel, initialize_parallel
 from hcustom_mc.training import checkpoint as ckpt
 from hcustom_mc.training.config import TrainConfig, config_json
+from hcustom_mc.training.ema import WeightEMA
+from hcustom_mc.training.step import NonFiniteError, build_scheduler, micro_batch_losses, optimizer_step, schedule_changes
+from hcustom_mc.model.config import ConfigError
 from hcustom_mc.training.batches import BatchMaker
 from hcustom_mc.training.objective import flow_matching_loss_sum
 from hcustom_mc.training.tracking import Tracker, model_flops_per_sample, peak_memory_gib, peak_tflops
-from hcustom_mc.device import compute_device
+from hcustom_mc.device import compute_device, misplaced, resolve_device
 
 log = logging.getLogger("hcustom_mc")
 NEW_MODULES = ("audio_proj.", "audio_models.", "bg_in.", "bg_proj.")
@@ -41,15 +45,21 @@ def _is_trainable(cfg: TrainConfig, name: str) -> bool:
     return chosen and not any(name.startswith(p) for p in cfg.freeze)
 
 
-def build_model_chunks(cfg: TrainConfig, model_cfg, cp_mode: str) -> list[HunyuanCustomDiT]:
+def build_model_chunks(cfg: TrainConfig, model_cfg, cp_mode: str, device: torch.device | str | None = None,
+                       initialize: bool = True) -> list[HunyuanCustomDiT]:
+    """This rank's model chunks (one per VPP stage), every parameter on `device` (default: the compute device).
+    `initialize=False` leaves the weights for a checkpoint to fill (resume, pretrained)."""
     from megatron.core import parallel_state as ps
 
+    device = resolve_device(device)
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     chunks = []
     for v in range(vpp or 1):
-        chunk = HunyuanCustomDiT(model_cfg, params_dtype=dtype, vp_stage=v if vpp else None, cp_mode=cp_mode)
-        initialize_weights(chunk, seed=cfg.init_seed, zero_init=cfg.zero_init)
+        chunk = HunyuanCustomDiT(model_cfg, params_dtype=dtype, vp_stage=v if vpp else None, cp_mode=cp_mode,
+                                 device=device)
+        if initialize:
+            initialize_weights(chunk, seed=cfg.init_seed, zero_init=cfg.zero_init)
         chunk.recompute_granularity = cfg.recompute_granularity
         for name, param in chunk.named_parameters():
             param.requires_grad_(_is_trainable(cfg, name))
@@ -63,11 +73,38 @@ def build_model_chunks(cfg: TrainConfig, model_cfg, cp_mode: str) -> list[Hunyua
     return chunks
 
 
+def whole_model(model_cfg) -> HunyuanCustomDiT:
+    """The whole model (every layer) on the meta device: names and shapes, nothing allocated."""
+    return HunyuanCustomDiT(model_cfg, layers=range(model_cfg.num_double_blocks + model_cfg.num_single_blocks),
+                            device="meta")
+
+
 def stage_shared_names(model_cfg) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every stage-shared parameter of the whole model, identical on all ranks."""
-    whole = HunyuanCustomDiT(model_cfg, layers=range(model_cfg.num_double_blocks + model_cfg.num_single_blocks),
-                             device="meta")
-    return [(n, tuple(p.shape)) for n, p in whole.named_parameters() if _is_stage_shared(n)]
+    return [(n, tuple(p.shape)) for n, p in whole_model(model_cfg).named_parameters() if _is_stage_shared(n)]
+
+
+def check_placement(chunks, device) -> None:
+    """Every parameter and buffer of every chunk on `device`, before DDP wraps them."""
+    stray = [f"chunk {i}: {n}" for i, c in enumerate(chunks) for n in misplaced(c, device)]
+    if stray:
+        raise RuntimeError(f"{len(stray)} model tensors are not on the training device {device}: {stray[:20]}")
+
+
+def init_from_pretrained(cfg: TrainConfig, chunks, model_cfg) -> None:
+    """--pretrained: weights only, this rank's part; the allowed missing modules initialised fresh."""
+    from hcustom_mc.checkpoint.pretrained import load_pretrained
+
+    ck = cfg.checkpoint
+
+    def init(chunk, names):
+        initialize_weights(chunk, seed=cfg.init_seed, zero_init=cfg.zero_init, names=names)
+
+    report = load_pretrained(chunks, whole_model(model_cfg), ck.pretrained, ck.pretrained_format, ck.pretrained_key,
+                             tuple(ck.pretrained_allow_missing), init=init)
+    if dist.get_rank() == 0:
+        log.info("weights from %s (%s); %d tensors on rank 0%s", report.description, report.format, report.loaded,
+                 f"; initialised fresh ({len(report.initialised)}): {report.initialised}" if report.initialised else "")
 
 
 def allreduce_stage_shared_grads(model_chunks, shared: list[tuple[str, tuple[int, ...]]]) -> None:
@@ -166,7 +203,6 @@ def train(cfg: TrainConfig) -> dict:
 
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -174,17 +210,29 @@ def train(cfg: TrainConfig) -> dict:
     cfg.validate(world)
     info = initialize_parallel(cfg.parallel, model_cfg, seed=cfg.init_seed)
     set_kernel_backend(cfg.kernels)
+    device = compute_device()
     if info.rank == 0:
         run_dir = Path(cfg.logging.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(config_json(cfg) + "\n")
         log.info("config:\n%s", config_json(cfg))
-        log.info("layout: world %d = TP %d x PP %d (VPP %s) x CP %d (%s) x DP %d; sequence parallel: %s",
+        log.info("layout: world %d = TP %d x PP %d (VPP %s) x CP %d (%s) x DP %d on %s; sequence parallel: %s",
                  info.world_size, info.tp_size, info.pp_size, cfg.parallel.virtual_pipeline_parallel, info.cp_size,
-                 cfg.parallel.cp_mode, info.dp_size, _sp_status(cfg))
+                 cfg.parallel.cp_mode, info.dp_size, device, _sp_status(cfg))
+
+    # Where the weights come from: a checkpoint to resume (--load), a pretrained model, or a fresh init.
+    resume = ckpt.latest_checkpoint(cfg.checkpoint.load) if cfg.checkpoint.load and Path(cfg.checkpoint.load).exists() else None
+    if cfg.checkpoint.load and resume is None and not cfg.checkpoint.pretrained:
+        raise FileNotFoundError(f"--load {cfg.checkpoint.load}: no complete checkpoint there (no `latest`)")
+    pretrained = cfg.checkpoint.pretrained if resume is None else None
+    if resume is not None and cfg.checkpoint.pretrained and info.rank == 0:
+        log.info("--load %s holds a checkpoint: resuming from it (--pretrained is used only for a fresh start)", resume)
 
     # Model, DDP, optimizer, LR schedule.
-    chunks = build_model_chunks(cfg, model_cfg, cfg.parallel.cp_mode)
+    chunks = build_model_chunks(cfg, model_cfg, cfg.parallel.cp_mode, device, initialize=resume is None and not pretrained)
+    if pretrained:
+        init_from_pretrained(cfg, chunks, model_cfg)
+    check_placement(chunks, device)
     # the trainable stage-shared parameters, the same list on every rank (some stages hold none)
     shared = [(n, s) for n, s in stage_shared_names(model_cfg) if _is_trainable(cfg, n)]
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -197,11 +245,8 @@ def train(cfg: TrainConfig) -> dict:
                                  params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
                                  use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
     optimizer = get_megatron_optimizer(opt_config, model)
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, lr_warmup_steps=cfg.optim.warmup_steps,
-        lr_decay_steps=max(cfg.train_steps, cfg.optim.warmup_steps + 1), lr_decay_style=cfg.optim.decay_style,
-        start_wd=cfg.optim.weight_decay, end_wd=cfg.optim.weight_decay, wd_incr_steps=cfg.train_steps,
-        wd_incr_style="constant")
+    scheduler = build_scheduler(cfg, optimizer, override=cfg.checkpoint.override_schedule)
+    ema = WeightEMA(optimizer, model, cfg.ema_decay) if cfg.ema_decay else None
     for c in chunks:  # what megatron's schedules read from the model config
         c.config.grad_scale_func = optimizer.scale_loss
         c.config.finalize_model_grads_func = functools.partial(_finalize, shared=shared, finalize=finalize_model_grads)
@@ -217,26 +262,35 @@ def train(cfg: TrainConfig) -> dict:
     batches = BatchMaker(cfg, model_cfg, info.dp_rank, info.dp_size, num_micro, log_events=first_of_dp_group)
 
     # Resume.
-    start_step, train_state = 0, {}
-    if cfg.checkpoint.load:
-        path = ckpt.latest_checkpoint(cfg.checkpoint.load)
-        if path is None:
-            raise FileNotFoundError(f"--load {cfg.checkpoint.load}: no complete checkpoint there (no `latest`)")
-        train_state = ckpt.load_checkpoint(path, model, optimizer, scheduler)
+    start_step, train_state, changed = 0, {}, []
+    if resume is not None:
+        changed = schedule_changes(ckpt.read_train_state(resume).get("scheduler"), scheduler)
+        if changed and not cfg.checkpoint.override_schedule:
+            raise ConfigError(f"resuming {resume} with a different LR schedule than it was trained with:\n  - "
+                              + "\n  - ".join(changed) + "\nrestore those flags, or pass --override-schedule to "
+                              "continue with the new schedule from the resumed step")
+        train_state = ckpt.load_checkpoint(resume, model, optimizer, scheduler, ema=ema)
         start_step = int(train_state["step"])
-        if hasattr(optimizer, "reload_model_params"):
+        if changed and info.rank == 0:
+            log.warning("--override-schedule: from step %d the schedule follows this run's settings:\n  - %s",
+                        start_step, "\n  - ".join(changed))
+        if not train_state["optimizer_loaded"] and hasattr(optimizer, "reload_model_params"):
+            # main weights from the loaded model weights; never after loading the optimizer's own fp32 copies
             optimizer.reload_model_params()
         batches.load_state_dict(train_state.get("data", {}), start_step)
 
     # Tracking.
     tracker = Tracker(info.rank == 0, cfg.logging.run_dir, cfg.logging.mlflow_tracking_uri, cfg.logging.mlflow_experiment,
-                      cfg.logging.run_name, run_id=train_state.get("mlflow_run_id") if cfg.checkpoint.load else None)
+                      cfg.logging.run_name, run_id=train_state.get("mlflow_run_id") if resume is not None else None)
     tracker.log_params(cfg.to_dict())
+    if resume is not None and changed:  # MLflow params cannot change: record the override beside them
+        tracker.log_params({f"schedule_override_at_step_{start_step}": "; ".join(changed)})
     peak = peak_tflops(cfg.bf16, cfg.logging.peak_tflops)
     stop = _StopRequest()
     forward_backward = get_forward_backward_func()
     forward_step = make_forward_step()
-    history = {"losses": [], "grad_norms": [], "step": start_step}
+    history = {"losses": [], "grad_norms": [], "step": start_step, "skipped_steps": []}
+    skipped = int(train_state.get("skipped_nonfinite_steps", 0))
 
     step = start_step
     for step in range(start_step + 1, cfg.train_steps + 1):
@@ -250,15 +304,32 @@ def train(cfg: TrainConfig) -> dict:
                                   model=model if len(model) > 1 else model[0], num_microbatches=num_micro,
                                   seq_length=seq_length_arg(model[0], micro[0]), micro_batch_size=cfg.micro_batch_size,
                                   forward_only=False)
-        ok, grad_norm, _ = optimizer.step()
+        _inject_fault(step, losses, chunks)
+        loss, per_micro = micro_batch_losses(losses, num_micro, device)
+        problem = _nonfinite_loss(per_micro, step, task, cfg)
+        grad_norm = float("nan")
+        if problem is None:
+            applied, grad_norm = optimizer_step(optimizer, cfg.optim.clip_grad)
+            if not applied:
+                problem = f"step {step} (task {task}): the gradient norm is {grad_norm}; the step was not applied"
+        if problem is not None:
+            skipped += 1
+            history["skipped_steps"].append(step)
+            if skipped > cfg.skip_nonfinite_steps:
+                raise NonFiniteError(problem + (f" ({skipped - 1} non-finite steps skipped before, --skip-nonfinite-steps "
+                                                f"{cfg.skip_nonfinite_steps})" if cfg.skip_nonfinite_steps else "")
+                                     + "; nothing of this step was saved")
+            if info.rank == 0:
+                log.warning("skipping %s (%d of --skip-nonfinite-steps %d)", problem, skipped, cfg.skip_nonfinite_steps)
+            tracker.log_metrics(step, {"skipped_nonfinite_steps": skipped})
+            continue
         scheduler.step(increment=1)
-        loss = _global_loss(losses)
+        if ema is not None:
+            ema.update()
         step_time = time.time() - t0
         history["losses"].append(loss)
-        history["grad_norms"].append(float(grad_norm) if grad_norm is not None else float("nan"))
+        history["grad_norms"].append(grad_norm)
         history["step"] = step
-        if loss != loss:
-            raise FloatingPointError(f"loss is NaN at step {step} (task {task})")
         if step % cfg.logging.log_interval == 0 or step == cfg.train_steps:
             metrics = _metrics(cfg, model_cfg, micro[0], loss, grad_norm, optimizer, step_time, info, peak, task)
             metrics["data_wait_s"] = batches.data_wait_s  # time this step waited for its batch (in step_time)
@@ -268,8 +339,8 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.checkpoint.save and (stopping or step == cfg.train_steps or (interval and step % interval == 0)):
             ckpt.save_checkpoint(cfg.checkpoint.save, step, model, optimizer, scheduler,
                                  {"mlflow_run_id": tracker.run_id, "consumed_samples": step * cfg.global_batch_size,
-                                  "data": batches.state_dict()},
-                                 model_cfg, cfg.checkpoint.keep_last)
+                                  "data": batches.state_dict(), "skipped_nonfinite_steps": skipped},
+                                 model_cfg, cfg.checkpoint.keep_last, ema=ema)
         if stopping:
             if info.rank == 0:
                 reason = f"signal {stop.signal}" if stop.signal else f"--exit-after-iters {cfg.exit_after_steps}"
@@ -281,6 +352,38 @@ def train(cfg: TrainConfig) -> dict:
     if info.rank == 0:
         (Path(cfg.logging.run_dir) / "history.json").write_text(json.dumps(history) + "\n")
     return history
+
+
+def _nonfinite_loss(per_micro: list[float], step: int, task: str, cfg) -> str | None:
+    bad = [(m, v) for m, v in enumerate(per_micro) if not math.isfinite(v)]
+    if not bad:
+        return None
+    m, v = bad[0]
+    mbs = cfg.micro_batch_size
+    return (f"step {step} (task {task}): the loss is {v} in micro batch {m} (samples {m * mbs}..{m * mbs + mbs - 1} of "
+            f"each data-parallel rank's share){f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; the step was not applied")
+
+
+def _inject_fault(step: int, losses: list[dict], chunks) -> None:
+    """Fault injection for the non-finite tests: HCUSTOM_FAULT_NONFINITE=loss:STEP (NaN loss) or grad:STEP (an
+    inf gradient)."""
+    import os
+
+    spec = os.environ.get("HCUSTOM_FAULT_NONFINITE")
+    if not spec:
+        return
+    kind, _, at = spec.partition(":")
+    if int(at) != step:
+        return
+    if kind == "loss":
+        for entry in losses:
+            entry["loss"] = entry["loss"] * float("nan")
+    elif kind == "grad":
+        for chunk in chunks:
+            for param in chunk.parameters():
+                if param.requires_grad and getattr(param, "main_grad", None) is not None:
+                    param.main_grad.view(-1)[0] = float("inf")
+                    return
 
 
 def allreduce_tp_partial_grads(model_chunks) -> None:
@@ -305,19 +408,6 @@ def _finalize(model, num_tokens=None, *, shared, finalize, **kwargs):
     allreduce_tp_partial_grads(model)
     allreduce_stage_shared_grads(model, shared)
     finalize(model, num_tokens, **kwargs)
-
-
-def _global_loss(losses: list[dict]) -> float:
-    """Mean micro-batch loss over DP, delivered to every rank (it exists on the last stage only)."""
-    from megatron.core import parallel_state as ps
-
-    value = torch.zeros(1, device=compute_device())
-    if ps.is_pipeline_last_stage(ignore_virtual=True) and losses:
-        value += torch.stack([l["loss"] for l in losses]).mean().to(value.device)
-    dist.all_reduce(value, group=ps.get_data_parallel_group())
-    value /= ps.get_data_parallel_world_size()
-    dist.all_reduce(value, group=ps.get_pipeline_model_parallel_group())  # other stages hold 0
-    return float(value.item())
 
 
 def _metrics(cfg, model_cfg, mb, loss, grad_norm, optimizer, step_time, info, peak, task) -> dict:

@@ -121,6 +121,10 @@ class Tracker:
         print(" | ".join(parts), file=sys.stdout, flush=True)
         self.mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
 
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        if self.enabled:
+            self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
     def finish(self) -> None:
         if self.enabled and self.run is not None:
             self.mlflow.end_run()
