@@ -38,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     m = p.add_argument_group("model")
     m.add_argument("--checkpoint", required=True, type=Path)
     m.add_argument("--checkpoint-format", default="auto", choices=("auto", "mcore", "release", "diffusers"))
+    m.add_argument("--load-key", default="module", choices=("module", "ema"),
+                   help="module (the trained weights) or ema (their moving average, from --ema-decay or a release file)")
     m.add_argument("--model-config", default=None, help="tiny | 13b | file; for checkpoints without a config")
     m.add_argument("--variant", default="base", choices=("base", "audio", "editing"))
     m.add_argument("--mode", default="release", choices=("release", "paper"))
@@ -201,9 +203,9 @@ def run(args) -> int:
     info = initialize_parallel(ParallelConfig(tensor_parallel=args.tp, context_parallel=args.cp, cp_mode=args.cp_mode),
                                model_cfg)
     rank0 = info.rank == 0
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
     t_load = time.time()
-    model = load_model(ckpt, fmt, model_cfg, dtype, args.cp_mode)
+    model = load_model(ckpt, fmt, model_cfg, dtype, args.cp_mode, args.load_key)
     encoders = EncoderSet.from_paths(paths, needs_audio=any(j.task == "audio" for j in jobs), device=info.device,
                                      dtype=torch.float32 if info.device.type == "cpu" else torch.float16,
                                      mode=model_cfg.mode, max_subjects=model_cfg.max_identity_images,

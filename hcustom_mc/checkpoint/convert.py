@@ -42,13 +42,14 @@ def read_full_state_dict(path: Path, fmt: str, load_key: str = "module") -> tupl
     return load_diffusers_folder(path)
 
 
-def write_full_state_dict(sd: dict, path: Path, fmt: str, cfg: ModelConfig, load_key: str = "module") -> None:
+def write_full_state_dict(sd: dict, path: Path, fmt: str, cfg: ModelConfig, load_key: str = "module",
+                          ema: dict | None = None) -> None:
     if fmt == "release":
         from hcustom_mc.checkpoint.release import save_release_state_dict
 
         if path.suffix != ".pt":  # a folder, like the release's transformers/ folder
             path.mkdir(parents=True, exist_ok=True)
-        save_release_state_dict(sd, path, load_key=load_key)
+        save_release_state_dict(sd, path, load_key=load_key, extra={"ema": ema} if ema is not None else None)
     else:
         from hcustom_mc.checkpoint.diffusers_format import save_diffusers_folder
 
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
             if info.rank == 0:
                 write_full_state_dict(src_sd, args.dst, args.dst_format, cfg, args.load_key)
         else:
-            from hcustom_mc.checkpoint.mcore import load_mcore_checkpoint, save_mcore_checkpoint
+            from hcustom_mc.checkpoint.mcore import has_mcore_prefix, load_mcore_checkpoint, save_mcore_checkpoint
             from hcustom_mc.parallel.sharding import full_state_dict, gather_pipeline_state_dict, load_full_state_dict
 
             dtype = next(iter(src_sd.values())).dtype if src_sd else _mcore_dtype(args.src)
@@ -156,8 +157,15 @@ def main(argv=None) -> int:
                 save_mcore_checkpoint(model, args.dst, cfg)
             else:
                 sd = gather_pipeline_state_dict(full_state_dict(model))
+                ema = None
+                if src_sd is None and args.dst_format == "release" and has_mcore_prefix(args.src, "ema."):
+                    # a training run's EMA weights (fp32) become the release file's `ema` entry
+                    ema_model = build_model(cfg, torch.float32)
+                    load_mcore_checkpoint(ema_model, args.src, prefix="ema.")
+                    ema = gather_pipeline_state_dict(full_state_dict(ema_model))
+                    del ema_model
                 if info.rank == 0:
-                    write_full_state_dict(sd, args.dst, args.dst_format, cfg, args.load_key)
+                    write_full_state_dict(sd, args.dst, args.dst_format, cfg, args.load_key, ema=ema)
         if info.rank == 0:
             log.info("converted %s (%s) -> %s (%s) in %.1fs", args.src, args.src_format, args.dst, args.dst_format, time.time() - start)
     finally:
@@ -170,7 +178,7 @@ def _mcore_dtype(path: Path) -> torch.dtype:
     from megatron.core import dist_checkpointing
 
     meta = dist_checkpointing.load_tensors_metadata(str(path))
-    dtypes = {t.dtype for t in meta.values()}
+    dtypes = {t.dtype for k, t in meta.items() if k.startswith("model.")}  # not the optimizer's or EMA's fp32
     if len(dtypes) != 1:
         raise SystemExit(f"error: {path} mixes parameter dtypes {dtypes}")
     return dtypes.pop()

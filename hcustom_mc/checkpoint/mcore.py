@@ -117,23 +117,36 @@ def save_mcore_checkpoint(model: torch.nn.Module, path: str | Path, model_config
     dist_checkpointing.save(model_sharded_state_dict(model), str(path))
 
 
-def load_mcore_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
-    """Collective: fill `model` (any TP layout) from a megatron dist checkpoint folder."""
+def load_mcore_checkpoint(model: torch.nn.Module, path: str | Path, prefix: str = "model.") -> None:
+    """Collective: fill `model` (any TP layout) from a megatron dist checkpoint folder; `prefix="ema."` reads
+    the EMA weights a training run with --ema-decay saved."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
     if not path.is_dir() or not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"{path} is not a megatron-core distributed checkpoint (no metadata.json)")
-    sharded = model_sharded_state_dict(model)
+    # read into buffers of the stored dtype (EMA weights are fp32 beside bf16 weights), then cast on copy
+    meta = dist_checkpointing.load_tensors_metadata(str(path))
+    stored = {k[len(prefix):].split("#seg")[0]: t.dtype for k, t in meta.items() if k.startswith(prefix)}
+    params = model.state_dict(keep_vars=True)
+    buffers = {n: torch.empty_like(p, dtype=stored.get(n, p.dtype)) for n, p in params.items() if not n.endswith("_extra_state")}
+    sharded = model_sharded_state_dict(model, prefix=prefix, tensors=buffers)
     loaded, missing, unexpected = dist_checkpointing.load(sharded, str(path), strict="return_all")
-    # a training checkpoint also holds optimizer state: only the model's keys must match
-    missing, unexpected = ([k for k in keys if not k.startswith("optimizer.")] for keys in (missing, unexpected))
+    # a training checkpoint also holds optimizer state (and maybe EMA weights): only the asked-for keys must match
+    missing, unexpected = ([k for k in keys if k.startswith(prefix)] for keys in (missing, unexpected))
     if missing or unexpected:
         from hcustom_mc.parallel.sharding import StateDictError
 
         raise StateDictError(f"{path} does not fit the model config:\n  - missing keys ({len(missing)}): "
                              f"{sorted(missing)[:50]}\n  - unexpected keys ({len(unexpected)}): {sorted(unexpected)[:50]}")
     _apply_loaded(model, {k: v for k, v in loaded.items() if k in sharded})
+
+
+def has_mcore_prefix(path: str | Path, prefix: str) -> bool:
+    """Whether the checkpoint holds tensors under `prefix` (e.g. "ema.")."""
+    from megatron.core import dist_checkpointing
+
+    return any(k.startswith(prefix) for k in dist_checkpointing.load_tensors_metadata(str(path)))
 
 
 def read_mcore_model_config(path: str | Path):

@@ -296,12 +296,16 @@ def _target_file(path: str | os.PathLike, default_name: str) -> Path:
 
 
 def save_release_state_dict(
-    sd: Mapping[str, torch.Tensor], path: str | os.PathLike, load_key: str = "module"
+    sd: Mapping[str, torch.Tensor], path: str | os.PathLike, load_key: str = "module",
+    extra: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Write `{load_key: sd}` with torch.save; a directory path gets `mp_rank_00_model_states.pt`."""
-    _check_state_dict(sd)
+    """Write `{load_key: sd, **extra}` with torch.save (e.g. `extra={"ema": ema_sd}`, as the release stores its
+    EMA weights); a directory path gets `mp_rank_00_model_states.pt`."""
+    entries = {load_key: sd, **(extra or {})}
+    for entry in entries.values():
+        _check_state_dict(entry)
     file = _target_file(path, MODEL_STATES_NAME)
-    torch.save({load_key: {k: _standalone(v) for k, v in sd.items()}}, file)
+    torch.save({key: {k: _standalone(v) for k, v in entry.items()} for key, entry in entries.items()}, file)
     return file
 
 

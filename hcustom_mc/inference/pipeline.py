@@ -85,8 +85,10 @@ def model_config_for(path: Path, fmt: str, fallback: ModelConfig | None) -> Mode
     return fallback
 
 
-def load_model(path: Path, fmt: str, model_cfg: ModelConfig, dtype: torch.dtype, cp_mode: str) -> HunyuanCustomDiT:
-    """Collective: build this rank's shard of the DiT (the training module) and fill it from the checkpoint."""
+def load_model(path: Path, fmt: str, model_cfg: ModelConfig, dtype: torch.dtype, cp_mode: str,
+               load_key: str = "module") -> HunyuanCustomDiT:
+    """Collective: build this rank's shard of the DiT (the training module) and fill it from the checkpoint;
+    `load_key="ema"` takes the EMA weights (a release file's `ema` entry, or a training run's --ema-decay)."""
     from hcustom_mc.parallel.sharding import load_full_state_dict
 
     device = compute_device()
@@ -94,11 +96,11 @@ def load_model(path: Path, fmt: str, model_cfg: ModelConfig, dtype: torch.dtype,
     if fmt == "mcore":
         from hcustom_mc.checkpoint.mcore import load_mcore_checkpoint
 
-        load_mcore_checkpoint(model, path)
+        load_mcore_checkpoint(model, path, prefix="ema." if load_key == "ema" else "model.")
     else:
         from hcustom_mc.checkpoint.convert import read_full_state_dict
 
-        full, _ = read_full_state_dict(path, fmt)
+        full, _ = read_full_state_dict(path, fmt, load_key)
         load_full_state_dict(model, {k: v.to(dtype) for k, v in full.items()})
         del full
     return model.to(device).eval().requires_grad_(False)

@@ -60,6 +60,8 @@ class WeightEMA:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.entries = main_weights(optimizer)
+        # the distributed optimizer's group when it shards the main weights (None: each rank holds them whole)
+        self.group = next((o.data_parallel_group for o in _inner(optimizer) if hasattr(o, "model_float16_groups")), None)
         for e in self.entries:
             e.shadow = e.main.detach().float().clone()
         # parameter -> (chunk index, name): the checkpoint keys
@@ -77,21 +79,23 @@ class WeightEMA:
     @torch.no_grad()
     def full_tensors(self) -> list[dict[str, torch.Tensor]]:
         """Per model chunk: parameter name -> EMA shaped like the (TP/PP-local) parameter. Collective over the
-        distributed optimizer's group (the shards are summed into place)."""
+        distributed optimizer's group: a rank holds shards of only some parameters, so every rank walks every
+        parameter in model order and the shards are summed into place."""
+        by_param = {id(e.param): e for e in self.entries}
         out: list[dict[str, torch.Tensor]] = [{} for _ in self.chunks]
-        for e in self.entries:
-            i, name = self.names[id(e.param)]
-            if e.start is None:
-                full = e.shadow.view(e.param.shape).clone()
-            else:
-                flat = torch.zeros(e.param.numel(), dtype=torch.float32, device=e.shadow.device)
-                flat[e.start : e.end] = e.shadow
-                dist.all_reduce(flat, group=e.group)
-                full = flat.view(e.param.shape)
-            out[i][name] = full
-        for i, chunk in enumerate(self.chunks):  # frozen weights never change: their average is themselves
+        for i, chunk in enumerate(self.chunks):
             for name, param in chunk.named_parameters():
-                out[i].setdefault(name, param.detach().float().clone())
+                e = by_param.get(id(param))
+                if not param.requires_grad:  # frozen weights never change: their average is themselves
+                    out[i][name] = param.detach().float().clone()
+                elif self.group is not None:
+                    flat = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+                    if e is not None:
+                        flat[e.start : e.end] = e.shadow
+                    dist.all_reduce(flat, group=self.group)
+                    out[i][name] = flat.view(param.shape)
+                else:
+                    out[i][name] = e.shadow.view(param.shape).clone()
         return out
 
     def sharded_state_dict(self) -> dict:
