@@ -72,6 +72,13 @@ class ManifestDataset:
                              f"({len(self.unusable)} unreadable)")
         self.encoder = SampleEncoder(data.encoders, mode=mode, text_len=data.text_len, max_identity=max_identity,
                                      spec=spec, seed=data.seed, device=device, dtype=encoder_dtype(data.encoder_dtype))
+        self.null_prompt, self.max_identity = data.null_prompt, max_identity
+
+    def null_conditions(self):
+        from hcustom_mc.data.nulls import encode_null_conditions, latent_sizes_of_groups
+
+        sizes = latent_sizes_of_groups(self.keys, self.encoder.vae.spatial)
+        return encode_null_conditions(self.encoder, self.null_prompt, sizes, self.max_identity)
 
     def __len__(self) -> int:
         return len(self.entries)

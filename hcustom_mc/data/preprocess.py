@@ -27,6 +27,7 @@ from hcustom_mc.data.datasets import clip_spec, encoder_dtype
 from hcustom_mc.data.encode import SampleEncoder, group_key, sample_shape
 from hcustom_mc.data.errors import DataError
 from hcustom_mc.data.manifest import load_manifest
+from hcustom_mc.data.nulls import NULLS_FILE, encode_null_conditions, latent_sizes_of_groups
 from hcustom_mc.device import compute_device, local_cuda_index, uses_cuda
 
 log = logging.getLogger("hcustom_mc.preprocess")
@@ -40,7 +41,7 @@ def settings_of(cfg, manifest: Path, shard_size: int, dtype: str) -> dict:
     d = cfg.data
     return {"video_backend": resolve_backend(d.video_backend), "encoder_dtype": str(encoder_dtype(d.encoder_dtype)),"manifest": str(manifest.resolve()), "shard_size": shard_size, "dtype": dtype, "mode": cfg.mode,
             "model": cfg.model, "variant": cfg.variant, "frames": d.frames, "frame_stride": d.frame_stride,
-            "short_side": d.short_side, "tasks": sorted(t for t, w in d.task_weights.items() if w > 0), "audio_rate": d.audio_rate, "text_len": d.text_len, "seed": d.seed,
+            "short_side": d.short_side, "tasks": sorted(t for t, w in d.task_weights.items() if w > 0), "audio_rate": d.audio_rate, "text_len": d.text_len, "seed": d.seed, "null_prompt": d.null_prompt,
             "encoders": {k: v for k, v in vars(d.encoders).items()}, "max_identity_images": cfg.model_config().max_identity_images}
 
 
@@ -97,12 +98,16 @@ def preprocess(cfg, manifest: str | Path, out: str | Path, shard_size: int = 64,
     if rank == 0:
         log.info("preprocess %s -> %s: %d samples, %d shards of %d, %d ranks; this rank: %d shards, %d already done",
                  manifest, out, len(entries), num_shards, shard_size, world, len(mine), len(mine) - len(todo))
+    mcfg = cfg.model_config()
+
+    def make_encoder():
+        return SampleEncoder(cfg.data.encoders, mode=cfg.mode, text_len=cfg.data.text_len,
+                             max_identity=mcfg.max_identity_images, spec=clip_spec(cfg.data), seed=cfg.data.seed,
+                             device=compute_device(), dtype=encoder_dtype(cfg.data.encoder_dtype))
+
+    encoder = None
     if todo:
-        device = compute_device()
-        mcfg = cfg.model_config()
-        encoder = SampleEncoder(cfg.data.encoders, mode=cfg.mode, text_len=cfg.data.text_len,
-                                max_identity=mcfg.max_identity_images, spec=clip_spec(cfg.data), seed=cfg.data.seed,
-                                device=device, dtype=encoder_dtype(cfg.data.encoder_dtype))
+        encoder = make_encoder()
         kill_after = int(os.environ.get("HCUSTOM_FAULT_KILL_AFTER_SHARDS", "0"))  # fault injection for tests
         bar = tqdm(total=len(todo), desc=f"rank {rank} shards", unit="shard", disable=not progress,
                    position=rank, file=sys.stderr)
@@ -122,6 +127,11 @@ def preprocess(cfg, manifest: str | Path, out: str | Path, shard_size: int = 64,
     if rank != 0:
         return None
     index = shards.write_index(out, num_shards)
+    nulls_file = out / NULLS_FILE
+    if not nulls_file.exists():  # guidance dropout's null conditions, encoded once (see data/nulls.py)
+        encoder = encoder or make_encoder()
+        sizes = latent_sizes_of_groups([s["group"] for s in index["samples"]], encoder.vae.spatial)
+        encode_null_conditions(encoder, cfg.data.null_prompt, sizes, mcfg.max_identity_images).save(nulls_file)
     log.info("preprocess done: %d samples usable, %d skipped (%s)", len(index["samples"]), len(index["skipped"]),
              ", ".join(f"{r['id']}: {r['error']['kind']}" for r in index["skipped"]) or "none")
     return index

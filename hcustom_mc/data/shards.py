@@ -123,6 +123,11 @@ class ShardLatentDataset:
     def group_of(self, index: int) -> str:
         return self.samples[index].group
 
+    def null_conditions(self):
+        from hcustom_mc.data.nulls import NULLS_FILE, NullConditions
+
+        return NullConditions.load(self.root / NULLS_FILE)
+
     def path_of(self, index: int) -> str:
         s = self.samples[index]
         return f"{shard_path(self.root, s.shard)}#{s.slot} ({s.id})"

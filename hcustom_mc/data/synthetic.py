@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 
 from hcustom_mc.model.conditions import audio_frames_expected
+from hcustom_mc.data.nulls import NullConditions, stand_in_null_conditions
 from hcustom_mc.model.config import ModelConfig
 from hcustom_mc.training.config import TASKS, DataConfig
 
@@ -59,6 +60,11 @@ class SyntheticLatentDataset:
 
     def task_of(self, index: int) -> str:
         return self.tasks[(index // self.CLASSES) % len(self.tasks)]
+
+    def null_conditions(self) -> NullConditions:
+        d = self.data
+        return stand_in_null_conditions(self.model, d.text_len, (d.latent_height, d.latent_width), d.seed,
+                                        self.model.max_identity_images)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < len(self):
@@ -116,21 +122,26 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
 
 
-def drop_conditions(batch: dict[str, torch.Tensor], data: DataConfig, keys: list[tuple[int, int]]) -> None:
+def drop_conditions(batch: dict[str, torch.Tensor], data: DataConfig, keys: list[tuple[int, int]],
+                    nulls: NullConditions) -> None:
     """Classifier-free-guidance dropout, per sample, in place; shapes never change.
 
-    Dropped text = the empty prompt (one valid zero token, zero pooled vector); dropped identity,
-    audio = zeros. `keys` are (step, position in global batch): the same sample drops the same way
-    at any parallel layout.
+    A dropped condition becomes what the sampler's unconditional branch feeds (hcustom_mc.data.nulls): text =
+    the null prompt's LLaVA (with K white images) + CLIP encoding, identity = the white image's VAE latent,
+    audio = zeros. `keys` are (step, position in global batch): the same sample drops the same way at any
+    parallel layout.
     """
+    K = batch["identity_latents"].shape[2] if "identity_latents" in batch else 0
     for row, (step, pos) in enumerate(keys):
         u = torch.rand(3, generator=_gen("drop", data.seed, step, pos))
         if u[0] < data.text_drop:
-            batch["text_states"][row].zero_()
-            batch["text_mask"][row].zero_()
-            batch["text_mask"][row, 0] = 1
-            batch["text_pooled"][row].zero_()
-        if "identity_latents" in batch and u[1] < data.identity_drop:
-            batch["identity_latents"][row].zero_()
+            null = nulls.text_for(K)
+            for name in ("text_states", "text_mask", "text_pooled"):
+                if null[name].shape != batch[name][row].shape:
+                    raise ValueError(f"null {name} has shape {tuple(null[name].shape)}, the batch's is "
+                                     f"{tuple(batch[name][row].shape)} (text_len changed since preprocessing?)")
+                batch[name][row] = null[name]
+        if K and u[1] < data.identity_drop:
+            batch["identity_latents"][row] = nulls.identity_for(K, *batch["identity_latents"].shape[-2:])
         if "audio_features" in batch and u[2] < data.audio_drop:
             batch["audio_features"][row].zero_()

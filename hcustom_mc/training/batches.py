@@ -90,6 +90,7 @@ class BatchMaker:
         self.dp_rank, self.dp_size, self.num_micro = dp_rank, dp_size, num_micro
         self.log_events = log_events
         self.dataset = build_dataset(cfg, model_cfg)
+        self.nulls = self.dataset.null_conditions()  # what guidance dropout substitutes (data/nulls.py)
         self.bad = BadSamples()
         self.data_wait_s = 0.0
         if isinstance(self.dataset, SyntheticLatentDataset):
@@ -147,7 +148,7 @@ class BatchMaker:
             start = (m * self.dp_size + self.dp_rank) * mbs  # same global sample order at any DP size
             keys = [(step, p) for p in range(start, start + mbs)]
             batch = collate([self._load(i, step) for i in indices[start : start + mbs]])
-            drop_conditions(batch, self.cfg.data, keys)
+            drop_conditions(batch, self.cfg.data, keys, self.nulls)
             x0 = batch.pop("latents")
             noise, t = sample_noise_and_t(tuple(x0.shape[1:]), keys, self.cfg.objective, self.cfg.data.seed)
             xt, target = add_noise(x0, noise, t)

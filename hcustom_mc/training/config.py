@@ -70,7 +70,8 @@ class DataConfig:
     latent_width: int = 4
     text_len: int = 8  # synthetic: caption tokens; real data: LLaVA prompt tokens (256 in the release)
     task_weights: dict[str, float] = field(default_factory=lambda: {"t2v": 1.0, "identity": 1.0})
-    text_drop: float = 0.1  # condition dropout for classifier-free guidance
+    text_drop: float = 0.1  # condition dropout for classifier-free guidance (see hcustom_mc/data/nulls.py)
+    null_prompt: str = ""  # dropped text = this prompt's encoding (the sampler's unconditional branch)
     identity_drop: float = 0.05
     audio_drop: float = 0.05
     max_bad_sample_retries: int = 8  # real data: replacements tried for a broken sample before giving up
