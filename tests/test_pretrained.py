@@ -4,8 +4,10 @@ The first training step's loss (computed before the optimizer moves anything) mu
 loss from one process whose model was filled by `load_release_state_dict` + `load_full_state_dict`."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +122,25 @@ def test_detect_format(sources, tmp_path):
         detect_format(tmp_path)
     with pytest.raises(PretrainedError, match="does not exist"):
         detect_format(tmp_path / "nope")
+
+
+def test_finetune_tiny_demo(tmp_path):
+    """examples/finetune_tiny.sh from another directory: release checkpoint -> --pretrained -> EMA sample;
+    a second run into the same ROOT is refused and leaves it as it was."""
+    root = tmp_path / "ft"
+    from tests.torchrun import _free_port
+
+    # the scripts call `python` and `torchrun`: this interpreter's
+    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+    env = {**ENV, "PATH": path, "MASTER_PORT": str(_free_port())}
+    proc = subprocess.run(["bash", str(REPO / "examples" / "finetune_tiny.sh"), str(root)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "initialised fresh (22)" in proc.stderr and "weights from release" in proc.stderr
+    assert (root / "checkpoints" / "latest").read_text().strip() == "iter_0000006"
+    assert len(list((root / "samples").glob("*.mp4"))) == 3
+    assert "samples (tiny random encoders" in proc.stdout
+    again = subprocess.run(["bash", str(REPO / "examples" / "finetune_tiny.sh"), str(root)], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "exists" in again.stderr
+    assert (root / "checkpoints" / "latest").read_text().strip() == "iter_0000006"
