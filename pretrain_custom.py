@@ -15,13 +15,18 @@ from hcustom_mc.model.config import ConfigError
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    from hcustom_mc.checkpoint.integrity import CheckpointWriteError
+    from hcustom_mc.checkpoint.release import CheckpointFormatError
+    from hcustom_mc.training.checkpoint import CheckpointError
     from hcustom_mc.training.config import build_config
     from hcustom_mc.training.loop import run
 
     try:
         cfg = build_config(argv)
         run(cfg)
-    except (ConfigError, FileNotFoundError) as exc:
+    # CheckpointFormatError includes CheckpointReadError (a damaged or unsafe checkpoint file, named);
+    # CheckpointWriteError: disk full, permissions, non-finite weights refused
+    except (ConfigError, FileNotFoundError, CheckpointFormatError, CheckpointWriteError, CheckpointError) as exc:
         # every rank validates the same config, so every rank exits here with the same message
         from hcustom_mc.parallel.state import wait_for_all_ranks_on_error
 

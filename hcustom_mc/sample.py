@@ -210,16 +210,15 @@ def run(args) -> int:
         if job.task == "audio" and paths.whisper is None:
             raise ConfigError(f"job {n} is an audio job: pass --whisper (or --encoders-dir with whisper/)")
     check_prompts(jobs, paths.llava, model_cfg, args.text_len)
-    from hcustom_mc.device import compute_device
-    from hcustom_mc.inference.memory import check_jobs_fit
-
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    check_jobs_fit(jobs, model_cfg, dtype, compute_device(), args.tp, args.cp, args.cfg_parallel, paths, world,
-                   args.text_len)
 
     info = initialize_parallel(ParallelConfig(tensor_parallel=args.tp, context_parallel=args.cp, cp_mode=args.cp_mode),
                                model_cfg)
     rank0 = info.rank == 0
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    from hcustom_mc.inference.memory import check_jobs_fit
+
+    # before the model and encoders are allocated (the parameter count needs the parallel layout)
+    check_jobs_fit(jobs, model_cfg, dtype, info.device, args.tp, args.cp, args.cfg_parallel, paths, world, args.text_len)
     t_load = time.time()
     model = load_model(ckpt, fmt, model_cfg, dtype, args.cp_mode)
     encoders = EncoderSet.from_paths(paths, needs_audio=any(j.task == "audio" for j in jobs), device=info.device,

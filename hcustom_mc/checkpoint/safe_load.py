@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 import types
 from pathlib import Path
 from typing import Any
@@ -126,10 +127,11 @@ def weights_only_load(path_or_file, source: str | None = None, **kwargs) -> Any:
         raise
     except pickle.UnpicklingError as exc:
         text = " ".join(str(exc).split())
-        if "Unsupported global" in text or "Unsupported operand" in text:
-            detail = text.split("WeightsUnpickler error:", 1)[-1].split(" Check the documentation")[0].strip()
+        # torch words it "Unsupported global: GLOBAL x" or "Trying to load unsupported GLOBAL x whose module is blocked"
+        found = re.search(r"(unsupported global[^.]*|unsupported operand[^.]*)", text, re.IGNORECASE)
+        if found:
             raise UnsafeCheckpointError(f"refusing to load {source}: it holds pickled Python objects other than tensors "
-                                        f"and plain containers ({detail[:200]}); nothing in it was run") from None
+                                        f"and plain containers ({found.group(1)[:200]}); nothing in it was run") from None
         raise CheckpointReadError(f"cannot read {source} (UnpicklingError: {text[:200]}): {DAMAGED_FIX}") from None
     except Exception as exc:  # EOFError, RuntimeError (zip), UnicodeDecodeError, ...
         raise CheckpointReadError(f"cannot read {source} ({type(exc).__name__}: {str(exc)[:200]}): {DAMAGED_FIX}") from None

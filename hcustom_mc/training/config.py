@@ -83,6 +83,7 @@ class CheckpointConfig:
     load: str | None = None  # a folder written by --save (resumes from its `latest`)
     save_interval: int = 0  # steps; 0 = only at the end and on SIGTERM/SIGINT
     keep_last: int = 2
+    verify: str = "size"  # loading: full (sizes + sha256 against the manifest) | size | off
 
 
 @dataclass
@@ -227,6 +228,7 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--load": ("checkpoint.load", str, "resume from this checkpoint folder"),
     "--save-interval": ("checkpoint.save_interval", int, "save every N steps"),
     "--keep-last": ("checkpoint.keep_last", int, "checkpoints kept"),
+    "--verify-checkpoint": ("checkpoint.verify", str, "check --load's files against the manifest: full | size | off"),
     "--log-interval": ("logging.log_interval", int, "console/MLflow logging every N steps"),
     "--mlflow-tracking-uri": ("logging.mlflow_tracking_uri", str, "MLflow server (default: sqlite in the run folder)"),
     "--run-dir": ("logging.run_dir", str, "run folder (logs, MLflow store)"),

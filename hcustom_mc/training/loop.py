@@ -219,7 +219,7 @@ def train(cfg: TrainConfig) -> dict:
     # Resume.
     start_step, train_state = 0, {}
     if cfg.checkpoint.load:
-        path = ckpt.latest_checkpoint(cfg.checkpoint.load)
+        path = ckpt.latest_checkpoint(cfg.checkpoint.load, cfg.checkpoint.verify)
         if path is None:
             raise FileNotFoundError(f"--load {cfg.checkpoint.load}: no complete checkpoint there (no `latest`)")
         train_state = ckpt.load_checkpoint(path, model, optimizer, scheduler)
