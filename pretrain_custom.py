@@ -13,6 +13,9 @@ from hcustom_mc.model.config import ConfigError
 
 
 def main(argv=None) -> int:
+    from hcustom_mc.parallel.orphans import install_orphan_guard
+
+    install_orphan_guard()  # workers die with their torchrun agent
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
     from hcustom_mc.checkpoint.integrity import CheckpointWriteError

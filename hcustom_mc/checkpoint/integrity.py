@@ -72,26 +72,25 @@ _ERRNO_HELP = {
 def explain_write_error(exc: BaseException, folder: Path) -> str | None:
     """A plain sentence for a disk-full / permission error found anywhere in `exc` (torch wraps per-rank
     failures in CheckpointException), or None when it is something else."""
-    seen, todo = set(), [exc]
+    fix = ("nothing was published and `latest` still names the last complete checkpoint. Free space or fix the "
+           "permissions, or pass another --save, then resume.")
+    chain, todo = [], [exc]
     while todo:
         e = todo.pop()
-        if e is None or id(e) in seen:
+        if e is None or any(e is c for c in chain):
             continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in _ERRNO_HELP:
-            return (f"cannot write checkpoint {folder}: {_ERRNO_HELP[e.errno]} ({e.strerror}: {e.filename or folder}); "
-                    f"nothing was published and `latest` still names the last complete checkpoint. Free space or "
-                    f"fix the permissions, or pass another --save, then resume.")
+        chain.append(e)
         failures = getattr(e, "failures", None)
-        if isinstance(failures, dict):
-            todo += [v for v in failures.values() if isinstance(v, BaseException)]
-        text = str(e)
-        for code, what in _ERRNO_HELP.items():
-            if os.strerror(code) in text:
-                return (f"cannot write checkpoint {folder}: {what} ({os.strerror(code)}); nothing was published and "
-                        f"`latest` still names the last complete checkpoint. Free space or fix the permissions, or "
-                        f"pass another --save, then resume.")
+        if isinstance(failures, dict):  # {rank: (exception, traceback summary)}
+            todo += [v[0] if isinstance(v, tuple) else v for v in failures.values()]
         todo += [e.__cause__, e.__context__]
+    for e in chain:  # the OSError itself names the file
+        if isinstance(e, OSError) and e.errno in _ERRNO_HELP:
+            return f"cannot write checkpoint {folder}: {_ERRNO_HELP[e.errno]} ({e.strerror}: {e.filename or folder}); {fix}"
+    for e in chain:  # only its text survived (re-raised as another type by a writer thread)
+        for code, what in _ERRNO_HELP.items():
+            if os.strerror(code) in str(e):
+                return f"cannot write checkpoint {folder}: {what} ({os.strerror(code)}); {fix}"
     return None
 
 
@@ -287,8 +286,9 @@ def _read_latest(root: Path) -> tuple[Path | None, str | None]:
 
 
 def iter_folders(root: Path) -> list[Path]:
-    """The iter_* folders of a save root, newest first."""
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := ITER_RE.match(p.name)) and p.is_dir()]
+    """The iter_* folders of a save root, newest first (links are not followed: a save writes real folders)."""
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := ITER_RE.match(p.name)) and p.is_dir() and not p.is_symlink()]
     return [p for _, p in sorted(found, reverse=True)]
 
 

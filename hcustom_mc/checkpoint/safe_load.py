@@ -231,8 +231,8 @@ def _translate(exc: BaseException, folder: Path) -> BaseException:
         if isinstance(e, CheckpointReadError):
             return e
         failures = getattr(e, "failures", None)  # torch CheckpointException: {rank: exception}
-        if isinstance(failures, dict):
-            todo += [v for v in failures.values() if isinstance(v, BaseException)]
+        if isinstance(failures, dict):  # {rank: (exception, traceback summary)}
+            todo += [v[0] if isinstance(v, tuple) else v for v in failures.values()]
         todo += [e.__cause__, e.__context__]
     return CheckpointReadError(f"cannot load the checkpoint in {folder} ({type(exc).__name__}: "
                                f"{' '.join(str(exc).split())[:400]}): {DAMAGED_FIX}")

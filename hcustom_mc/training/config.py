@@ -74,6 +74,7 @@ class DataConfig:
     identity_drop: float = 0.05
     audio_drop: float = 0.05
     max_bad_sample_retries: int = 8  # real data: replacements tried for a broken sample before giving up
+    check_shards: bool = False  # shards: read every tensor at start and treat NaN/inf samples as bad data
     seed: int = 1234
 
 
@@ -121,7 +122,11 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self, world_size: int) -> "TrainConfig":
-        errors = []
+        from hcustom_mc.training.config_check import field_errors
+
+        errors = field_errors(self)  # every field's type and range (config_check.RANGES), generically
+        if errors:  # the checks below compare values, which needs the right types
+            raise ConfigError("invalid training config:\n  - " + "\n  - ".join(errors))
         dp = self.parallel.data_parallel(world_size) if world_size % (
             self.parallel.tensor_parallel * self.parallel.pipeline_parallel * self.parallel.context_parallel) == 0 else None
         if self.micro_batch_size < 1:
@@ -222,6 +227,7 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--seed": ("data.seed", int, "data / noise seed"),
     "--data-type": ("data.dataset", str, "synthetic | shards | manifest"),
     "--data-path": ("data.path", str, "shard folder (shards) or manifest.jsonl (manifest)"),
+    "--check-shards": ("data.check_shards", bool, "read every shard tensor at start; NaN/inf samples are bad data"),
     "--video-backend": ("data.video_backend", str, "auto | dali-gpu | dali-cpu | pyav"),
     "--init-seed": ("init_seed", int, "weight init seed"),
     "--save": ("checkpoint.save", str, "checkpoint folder"),

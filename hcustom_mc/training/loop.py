@@ -24,6 +24,8 @@ from hcustom_mc.training import checkpoint as ckpt
 from hcustom_mc.training.config import TrainConfig, config_json
 from hcustom_mc.training.batches import BatchMaker
 from hcustom_mc.training.objective import flow_matching_loss_sum
+from hcustom_mc.training.save_lock import prepare_save_folder
+from hcustom_mc.training.save_lock import release_all as release_save_locks
 from hcustom_mc.training.tracking import Tracker, model_flops_per_sample, peak_memory_gib, peak_tflops
 from hcustom_mc.device import compute_device
 
@@ -174,6 +176,7 @@ def train(cfg: TrainConfig) -> dict:
     cfg.validate(world)
     info = initialize_parallel(cfg.parallel, model_cfg, seed=cfg.init_seed)
     set_kernel_backend(cfg.kernels)
+    prepare_save_folder(cfg, model_cfg)  # writable, room for a checkpoint, one writer (lock released by run)
     if info.rank == 0:
         run_dir = Path(cfg.logging.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -346,6 +349,7 @@ def run(cfg: TrainConfig) -> dict:
     try:
         return train(cfg)
     finally:
+        release_save_locks()
         destroy_parallel()
 
 
