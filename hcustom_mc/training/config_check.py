@@ -61,7 +61,9 @@ CHOICES: dict[str, tuple] = {"checkpoint.verify": ("full", "size", "off")}
 
 
 def _type_name(t) -> str:
-    return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+    if typing.get_origin(t) is not None:  # list[str], int | None
+        return str(t).replace("typing.", "")
+    return getattr(t, "__name__", None) or str(t)
 
 
 def _matches(value, t) -> bool:
