@@ -115,7 +115,7 @@ def trial(reference, tmp_path, stop_at: int, plan: list, seed: int) -> int:
     for n, how in enumerate([*plan, None]):
         args = [*LAYOUT, "--train-iters", TRAIN_ITERS, "--save-interval", 1, "--keep-last", 100, "--save", ck,
                 "--run-dir", tmp_path / f"run{n}"]
-        if (ck / "latest").exists() or list(ck.glob("iter_*")):
+        if (ck / "latest").exists() or list(ck.glob("iter_???????")):  # a published checkpoint (not .tmp)
             args += ["--load", ck]
         if how is None:
             done = max((int(p.name[5:]) for p in ck.glob("iter_???????")), default=0)
@@ -130,6 +130,7 @@ def trial(reference, tmp_path, stop_at: int, plan: list, seed: int) -> int:
                 if m and int(m.group(1)) >= how[1]:
                     break
             time.sleep(how[2])
+            assert proc.poll() is None, f"segment {n} ended before its kill:\n{''.join(lines)[-3000:]}"
             kill_tree(proc)
             kills += 1
             lines.append(proc.stdout.read())
