@@ -43,7 +43,7 @@ RANGES: dict[str, Range] = {
     "exit_after_steps": AT_LEAST_1, "max_identity_images": AT_LEAST_1, "init_seed": NON_NEGATIVE,
     "parallel.tensor_parallel": AT_LEAST_1, "parallel.pipeline_parallel": AT_LEAST_1,
     "parallel.virtual_pipeline_parallel": AT_LEAST_1, "parallel.context_parallel": AT_LEAST_1,
-    "optim.lr": POSITIVE, "optim.min_lr": NON_NEGATIVE, "optim.warmup_steps": NON_NEGATIVE,
+    "optim.lr": NON_NEGATIVE, "optim.min_lr": NON_NEGATIVE, "optim.warmup_steps": NON_NEGATIVE,
     "optim.weight_decay": NON_NEGATIVE, "optim.adam_beta1": Range(0, 1, hi_open=True),
     "optim.adam_beta2": Range(0, 1, hi_open=True), "optim.adam_eps": POSITIVE,
     "optim.clip_grad": NON_NEGATIVE,  # 0 turns clipping off (megatron's convention)
