@@ -13,9 +13,14 @@ from hcustom_mc.model.config import ConfigError
 
 
 def main(argv=None) -> int:
+    from hcustom_mc.parallel.orphans import install_orphan_guard
+
+    install_orphan_guard()  # workers die with their torchrun agent
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
     from hcustom_mc.checkpoint.pretrained import PretrainedError
+    from hcustom_mc.checkpoint.integrity import CheckpointWriteError
+    from hcustom_mc.checkpoint.release import CheckpointFormatError
     from hcustom_mc.training.checkpoint import CheckpointError
     from hcustom_mc.training.config import build_config
     from hcustom_mc.training.loop import run
@@ -28,7 +33,8 @@ def main(argv=None) -> int:
         # every rank sees the same reduced loss / grad norm, so every rank stops here; the last checkpoint stands
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 3
-    except (ConfigError, FileNotFoundError, PretrainedError, CheckpointError) as exc:
+    except (ConfigError, FileNotFoundError, PretrainedError, CheckpointFormatError, CheckpointWriteError,
+            CheckpointError) as exc:
         # every rank validates the same config, so every rank exits here with the same message
         from hcustom_mc.parallel.state import wait_for_all_ranks_on_error
 

@@ -40,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--checkpoint-format", default="auto", choices=("auto", "mcore", "release", "diffusers"))
     m.add_argument("--load-key", default="module", choices=("module", "ema"),
                    help="module (the trained weights) or ema (their moving average, from --ema-decay or a release file)")
+    m.add_argument("--verify-checkpoint", default="size", choices=("full", "size", "off"),
+                   help="mcore checkpoints: check the files against the manifest (full: sizes and sha256)")
     m.add_argument("--model-config", default=None, help="tiny | 13b | file; for checkpoints without a config")
     m.add_argument("--variant", default="base", choices=("base", "audio", "editing"))
     m.add_argument("--mode", default="release", choices=("release", "paper"))
@@ -96,13 +98,16 @@ def build_jobs(args) -> list:
         entries = yaml.safe_load(args.jobs.read_text())  # JSON is YAML
         if not isinstance(entries, list) or not entries or not all(isinstance(x, dict) for x in entries):
             raise ConfigError(f"--jobs {args.jobs} must hold a non-empty list of mappings")
-    jobs, outputs = [], set()
+    jobs, outputs = [], {}
     for n, entry in enumerate(entries):
         merged = {**base, **entry}
         merged.setdefault("output", str(args.out / f"{n:03d}_{merged.get('task', 'job')}"))
-        if merged["output"] in outputs:
-            raise ConfigError(f"job {n}: output {merged['output']} is used by an earlier job")
-        outputs.add(merged["output"])
+        # compare the files each job writes, resolved (./a, a, links to a): two jobs must never share one
+        for written in _output_files(merged["output"]):
+            if written in outputs:
+                raise ConfigError(f"job {n}: output {merged['output']} writes {written}, which job {outputs[written]} "
+                                  f"also writes; give each job its own output")
+            outputs[written] = n
         try:
             jobs.append(SampleJob.from_dict(merged))
         except (TypeError, ValueError) as exc:
@@ -112,6 +117,14 @@ def build_jobs(args) -> list:
 
 def _named(out: Path, suffix: str) -> Path:
     return out.with_name(out.name + suffix)  # not with_suffix: "clip.v2" must not become "clip.mp4"
+
+
+OUTPUT_SUFFIXES = (".mp4", ".png", ".json", ".latents.pt")
+
+
+def _output_files(output) -> list[str]:
+    out = Path(str(output)).expanduser().resolve()
+    return [str(_named(out, suffix)) for suffix in OUTPUT_SUFFIXES]
 
 
 def encoder_paths(args):
@@ -177,15 +190,15 @@ def run(args) -> int:
     from hcustom_mc.inference.decode import decode_across_ranks
     from hcustom_mc.inference.inputs import EncoderSet, prepare_conditions, resolve_job, validate_job
     from hcustom_mc.inference.output import StepProgress
-    from hcustom_mc.inference.pipeline import (ParallelSampler, SamplerLayout, load_model, model_config_for,
-                                               resolve_checkpoint, with_audio_strength)
+    from hcustom_mc.inference.pipeline import (NonFiniteError, ParallelSampler, SamplerLayout, load_model,
+                                               model_config_for, resolve_checkpoint, with_audio_strength)
     from hcustom_mc.model.config import get_model_config, mode_overrides
     from hcustom_mc.model.model import InputError
     from hcustom_mc.parallel.config import ParallelConfig
     from hcustom_mc.parallel.state import initialize_parallel
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    fmt, ckpt = resolve_checkpoint(args.checkpoint, args.checkpoint_format)
+    fmt, ckpt = resolve_checkpoint(args.checkpoint, args.checkpoint_format, args.verify_checkpoint)
     fallback = None
     if args.model_config:
         fallback = get_model_config(args.model_config, args.variant, **mode_overrides(args.mode))
@@ -204,6 +217,11 @@ def run(args) -> int:
                                model_cfg)
     rank0 = info.rank == 0
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    from hcustom_mc.inference.memory import check_jobs_fit
+
+    # before the model and encoders are allocated (the parameter count needs the parallel layout)
+    check_jobs_fit(jobs, model_cfg, dtype, info.device, args.tp, args.cp, args.cfg_parallel, paths, world, args.text_len)
     t_load = time.time()
     model = load_model(ckpt, fmt, model_cfg, dtype, args.cp_mode, args.load_key)
     encoders = EncoderSet.from_paths(paths, needs_audio=any(j.task == "audio" for j in jobs), device=info.device,
@@ -223,8 +241,11 @@ def run(args) -> int:
             raise InputError(f"job {n}: {exc}") from None
         noise = torch.randn(cond["latent_shape"], generator=torch.Generator().manual_seed(job.seed))[None]
         progress = StepProgress(job.steps, enabled=rank0 and not args.no_progress, desc=f"job {n} ({job.task})")
-        latents = sampler.sample(noise, cond["branches"], job.steps, job.shift, job.cfg_scale, job.ip_cfg_scale,
-                                 job.embedded_guidance, progress)
+        try:
+            latents = sampler.sample(noise, cond["branches"], job.steps, job.shift, job.cfg_scale, job.ip_cfg_scale,
+                                     job.embedded_guidance, progress)
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"job {n}: {exc}") from None
         timing = progress.close()
         t_dec = time.time()
         video = decode_across_ranks(encoders.vae, latents)  # temporal tiles split over all ranks; video on rank 0
@@ -248,13 +269,16 @@ def run(args) -> int:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    from hcustom_mc.checkpoint.release import CheckpointFormatError
     from hcustom_mc.data.errors import DataError
+    from hcustom_mc.inference.pipeline import NonFiniteError
     from hcustom_mc.model.model import InputError
     from hcustom_mc.parallel.state import destroy_parallel, wait_for_all_ranks_on_error
 
     try:
         return run(parse_args(argv))
-    except (ConfigError, InputError, FileNotFoundError, DataError) as exc:
+    except (ConfigError, InputError, FileNotFoundError, DataError, CheckpointFormatError, NonFiniteError) as exc:
+        # CheckpointFormatError includes CheckpointReadError: a damaged or unsafe checkpoint file, named
         print(f"error: {exc}", file=sys.stderr, flush=True)
         wait_for_all_ranks_on_error()
         return 2

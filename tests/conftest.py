@@ -44,3 +44,17 @@ def tiny_inputs(cfg, batch=2, frames=3, height=4, width=6, text_len=7, identity=
     if cfg.video_condition:
         inputs["video_condition"] = torch.randn(batch, cfg.video_condition_channels, frames, height, width, generator=g)
     return inputs
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long trials (minutes); run with `-m slow` or HCUSTOM_RUN_SLOW=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    # the default run stays short: slow tests run only when asked for
+    if "slow" in (config.option.markexpr or "") or os.environ.get("HCUSTOM_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow or HCUSTOM_RUN_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--latent-shape", type=int, nargs=3, default=(3, 8, 8), metavar=("F", "H", "W"))
     p.add_argument("--text-len", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verify-checkpoint", default="full", choices=("full", "size", "off"),
+                   help="mcore --ckpt: check its files against the manifest first")
     return p.parse_args(argv)
 
 
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
         else:
             from hcustom_mc.checkpoint.mcore import load_mcore_checkpoint
 
-            load_mcore_checkpoint(model, args.ckpt)
+            load_mcore_checkpoint(model, args.ckpt, verify=args.verify_checkpoint)
         inputs = random_inputs(cfg, 2, *args.latent_shape, args.text_len, args.seed, device)
         with torch.no_grad():
             ours = model(**inputs).float()
@@ -113,4 +115,7 @@ if __name__ == "__main__":
         if not isinstance(exc.code, int) and exc.code is not None:
             print(exc.code, file=sys.stderr)
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except (ValueError, FileNotFoundError) as exc:  # incl. CheckpointReadError: a damaged or unsafe file, named
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
     exit_process(code)

@@ -114,6 +114,8 @@ def parse_args(argv=None):
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size of the run (mcore conversions)")
     p.add_argument("--load-key", default="module", help="key holding the weights in a release file (module or ema)")
     p.add_argument("--overwrite", action="store_true", help="allow writing into an existing, non-empty --dst")
+    p.add_argument("--verify-checkpoint", default="full", choices=("full", "size", "off"),
+                   help="mcore source: check every file against its manifest (full: sizes and sha256; size: sizes)")
     return p.parse_args(argv)
 
 
@@ -144,24 +146,28 @@ def main(argv=None) -> int:
             if info.rank == 0:
                 write_full_state_dict(src_sd, args.dst, args.dst_format, cfg, args.load_key)
         else:
+            from hcustom_mc.checkpoint.integrity import select_checkpoint
             from hcustom_mc.checkpoint.mcore import has_mcore_prefix, load_mcore_checkpoint, save_mcore_checkpoint
             from hcustom_mc.parallel.sharding import full_state_dict, gather_pipeline_state_dict, load_full_state_dict
 
-            dtype = next(iter(src_sd.values())).dtype if src_sd else _mcore_dtype(args.src)
+            src = args.src
+            if src_sd is None:  # verified once here (hashing split over the ranks), before anything is read
+                src = select_checkpoint(args.src, args.verify_checkpoint) or args.src
+            dtype = next(iter(src_sd.values())).dtype if src_sd else _mcore_dtype(src)
             model = build_model(cfg, dtype)
             if src_sd is not None:
                 load_full_state_dict(model, src_sd, strict=args.pp == 1)  # a stage holds a subset
             else:
-                load_mcore_checkpoint(model, args.src)
+                load_mcore_checkpoint(model, src, verify="off")
             if args.dst_format == "mcore":
                 save_mcore_checkpoint(model, args.dst, cfg)
             else:
                 sd = gather_pipeline_state_dict(full_state_dict(model))
                 ema = None
-                if src_sd is None and args.dst_format == "release" and has_mcore_prefix(args.src, "ema."):
+                if src_sd is None and args.dst_format == "release" and has_mcore_prefix(src, "ema."):
                     # a training run's EMA weights (fp32) become the release file's `ema` entry
                     ema_model = build_model(cfg, torch.float32)
-                    load_mcore_checkpoint(ema_model, args.src, prefix="ema.")
+                    load_mcore_checkpoint(ema_model, src, prefix="ema.", verify="off")
                     ema = gather_pipeline_state_dict(full_state_dict(ema_model))
                     del ema_model
                 if info.rank == 0:
@@ -175,9 +181,9 @@ def main(argv=None) -> int:
 
 def _mcore_dtype(path: Path) -> torch.dtype:
     """The parameter dtype stored in an mcore checkpoint (all weights share one dtype here)."""
-    from megatron.core import dist_checkpointing
+    from hcustom_mc.checkpoint.safe_load import dist_load_tensors_metadata
 
-    meta = dist_checkpointing.load_tensors_metadata(str(path))
+    meta = dist_load_tensors_metadata(path)
     dtypes = {t.dtype for k, t in meta.items() if k.startswith("model.")}  # not the optimizer's or EMA's fp32
     if len(dtypes) != 1:
         raise SystemExit(f"error: {path} mixes parameter dtypes {dtypes}")
@@ -185,6 +191,7 @@ def _mcore_dtype(path: Path) -> torch.dtype:
 
 
 if __name__ == "__main__":
+    from hcustom_mc.checkpoint.integrity import CheckpointWriteError
     from hcustom_mc.parallel.state import exit_process
 
     try:
@@ -193,7 +200,9 @@ if __name__ == "__main__":
         if not isinstance(exc.code, int) and exc.code is not None:
             print(exc.code, file=sys.stderr)
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except (ConfigError, KeyError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, KeyError, FileNotFoundError, ValueError, CheckpointWriteError) as exc:
+        # ValueError includes CheckpointReadError (damaged or unsafe checkpoint files, named);
+        # CheckpointWriteError: disk full, permissions, non-finite weights
         print(f"error: {exc}", file=sys.stderr)
         code = 2
     exit_process(code)

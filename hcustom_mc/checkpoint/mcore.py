@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 
+from hcustom_mc.checkpoint.integrity import (CheckpointWriteError, gather_objects, iter_folders, nonfinite_tensors,
+                                             seal_folder, select_checkpoint, write_errors_explained)
+from hcustom_mc.checkpoint.safe_load import dist_load, dist_load_tensors_metadata, read_json
 from hcustom_mc.parallel.sharding import get_tp_split
 
 CONFIG_FILE = "hcustom_model.json"
@@ -114,24 +117,37 @@ def save_mcore_checkpoint(model: torch.nn.Module, path: str | Path, model_config
         if model_config is not None:
             (path / CONFIG_FILE).write_text(json.dumps(model_config.to_dict(), indent=2) + "\n")
     dist.barrier()
-    dist_checkpointing.save(model_sharded_state_dict(model), str(path))
+    sharded = model_sharded_state_dict(model)
+    bad = nonfinite_tensors(sharded)
+    if any(gather_objects(bad)):
+        raise CheckpointWriteError(f"refusing to write {path}: non-finite values (NaN/inf) in the model, e.g. "
+                                   f"{[n for part in gather_objects(bad) for n in part][:5]}")
+    with write_errors_explained(path):
+        dist_checkpointing.save(sharded, str(path))
+        dist.barrier()
+        seal_folder(path)  # manifest (size + sha256 per file), everything fsynced
 
 
-def load_mcore_checkpoint(model: torch.nn.Module, path: str | Path, prefix: str = "model.") -> None:
-    """Collective: fill `model` (any TP layout) from a megatron dist checkpoint folder; `prefix="ema."` reads
-    the EMA weights a training run with --ema-decay saved."""
-    from megatron.core import dist_checkpointing
-
+def load_mcore_checkpoint(model: torch.nn.Module, path: str | Path, verify: str = "size", prefix: str = "model.") -> Path:
+    """Collective: fill `model` (any TP layout) from a megatron dist checkpoint folder (or a training save
+    folder: its `latest`, with fallback), verified first (`verify`: full | size | off). Returns the folder.
+    `prefix="ema."` reads the EMA weights a training run with --ema-decay saved."""
     path = Path(path)
-    if not path.is_dir() or not (path / "metadata.json").is_file():
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a megatron-core distributed checkpoint folder")
+    if not (path / "metadata.json").is_file() and ((path / "latest").exists() or iter_folders(path)):
+        path = select_checkpoint(path, verify) or path
+    elif not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"{path} is not a megatron-core distributed checkpoint (no metadata.json)")
+    else:
+        select_checkpoint(path, verify)  # explicit: verify, never fall back
     # read into buffers of the stored dtype (EMA weights are fp32 beside bf16 weights), then cast on copy
-    meta = dist_checkpointing.load_tensors_metadata(str(path))
+    meta = dist_load_tensors_metadata(path)
     stored = {k[len(prefix):].split("#seg")[0]: t.dtype for k, t in meta.items() if k.startswith(prefix)}
     params = model.state_dict(keep_vars=True)
     buffers = {n: torch.empty_like(p, dtype=stored.get(n, p.dtype)) for n, p in params.items() if not n.endswith("_extra_state")}
     sharded = model_sharded_state_dict(model, prefix=prefix, tensors=buffers)
-    loaded, missing, unexpected = dist_checkpointing.load(sharded, str(path), strict="return_all")
+    loaded, missing, unexpected = dist_load(sharded, path, strict="return_all")
     # a training checkpoint also holds optimizer state (and maybe EMA weights): only the asked-for keys must match
     missing, unexpected = ([k for k in keys if k.startswith(prefix)] for keys in (missing, unexpected))
     if missing or unexpected:
@@ -140,13 +156,12 @@ def load_mcore_checkpoint(model: torch.nn.Module, path: str | Path, prefix: str 
         raise StateDictError(f"{path} does not fit the model config:\n  - missing keys ({len(missing)}): "
                              f"{sorted(missing)[:50]}\n  - unexpected keys ({len(unexpected)}): {sorted(unexpected)[:50]}")
     _apply_loaded(model, {k: v for k, v in loaded.items() if k in sharded})
+    return path
 
 
 def has_mcore_prefix(path: str | Path, prefix: str) -> bool:
     """Whether the checkpoint holds tensors under `prefix` (e.g. "ema.")."""
-    from megatron.core import dist_checkpointing
-
-    return any(k.startswith(prefix) for k in dist_checkpointing.load_tensors_metadata(str(path)))
+    return any(k.startswith(prefix) for k in dist_load_tensors_metadata(path))
 
 
 def read_mcore_model_config(path: str | Path):
@@ -155,4 +170,4 @@ def read_mcore_model_config(path: str | Path):
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
         return None
-    return ModelConfig.from_dict(json.loads(file.read_text()))
+    return ModelConfig.from_dict(read_json(file))

@@ -119,10 +119,10 @@ def _diffusers_source(path: Path) -> Source:
 
 
 def _mcore_source(path: Path, key: str, model_params: dict[str, torch.Tensor]) -> Source:
-    from megatron.core import dist_checkpointing
+    from hcustom_mc.checkpoint.safe_load import dist_load_tensors_metadata
 
     prefix = MCORE_PREFIX[key]
-    meta = dist_checkpointing.load_tensors_metadata(str(path))
+    meta = dist_load_tensors_metadata(path)
     stored: dict[str, list] = {}
     for k, t in meta.items():
         if k.startswith(prefix):
@@ -243,9 +243,8 @@ def load_pretrained(chunks: list[torch.nn.Module], whole: torch.nn.Module, path:
 
 
 def _load_mcore(chunks, path: Path, prefix: str, present: set[str]) -> int:
-    from megatron.core import dist_checkpointing
-
     from hcustom_mc.checkpoint.mcore import model_sharded_state_dict
+    from hcustom_mc.checkpoint.safe_load import dist_load
 
     sharded, targets = {}, {}
     for i, chunk in enumerate(chunks):
@@ -253,7 +252,7 @@ def _load_mcore(chunks, path: Path, prefix: str, present: set[str]) -> int:
         part = model_sharded_state_dict(chunk, prefix=prefix, keep_vars=False, names=names)
         sharded.update({f"chunk{i}.{n}": v for n, v in part.items()})
         targets.update({f"chunk{i}.{n}": (i, n) for n in part})
-    loaded = dist_checkpointing.load(sharded, str(path), strict="assume_ok_unexpected")
+    loaded = dist_load(sharded, path, strict="assume_ok_unexpected")
     params = [chunk.state_dict(keep_vars=True) for chunk in chunks]
     with torch.no_grad():
         for k, tensor in loaded.items():

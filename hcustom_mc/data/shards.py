@@ -87,6 +87,65 @@ def check_shard_settings(root: str | Path, cfg, model_cfg) -> None:
         raise ConfigError(f"{root} was preprocessed with other settings than this training run:\n  - " + "\n  - ".join(diff))
 
 
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+REQUIRED = ("latents", "text_states", "text_mask", "text_pooled")
+NDIM = {"latents": 4, "text_states": 2, "text_mask": 1, "text_pooled": 1, "identity_latents": 4, "video_condition": 4}
+
+
+def _slot_problem(f, slot: int, check_finite: bool) -> str | None:
+    """What is wrong with sample `slot` of an open shard (header-level: names, dtypes, shapes; values when
+    `check_finite`), or None."""
+    prefix = f"{slot}."
+    names = {k[len(prefix):]: k for k in f.keys() if k.startswith(prefix)}
+    missing = [n for n in REQUIRED if n not in names]
+    if missing:
+        return f"slot {slot} lacks {missing}"
+    shapes, dtypes = {}, {}
+    for name, key in names.items():
+        sl = f.get_slice(key)
+        shapes[name] = tuple(sl.get_shape())
+        dtypes[name] = sl.get_dtype()
+        if name in NDIM and len(shapes[name]) != NDIM[name]:
+            return f"slot {slot} {name} has shape {shapes[name]}, expected {NDIM[name]} dimensions"
+    for name, dt in dtypes.items():
+        wants_int = name == "text_mask"
+        if wants_int != (dt in ("BOOL", "I8", "U8", "I16", "I32", "I64")) or (not wants_int and dt not in ("F32", "BF16", "F16")):
+            return f"slot {slot} {name} has dtype {dt}"
+    lat = shapes["latents"]
+    if shapes["text_mask"][0] != shapes["text_states"][0]:
+        return f"slot {slot} text_mask {shapes['text_mask']} does not match text_states {shapes['text_states']}"
+    if "identity_latents" in shapes and (shapes["identity_latents"][0] != lat[0] or shapes["identity_latents"][2:] != lat[2:]):
+        return f"slot {slot} identity_latents {shapes['identity_latents']} does not match latents {lat}"
+    if "video_condition" in shapes and shapes["video_condition"][1:] != lat[1:]:
+        return f"slot {slot} video_condition {shapes['video_condition']} does not match latents {lat}"
+    if check_finite:
+        for name, key in names.items():
+            t = f.get_tensor(key)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return f"slot {slot} {name} holds NaN/inf values"
+    return None
+
+
+def check_shard(path: Path, slots: dict[int, str], check_finite: bool = False) -> tuple[str | None, dict[int, str]]:
+    """(a reason the whole shard is unusable, {slot: reason} for single bad samples)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = json.loads(f.metadata()["samples"])
+            bad = {}
+            for slot, sample_id in slots.items():
+                if slot >= len(stored) or stored[slot].get("id") != sample_id:
+                    bad[slot] = f"slot {slot} is not sample {sample_id} (the shard does not match index.json)"
+                    continue
+                problem = _slot_problem(f, slot, check_finite)
+                if problem:
+                    bad[slot] = problem
+            return None, bad
+    except FileNotFoundError:
+        return "the shard file is missing", {}
+    except Exception as exc:  # SafetensorError (bad header, truncated), JSON, KeyError on the metadata
+        return f"unreadable shard ({type(exc).__name__}: {exc})", {}
+
+
 @dataclass
 class ShardSample:
     id: str
@@ -99,16 +158,34 @@ class ShardSample:
 class ShardLatentDataset:
     """Reads a preprocessed shard folder; implements the LatentDataset protocol plus `group_of`."""
 
-    def __init__(self, root: str | Path, tasks: set[str] | None = None):
+    def __init__(self, root: str | Path, tasks: set[str] | None = None, check_finite: bool = False):
         self.root = Path(root)
         index_file = self.root / INDEX_FILE
         if not index_file.exists():
             raise FileNotFoundError(f"{index_file}: no index (run tools/preprocess.py to completion first)")
-        index = json.loads(index_file.read_text())
-        self.samples = [ShardSample(s["id"], s["task"], s["group"], s["shard"], s["slot"]) for s in index["samples"]
-                        if tasks is None or s["task"] in tasks]
+        try:
+            index = json.loads(index_file.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{index_file} is damaged ({type(exc).__name__}: {exc}): rerun tools/preprocess.py") from None
+        samples = [ShardSample(s["id"], s["task"], s["group"], s["shard"], s["slot"]) for s in index["samples"]
+                   if tasks is None or s["task"] in tasks]
         # samples preprocessing could not encode: reported by training with the rest of the bad data
         self.unusable = [DataError(r["error"]["kind"], r["error"]["path"], r["error"]["reason"]) for r in index["skipped"]]
+        # every shard's header checked now (and its values with check_finite): a corrupt shard's samples are
+        # bad data, named and reported, instead of a SafetensorError mid-training
+        by_shard: dict[int, dict[int, str]] = {}
+        for s in samples:
+            by_shard.setdefault(s.shard, {})[s.slot] = s.id
+        broken: set[tuple[int, int]] = set()
+        for shard, slots in sorted(by_shard.items()):
+            path = shard_path(self.root, shard)
+            whole, bad = check_shard(path, slots, check_finite)
+            for slot, sample_id in slots.items():
+                reason = whole or bad.get(slot)
+                if reason:
+                    broken.add((shard, slot))
+                    self.unusable.append(DataError("corrupt", f"{path}#{slot} ({sample_id})", reason))
+        self.samples = [s for s in samples if (s.shard, s.slot) not in broken]
         if not self.samples:
             raise ValueError(f"{index_file}: no usable samples for tasks {sorted(tasks or [])} "
                              f"({len(self.unusable)} skipped in preprocessing)")
@@ -139,10 +216,14 @@ class ShardLatentDataset:
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         s = self.samples[index]
-        f, prefix = self._handle(s.shard), f"{s.slot}."
-        out = {}
-        for key in f.keys():
-            if key.startswith(prefix):
-                t = f.get_tensor(key)
-                out[key[len(prefix):]] = t.float() if t.is_floating_point() else t  # shards may hold bf16
+        try:
+            f, prefix = self._handle(s.shard), f"{s.slot}."
+            out = {}
+            for key in f.keys():
+                if key.startswith(prefix):
+                    t = f.get_tensor(key)
+                    out[key[len(prefix):]] = t.float() if t.is_floating_point() else t  # shards may hold bf16
+        except Exception as exc:  # the file changed or broke after indexing: bad data, replaced by training
+            self._open.pop(s.shard, None)
+            raise DataError("corrupt", self.path_of(index), f"{type(exc).__name__}: {exc}") from None
         return out

@@ -24,6 +24,7 @@ the release scripts' prompt by default); other None fields are filled by `resolv
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -117,18 +118,46 @@ def resolve_job(job: SampleJob) -> SampleJob:
             source = probe_video(job.source_video)
         except DataError:
             source = None
+    # only an unset (None) value takes a default: 0 or a negative size is the user's and validate_job reports it
     if source is not None:
         # Floor to multiples of 16: read_clip centre-crops the few leftover pixels.
-        out.height = out.height or source.height // 16 * 16
-        out.width = out.width or source.width // 16 * 16
-        out.frames = out.frames or (source.num_frames - 1) // 4 * 4 + 1
-        out.fps = out.fps or source.fps or default_fps
+        _default(out, "height", source.height // 16 * 16)
+        _default(out, "width", source.width // 16 * 16)
+        _default(out, "frames", (source.num_frames - 1) // 4 * 4 + 1)
+        _default(out, "fps", source.fps or default_fps)
     elif job.task != "editing":
-        out.height = out.height or DEFAULT_SIZE[0]
-        out.width = out.width or DEFAULT_SIZE[1]
-        out.frames = out.frames or DEFAULT_FRAMES
-        out.fps = out.fps or default_fps
+        _default(out, "height", DEFAULT_SIZE[0])
+        _default(out, "width", DEFAULT_SIZE[1])
+        _default(out, "frames", DEFAULT_FRAMES)
+        _default(out, "fps", default_fps)
     return out
+
+
+def _default(job: SampleJob, key: str, value) -> None:
+    if getattr(job, key) is None:
+        setattr(job, key, value)
+
+
+INT_FIELDS = ("height", "width", "frames", "seed", "steps", "mask_dilation")
+FLOAT_FIELDS = ("shift", "cfg_scale", "embedded_guidance", "ip_cfg_scale", "audio_strength", "fps")
+
+
+def _type_errors(job: SampleJob) -> list[str]:
+    """Wrong types and NaN/inf settings (a NaN guidance scale would give a NaN video)."""
+    errors = []
+    for key in INT_FIELDS:
+        v = getattr(job, key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            errors.append(f"{key} must be an integer, got {v!r}")
+    for key in FLOAT_FIELDS:
+        v = getattr(job, key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            errors.append(f"{key} must be a number, got {v!r}")
+        elif not math.isfinite(v):
+            errors.append(f"{key} must be a finite number, got {v!r}")
+    return errors
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -174,6 +203,9 @@ def validate_job(job: SampleJob, model_cfg, world_size: int = 1, tp: int = 1, cp
     errors: list[str] = []
     if job.task not in TASKS:
         raise InputError(f"invalid job:\n  - task must be one of {TASKS}, got {job.task!r}")
+    errors = _type_errors(job)
+    if errors:  # the checks below compare numbers
+        raise InputError("invalid job:\n  - " + "\n  - ".join(errors))
     r = resolve_job(job)
     if not isinstance(job.prompt, str) or not job.prompt.strip():
         errors.append("prompt is empty")

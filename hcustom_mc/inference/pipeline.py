@@ -31,6 +31,10 @@ log = logging.getLogger("hcustom_mc")
 CHECKPOINT_FORMATS = ("auto", "mcore", "release", "diffusers")
 
 
+class NonFiniteError(FloatingPointError):
+    """The latents became NaN/inf while sampling: the job stopped and wrote nothing."""
+
+
 @dataclass
 class SamplerLayout:
     """world = TP x CP x CFG-parallel; checked with the job by inputs.validate_job before anything loads."""
@@ -42,17 +46,21 @@ class SamplerLayout:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def resolve_checkpoint(path: str | Path, fmt: str = "auto") -> tuple[str, Path]:
-    """(format, path to load): a training run folder resolves to its `latest` checkpoint."""
-    from hcustom_mc.training.checkpoint import latest_checkpoint
+def resolve_checkpoint(path: str | Path, fmt: str = "auto", verify: str = "size") -> tuple[str, Path]:
+    """(format, path to load): a training save folder resolves to its `latest` checkpoint (or, when that is
+    damaged, the newest sound iter_*); an mcore checkpoint is verified against its manifest (`verify`)."""
+    from hcustom_mc.checkpoint.integrity import iter_folders, select_checkpoint
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if fmt not in CHECKPOINT_FORMATS:
         raise ConfigError(f"checkpoint format must be one of {CHECKPOINT_FORMATS}, got {fmt!r}")
-    if fmt in ("auto", "mcore") and path.is_dir() and (path / "latest").is_file():
-        path = latest_checkpoint(path)
+    if fmt in ("auto", "mcore") and path.is_dir() and not (path / "metadata.json").is_file() and (
+            (path / "latest").exists() or iter_folders(path)):
+        path = select_checkpoint(path, verify) or path
+    elif fmt in ("auto", "mcore") and path.is_dir() and (path / "metadata.json").is_file():
+        select_checkpoint(path, verify)  # named explicitly: verified, never replaced
     if fmt != "auto":
         return fmt, path
     if path.is_dir() and (path / "metadata.json").is_file():
@@ -96,7 +104,8 @@ def load_model(path: Path, fmt: str, model_cfg: ModelConfig, dtype: torch.dtype,
     if fmt == "mcore":
         from hcustom_mc.checkpoint.mcore import load_mcore_checkpoint
 
-        load_mcore_checkpoint(model, path, prefix="ema." if load_key == "ema" else "model.")
+        load_mcore_checkpoint(model, path, prefix="ema." if load_key == "ema" else "model.",
+                              verify="off")  # verified by resolve_checkpoint
     else:
         from hcustom_mc.checkpoint.convert import read_full_state_dict
 
@@ -180,6 +189,11 @@ class ParallelSampler:
             v = self.velocities(latents, t, branches, names, embedded_guidance)
             velocity = guide(v, cfg_scale, ip_cfg_scale, step=i, num_steps=steps)
             latents = scheduler.step(velocity, i, latents)
+            # every rank holds the same full latents, so every rank stops at the same step
+            if not bool(torch.isfinite(latents).all()):
+                raise NonFiniteError(f"the latents became non-finite (NaN/inf) at denoising step {i + 1}/{steps} "
+                                     f"(t={t:g}); nothing was written. Check the checkpoint (--verify-checkpoint full; "
+                                     f"non-finite weights) and the job's guidance / audio_strength settings")
             if progress is not None:
                 progress.update(time.time() - t0)
         return latents

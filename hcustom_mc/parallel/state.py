@@ -56,6 +56,9 @@ def initialize_parallel(
     pcfg: ParallelConfig, model: ModelConfig | None = None, seed: int = 1234, timeout_s: float = 600
 ) -> ParallelInfo:
     """Validate `pcfg` (on every rank, before any collective), then set up megatron parallel_state."""
+    from hcustom_mc.parallel.orphans import install_orphan_guard
+
+    install_orphan_guard()  # under torchrun: die with the agent (entry points also call it first thing)
     world_size = int(os.environ.get("WORLD_SIZE", dist.get_world_size() if dist.is_initialized() else 1))
     pcfg.validate(world_size, model)
 

@@ -32,7 +32,7 @@ def build_dataset(cfg, model_cfg):
         from hcustom_mc.data.shards import ShardLatentDataset, check_shard_settings
 
         check_shard_settings(data.path, cfg, model_cfg)
-        return ShardLatentDataset(data.path, tasks=tasks)
+        return ShardLatentDataset(data.path, tasks=tasks, check_finite=data.check_shards)
     from hcustom_mc.data.datasets import ManifestDataset
 
     device = compute_device()

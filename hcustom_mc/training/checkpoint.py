@@ -25,7 +25,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from hcustom_mc.checkpoint import integrity
 from hcustom_mc.checkpoint.mcore import CONFIG_FILE, model_sharded_state_dict
+from hcustom_mc.checkpoint.safe_load import dist_load, read_json, weights_only_load
+from hcustom_mc.device import compute_device
 
 log = logging.getLogger("hcustom_mc")
 OPTIM_META = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -34,6 +37,14 @@ STATE_FILE = "train_state.json"
 
 class CheckpointError(RuntimeError):
     pass
+
+
+def _fault(step: int, phase: str) -> None:
+    # fault injection for the crash-safety tests: HCUSTOM_FAULT_KILL_IN_SAVE=N dies like SIGKILL after
+    # the data of step N's save is written; N:sealed after its manifest; N:published after `latest` moved
+    want = os.environ.get("HCUSTOM_FAULT_KILL_IN_SAVE", "")
+    if want and want.split(":")[0] == str(step) and (want.split(":") + ["written"])[1] == phase:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _chunks_state_dict(model_chunks) -> dict:
@@ -89,68 +100,72 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
         state["optimizer"] = _optimizer_sd(optimizer, flat_model_sd, is_loading=False)
     if ema is not None:
         state.update(ema.sharded_state_dict())
-    dist_checkpointing.save(state, str(tmp))
-    if os.environ.get("HCUSTOM_FAULT_KILL_IN_SAVE") == str(step):
-        # fault injection for the crash-safety test: die like SIGKILL, mid-save, before the rename
-        os.kill(os.getpid(), signal.SIGKILL)
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-               tmp / "rng" / f"rank{dist.get_rank():05d}.pt")
-    if dist.get_rank() == 0:
-        meta = {**train_state, "step": step, "layout": _layout(), "ema": ema is not None,
-                "scheduler": scheduler.state_dict() if scheduler is not None else None}
-        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        if model_config is not None:
-            (tmp / CONFIG_FILE).write_text(json.dumps(model_config.to_dict(), indent=2) + "\n")
-    dist.barrier()
-    if dist.get_rank() == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer = root / "latest.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / "latest")
-        _prune(root, keep_last)
-        log.info("saved checkpoint %s in %.1fs", final, time.time() - start)
+    _refuse_nonfinite(state, step, root)
+    with integrity.write_errors_explained(tmp):
+        dist_checkpointing.save(state, str(tmp))
+        _fault(step, "written")
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   tmp / "rng" / f"rank{dist.get_rank():05d}.pt")
+        if dist.get_rank() == 0:
+            meta = {**train_state, "step": step, "layout": _layout(), "ema": ema is not None,
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None}
+            (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+            if model_config is not None:
+                (tmp / CONFIG_FILE).write_text(json.dumps(model_config.to_dict(), indent=2) + "\n")
+        dist.barrier()
+        integrity.seal_folder(tmp)  # hash + fsync every file, write the manifest
+        _fault(step, "sealed")
+        if dist.get_rank() == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            integrity.publish(tmp, final)  # rename, fsync, point `latest` at it
+            _fault(step, "published")
+            _prune(root, keep_last)
+            log.info("saved checkpoint %s in %.1fs", final, time.time() - start)
     dist.barrier()
     return final
 
 
+def _refuse_nonfinite(state: dict, step: int, root: Path) -> None:
+    """Collective: a state holding NaN/inf on any rank is never written (the last good checkpoint stays `latest`)."""
+    bad = integrity.nonfinite_tensors(state)
+    flag = torch.tensor([1.0 if bad else 0.0], device=compute_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        names = [f"{n} (rank {r})" for r, part in enumerate(integrity.gather_objects(bad)) for n in part][:8]
+        if dist.get_rank() == 0:
+            shutil.rmtree(root / f"iter_{step:07d}.tmp", ignore_errors=True)
+        raise integrity.CheckpointWriteError(
+            f"refusing to save step {step} to {root}: non-finite values (NaN/inf) in {', '.join(names)}; nothing was "
+            f"written and `latest` still names the last good checkpoint. The run diverged: resume from it with a "
+            f"lower --lr or tighter --clip-grad.")
+
+
 def _prune(root: Path, keep_last: int) -> None:
+    if keep_last < 1:  # validated up front; never delete the checkpoint just written
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     done = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
     for old in done[: max(0, len(done) - keep_last)]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The folder `latest` names (None when `root` has no complete checkpoint)."""
-    root = Path(root)
-    if (root / STATE_FILE).is_file():  # given a checkpoint folder itself
-        return root
-    pointer = root / "latest"
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    if not (path / STATE_FILE).is_file():
-        raise CheckpointError(f"{pointer} names {path}, which is not a complete checkpoint")
-    return path
+def latest_checkpoint(root: str | Path, verify: str = "size") -> Path | None:
+    """The checkpoint to resume from (None when `root` has none): `root` itself if it is a checkpoint
+    folder (verified, no fallback), else its `latest`, or the newest sound iter_* when `latest` is not
+    (see hcustom_mc.checkpoint.integrity.select_checkpoint). Collective when a process group exists."""
+    return integrity.select_checkpoint(root, verify, complete=STATE_FILE)
 
 
 def read_train_state(path: str | Path) -> dict:
     """The train_state.json of a complete checkpoint folder."""
-    file = Path(path) / STATE_FILE
-    try:
-        return json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{file}: unreadable train state ({type(exc).__name__}: {exc})") from None
+    return read_json(Path(path) / STATE_FILE)
 
 
 def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler, load_optimizer: bool = True,
                     ema=None) -> dict:
     """Collective. Fills model (and optimizer, scheduler, EMA, RNG) from `path`; returns its train state
     (with "optimizer_loaded": whether optimizer state was read)."""
-    from megatron.core import dist_checkpointing
-
     path = Path(path)
     meta = read_train_state(path)
     same_layout = meta.get("layout") == _layout()
@@ -164,7 +179,7 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler, load_o
             raise CheckpointError(f"{path} has no EMA weights (saved without --ema-decay); resume without --ema-decay "
                                   "or start the EMA fresh from --pretrained")
         state.update(ema.sharded_state_dict())
-    loaded, missing, unexpected = dist_checkpointing.load(state, str(path), strict="return_all")
+    loaded, missing, unexpected = dist_load(state, path, strict="return_all")
     # EMA weights of a run that had --ema-decay may be left behind by a run without it
     unexpected = [k for k in unexpected if not k.startswith("ema.")]
     if missing or unexpected:
@@ -185,7 +200,7 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler, load_o
         scheduler.load_state_dict(meta["scheduler"])
     rng = path / "rng" / f"rank{dist.get_rank():05d}.pt"
     if same_layout and rng.is_file():
-        states = torch.load(rng, weights_only=True)
+        states = weights_only_load(rng)
         torch.set_rng_state(states["cpu"])
         if states["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])

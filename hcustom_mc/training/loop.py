@@ -28,6 +28,8 @@ from hcustom_mc.training.step import NonFiniteError, build_scheduler, micro_batc
 from hcustom_mc.model.config import ConfigError
 from hcustom_mc.training.batches import BatchMaker
 from hcustom_mc.training.objective import flow_matching_loss_sum
+from hcustom_mc.training.save_lock import prepare_save_folder
+from hcustom_mc.training.save_lock import release_all as release_save_locks
 from hcustom_mc.training.tracking import Tracker, model_flops_per_sample, peak_memory_gib, peak_tflops
 from hcustom_mc.device import compute_device, misplaced, resolve_device
 
@@ -211,6 +213,7 @@ def train(cfg: TrainConfig) -> dict:
     info = initialize_parallel(cfg.parallel, model_cfg, seed=cfg.init_seed)
     set_kernel_backend(cfg.kernels)
     device = compute_device()
+    prepare_save_folder(cfg, model_cfg)  # writable, room for a checkpoint, one writer (lock released by run)
     if info.rank == 0:
         run_dir = Path(cfg.logging.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -221,7 +224,8 @@ def train(cfg: TrainConfig) -> dict:
                  cfg.parallel.cp_mode, info.dp_size, device, _sp_status(cfg))
 
     # Where the weights come from: a checkpoint to resume (--load), a pretrained model, or a fresh init.
-    resume = ckpt.latest_checkpoint(cfg.checkpoint.load) if cfg.checkpoint.load and Path(cfg.checkpoint.load).exists() else None
+    resume = (ckpt.latest_checkpoint(cfg.checkpoint.load, cfg.checkpoint.verify)
+              if cfg.checkpoint.load and Path(cfg.checkpoint.load).exists() else None)
     if cfg.checkpoint.load and resume is None and not cfg.checkpoint.pretrained:
         raise FileNotFoundError(f"--load {cfg.checkpoint.load}: no complete checkpoint there (no `latest`)")
     pretrained = cfg.checkpoint.pretrained if resume is None else None
@@ -436,6 +440,7 @@ def run(cfg: TrainConfig) -> dict:
     try:
         return train(cfg)
     finally:
+        release_save_locks()
         destroy_parallel()
 
 
