@@ -87,12 +87,12 @@ def test_truncation_detected_by_size(ck):
 
 def test_bit_flip_training_falls_back_or_refuses_explicit(ck, tmp_path):
     _flip_bit(ck / "iter_0000003" / "__0_0.distcp")
-    out = _run(*TRAIN, "--train-iters", 4, "--load", ck, "--verify-checkpoint", "full", "--run-dir", tmp_path / "a")
+    out = _run(*TRAIN, "--train-iters", 4, "--override-schedule", "--load", ck, "--verify-checkpoint", "full", "--run-dir", tmp_path / "a")
     assert "loading " + str(ck / "iter_0000002") + " instead of `latest`" in out, out[-3000:]
     assert "iter_0000003, which is unusable" in out and "sha256 mismatch" in out
     assert "loaded checkpoint " + str(ck / "iter_0000002") in out
     # an explicitly named iteration never falls back
-    out = _run(*TRAIN, "--train-iters", 4, "--load", ck / "iter_0000003", "--verify-checkpoint", "full",
+    out = _run(*TRAIN, "--train-iters", 4, "--override-schedule", "--load", ck / "iter_0000003", "--verify-checkpoint", "full",
                "--run-dir", tmp_path / "b", expect_ok=False)
     assert "fails verification" in out and "never replaced by another" in out and "Traceback" not in out
 

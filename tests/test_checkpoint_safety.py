@@ -73,7 +73,7 @@ def _poisoned(setup, tmp_path, which: str) -> tuple[Path, Path]:
 
 
 ENTRY_POINTS = {
-    "training --load": lambda s, ck, t: ("pretrain_custom.py", "--config", "examples/tiny_3d.yaml", "--train-iters", 3,
+    "training --load": lambda s, ck, t: ("pretrain_custom.py", "--config", "examples/tiny_3d.yaml", "--train-iters", 3, "--override-schedule",
                                          "--load", ck, "--verify-checkpoint", "off", "--run-dir", t / "run"),
     "convert --src-format mcore": lambda s, ck, t: ("-m", "hcustom_mc.checkpoint.convert", "--src", ck / "iter_0000002",
                                                     "--src-format", "mcore", "--dst", t / "out", "--dst-format", "release",
@@ -173,7 +173,7 @@ def test_damaged_training_checkpoint_is_named_on_load(setup, tmp_path):
     ck = tmp_path / "ck"
     shutil.copytree(setup / "ck", ck)
     (ck / "iter_0000002" / "train_state.json").write_text('{"step": 2, ')
-    out = _run("pretrain_custom.py", "--config", "examples/tiny_3d.yaml", "--train-iters", 3, "--load",
+    out = _run("pretrain_custom.py", "--config", "examples/tiny_3d.yaml", "--train-iters", 3, "--override-schedule", "--load",
                ck / "iter_0000002", "--verify-checkpoint", "off", "--run-dir", tmp_path / "run")
     assert f"cannot read {ck / 'iter_0000002' / 'train_state.json'} (JSONDecodeError" in out, out[-3000:]
     assert "Traceback" not in out

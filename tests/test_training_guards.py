@@ -115,7 +115,7 @@ def test_poisoned_weights_stop_at_the_first_step(tmp_path, single_process):
                "--run-dir", tmp_path / "r", expect=3)
     assert "step 1 (task" in proc.stderr and "the loss is inf in micro batch 0" in proc.stderr, proc.stderr[-2000:]
     assert "nothing of this step was saved" in proc.stderr
-    assert not (tmp_path / "ck").exists()
+    assert not list((tmp_path / "ck").glob("iter_*")) and not (tmp_path / "ck" / "latest").exists()
 
 
 @pytest.mark.parametrize("fault,message", [("loss:5", "the loss is nan in micro batch 0"),
