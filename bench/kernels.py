@@ -22,9 +22,12 @@ from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hcustom_mc.device import uses_cuda  # noqa: E402  (imports only torch: triton is not loaded yet)
+
+CUDA = uses_cuda()  # False on a CPU host and under HCUSTOM_DIST_BACKEND=gloo: then the interpreter runs
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 from bench.report import write_report  # noqa: E402
 
@@ -37,7 +40,7 @@ SHAPES = {  # frames, H', W', identity images, text tokens
 
 
 def sync():
-    if torch.cuda.is_available():
+    if CUDA:
         torch.cuda.synchronize()
 
 
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="also write the table (markdown) here")
     args = p.parse_args(argv)
 
-    cuda = torch.cuda.is_available()
+    cuda = CUDA
     device = torch.device("cuda" if cuda else "cpu")
     shape_name = args.shape or ("720p" if cuda else "tiny")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]

@@ -77,7 +77,7 @@ def worker(args) -> None:
     branches = {"uncond": branch(), "cond": branch()}
     sampler = ParallelSampler(model, SamplerLayout(lay["tp"], lay["cp"], lay["cp_mode"], lay["cfg"]))
     noise = torch.randn(1, cfg.in_channels, f, lh, lw, generator=g)
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync = torch.cuda.synchronize if info.device.type == "cuda" else (lambda: None)
     sampler.sample(noise, branches, args.warmup, 7.0, cfg_scale=7.5)  # warm-up (allocations, kernels)
     sync()
     t0 = time.perf_counter()

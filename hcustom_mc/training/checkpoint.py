@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from hcustom_mc.checkpoint.mcore import CONFIG_FILE, model_sharded_state_dict
+from hcustom_mc.device import uses_cuda
 
 log = logging.getLogger("hcustom_mc")
 OPTIM_META = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -92,7 +93,7 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
         # fault injection for the crash-safety test: die like SIGKILL, mid-save, before the rename
         os.kill(os.getpid(), signal.SIGKILL)
     (tmp / "rng").mkdir(exist_ok=True)
-    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if uses_cuda() else None},
                tmp / "rng" / f"rank{dist.get_rank():05d}.pt")
     if dist.get_rank() == 0:
         meta = {**train_state, "step": step, "layout": _layout(),
@@ -160,7 +161,7 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler, load_o
     if same_layout and rng.is_file():
         states = torch.load(rng, weights_only=True)
         torch.set_rng_state(states["cpu"])
-        if states["cuda"] is not None and torch.cuda.is_available():
+        if states["cuda"] is not None and uses_cuda():
             torch.cuda.set_rng_state_all(states["cuda"])
     elif dist.get_rank() == 0:
         log.warning("checkpoint layout %s differs from this run's %s: per-rank RNG state not restored "
