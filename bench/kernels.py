@@ -161,6 +161,7 @@ def main(argv=None) -> int:
         ratio = lambda a, b: f"{b / a:.2f}x" if b is not None else "n/a"  # noqa: E731
         lines.append(f"| {kname} | {ms(t_ours)} | {ms(t_ref)} | {ms(t_cmp)} | {ms(b_ours)} | {ms(b_ref)} | {ms(b_cmp)} | "
                      f"{gbs:.1f} | {pct} | {ratio(t_ours, t_ref)} | {ratio(t_ours, t_cmp)} | {ratio(b_ours, b_ref)} |")
+        print(lines[-1], flush=True)  # row by row: a time-boxed run still shows the kernels it finished
     write_report(args.out, "Kernel benchmark", "\n".join(lines), argv)
     return 0
 

@@ -42,7 +42,8 @@ def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 600, e
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
         "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), *map(str, args),
     ]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **backend_env(nproc, env), **(env or {})}
+    path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])  # keep e.g. a wheel folder
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **backend_env(nproc, env), **(env or {})}
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:

@@ -31,6 +31,12 @@ def main():
         return chunks
 
     loop.build_model_chunks = build_and_record
+
+    class ConsoleTracker(loop.Tracker):  # the loop's tracker without MLflow (not installed on a bare GPU image)
+        def __init__(self, enabled, *args, **kwargs):
+            super().__init__(False, *args, **kwargs)
+
+    loop.Tracker = ConsoleTracker
     cfg = build_config(["--config", "examples/tiny_3d.yaml", "--train-iters", "2", "--global-batch-size", "2",
                         "--lr-warmup-iters", "1", "--run-dir", run_dir, "--set", "model=tiny",
                         "--set", "data.task_weights={t2v: 1.0}", "--set", "variant=base"])
