@@ -157,7 +157,7 @@ def plan(env: dict, work: Path, dry_run: bool) -> list[Part]:
     title = "video decoding: DALI GPU frames/s vs PyAV"
     if env and not (imports_ok(env, "nvidia.dali") and imports_ok(env, "av")):
         missing = [n for n in ("nvidia.dali", "av") if not imports_ok(env, n)]
-        parts.append(Part("data", title, 30, reason=f"{' and '.join(missing)} does not import here (DALI's 199 MB wheel "
+        parts.append(Part("data", title, 30, reason=f"{' and '.join(missing)} {'does' if len(missing) == 1 else 'do'} not import here (DALI's 199 MB wheel "
                           "cannot travel within the 64 MiB working tree; see the env part)"))
     else:
         size = ["--size", "64x48", "--frames", "5", "--iters", "1"] if dry_run else ["--size", "1280x720", "--frames", "33", "--iters", "3"]
