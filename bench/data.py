@@ -36,6 +36,7 @@ from bench.report import write_report  # noqa: E402
 
 from hcustom_mc.data.buckets import bucket_for  # noqa: E402
 from hcustom_mc.data.tiny_dataset import write_video  # noqa: E402
+from hcustom_mc.device import uses_cuda  # noqa: E402
 from hcustom_mc.data.video import (  # noqa: E402
     DALI_CPU_CODECS, DALI_GPU_CODECS, dali_available, probe_video, read_clip,
 )
@@ -58,7 +59,7 @@ def make_clip(path: Path, height: int, width: int, frames: int, fps: int = 25) -
 
 
 def _sync() -> None:
-    if torch.cuda.is_available():
+    if uses_cuda():
         torch.cuda.synchronize()
 
 
@@ -79,7 +80,7 @@ def measure_frames_per_s(backend: str, path: str | os.PathLike, clip_frames: int
 
 def rows_for(clips: dict[str, Path]) -> list[tuple[str, str, str, Path]]:
     """(label, backend, decoder, path) for every path that can run on this machine."""
-    cuda, dali = torch.cuda.is_available(), dali_available()
+    cuda, dali = uses_cuda(), dali_available()
     rows = []
     for path in clips.values():
         codec = probe_video(path).codec
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
         short = args.short_side or max(16, min(info.height, info.width) // 16 * 16)
         size = bucket_for(info.height, info.width, short)
         iters = args.iters or (5 if min(info.height, info.width) >= 256 else 3)
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+        device = torch.cuda.get_device_name() if uses_cuda() else f"CPU ({os.cpu_count()} cores)"
         lines = [f"device: {device}; source {info.width}x{info.height} ({info.num_frames} frames); clip {clip_frames} "
                  f"frames -> bucket {size[0]}x{size[1]} (HxW); median of {iters} after {args.warmup} warmup",
                  "", "| path | ms / clip | frames/s |", "|---|---|---|"]

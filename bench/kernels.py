@@ -22,9 +22,12 @@ from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hcustom_mc.device import uses_cuda  # noqa: E402  (imports only torch: triton is not loaded yet)
+
+CUDA = uses_cuda()  # False on a CPU host and under HCUSTOM_DIST_BACKEND=gloo: then the interpreter runs
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 from bench.report import write_report  # noqa: E402
 
@@ -37,7 +40,7 @@ SHAPES = {  # frames, H', W', identity images, text tokens
 
 
 def sync():
-    if torch.cuda.is_available():
+    if CUDA:
         torch.cuda.synchronize()
 
 
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="also write the table (markdown) here")
     args = p.parse_args(argv)
 
-    cuda = torch.cuda.is_available()
+    cuda = CUDA
     device = torch.device("cuda" if cuda else "cpu")
     shape_name = args.shape or ("720p" if cuda else "tiny")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
@@ -158,6 +161,7 @@ def main(argv=None) -> int:
         ratio = lambda a, b: f"{b / a:.2f}x" if b is not None else "n/a"  # noqa: E731
         lines.append(f"| {kname} | {ms(t_ours)} | {ms(t_ref)} | {ms(t_cmp)} | {ms(b_ours)} | {ms(b_ref)} | {ms(b_cmp)} | "
                      f"{gbs:.1f} | {pct} | {ratio(t_ours, t_ref)} | {ratio(t_ours, t_cmp)} | {ratio(b_ours, b_ref)} |")
+        print(lines[-1], flush=True)  # row by row: a time-boxed run still shows the kernels it finished
     write_report(args.out, "Kernel benchmark", "\n".join(lines), argv)
     return 0
 

@@ -77,7 +77,7 @@ def worker(args) -> None:
     branches = {"uncond": branch(), "cond": branch()}
     sampler = ParallelSampler(model, SamplerLayout(lay["tp"], lay["cp"], lay["cp_mode"], lay["cfg"]))
     noise = torch.randn(1, cfg.in_channels, f, lh, lw, generator=g)
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync = torch.cuda.synchronize if info.device.type == "cuda" else (lambda: None)
     sampler.sample(noise, branches, args.warmup, 7.0, cfg_scale=7.5)  # warm-up (allocations, kernels)
     sync()
     t0 = time.perf_counter()
@@ -100,7 +100,9 @@ def driver(args, argv) -> int:
                f"--master_port={_free_port()}", __file__, "--worker", "--layout", text,
                *[x for k in ("model", "double_blocks", "single_blocks", "size", "frames", "text_len", "dtype", "steps",
                              "warmup") for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]]
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": str(REPO)}
+        # the repo first, then what the caller had (e.g. bench/gpu_check.sh's wheel folder)
+        path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": path}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:

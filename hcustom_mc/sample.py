@@ -217,7 +217,6 @@ def run(args) -> int:
                                model_cfg)
     rank0 = info.rank == 0
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     from hcustom_mc.inference.memory import check_jobs_fit
 
     # before the model and encoders are allocated (the parameter count needs the parallel layout)

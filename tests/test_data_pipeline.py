@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.torchrun import REPO, _free_port
+from tests.torchrun import REPO, _free_port, backend_env
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
@@ -38,7 +38,8 @@ def _cmd(nproc: int, script: str, *args) -> list[str]:
 
 
 def _run(nproc, script, *args, env=None, expect=0, timeout=300) -> str:
-    proc = subprocess.run(_cmd(nproc, script, *args), cwd=REPO, env={**ENV, **(env or {})}, capture_output=True,
+    proc = subprocess.run(_cmd(nproc, script, *args), cwd=REPO, env={**ENV, **backend_env(nproc, env), **(env or {})},
+                          capture_output=True,
                           text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == expect, f"exit {proc.returncode} (expected {expect})\n{out[-6000:]}"

@@ -1,5 +1,6 @@
 """kernels/adaln.py: fused LayerNorm+modulate and gated residual vs the PyTorch references, forward
-and backward, on tiny odd shapes (the Triton interpreter runs them on CPU), plus input validation."""
+and backward, on tiny odd shapes, plus input validation. Launching tests take `kernel_device`: the Triton
+interpreter on CPU, the compiled kernels on CUDA (a `gpu` test)."""
 
 import pytest
 import torch
@@ -14,9 +15,9 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2
 SHAPES = [(7, 3, 40, 4096, 1024), (7, 3, 100, 4096, 1024), (5, 2, 100, 32, 32), (1, 1, 1, 4096, 1024)]
 
 
-def _rand(*shape, dtype=torch.float32, seed=0):
+def _rand(*shape, dtype=torch.float32, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g).to(dtype).requires_grad_(True)
+    return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
 
 
 def _grads(out, inputs, dout):
@@ -30,22 +31,24 @@ def _assert_grads(got, ref, dtype):
 
 
 @pytest.mark.parametrize("S, B, C, max_block, max_elem", SHAPES)
-def test_layernorm_modulate_fp32(monkeypatch, S, B, C, max_block, max_elem):
+def test_layernorm_modulate_fp32(monkeypatch, kernel_device, S, B, C, max_block, max_elem):
     monkeypatch.setattr(adaln, "_MAX_BLOCK", max_block)
-    x, shift, scale = _rand(S, B, C, seed=1) * 3 + 1, _rand(B, C, seed=2), _rand(B, C, seed=3)
-    dout = torch.randn(S, B, C)
+    dev = dict(device=kernel_device)
+    x, shift, scale = _rand(S, B, C, seed=1, **dev) * 3 + 1, _rand(B, C, seed=2, **dev), _rand(B, C, seed=3, **dev)
+    dout = torch.randn(S, B, C, **dev)
     out = adaln.layernorm_modulate(x, shift, scale, eps=1e-6)
     ref = adaln.layernorm_modulate_reference(x, shift, scale, eps=1e-6)
-    assert out.dtype == x.dtype and out.shape == x.shape
+    assert out.dtype == x.dtype and out.shape == x.shape and out.device == x.device
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
     _assert_grads(_grads(out, (x, shift, scale), dout), _grads(ref, (x, shift, scale), dout), torch.float32)
 
 
 @pytest.mark.parametrize("S, B, C, max_block, max_elem", SHAPES)
-def test_gated_residual_fp32(monkeypatch, S, B, C, max_block, max_elem):
+def test_gated_residual_fp32(monkeypatch, kernel_device, S, B, C, max_block, max_elem):
     monkeypatch.setattr(adaln, "_MAX_BLOCK_ELEMWISE", max_elem)
-    x, gate, y = _rand(S, B, C, seed=1), _rand(B, C, seed=2), _rand(S, B, C, seed=3)
-    dout = torch.randn(S, B, C)
+    dev = dict(device=kernel_device)
+    x, gate, y = _rand(S, B, C, seed=1, **dev), _rand(B, C, seed=2, **dev), _rand(S, B, C, seed=3, **dev)
+    dout = torch.randn(S, B, C, **dev)
     out = adaln.gated_residual(x, gate, y)
     ref = adaln.gated_residual_reference(x, gate, y)
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
@@ -54,13 +57,15 @@ def test_gated_residual_fp32(monkeypatch, S, B, C, max_block, max_elem):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("max_block", [4096, 32])
-def test_half_precision(monkeypatch, dtype, max_block):
-    """Kernels compute in fp32 and round once; the reference is the fp32 computation of the same inputs."""
+def test_half_precision(monkeypatch, kernel_device, dtype, max_block):
+    """Kernels compute in fp32 and round once; the reference is the fp32 computation of the same inputs
+    (on CUDA: the compiled kernels' bf16/fp16 tolerance)."""
     monkeypatch.setattr(adaln, "_MAX_BLOCK", max_block)
     monkeypatch.setattr(adaln, "_MAX_BLOCK_ELEMWISE", max_block)
     S, B, C = 7, 3, 100
-    x, shift, scale = _rand(S, B, C, dtype=dtype, seed=1), _rand(B, C, dtype=dtype, seed=2), _rand(B, C, dtype=dtype, seed=3)
-    dout = torch.randn(S, B, C).to(dtype)
+    dev = dict(dtype=dtype, device=kernel_device)
+    x, shift, scale = _rand(S, B, C, seed=1, **dev), _rand(B, C, seed=2, **dev), _rand(B, C, seed=3, **dev)
+    dout = torch.randn(S, B, C, **dev)
     out = adaln.layernorm_modulate(x, shift, scale)
     assert out.dtype == dtype
     x32, sh32, sc32 = (t.detach().float().requires_grad_(True) for t in (x, shift, scale))
@@ -70,7 +75,7 @@ def test_half_precision(monkeypatch, dtype, max_block):
     assert all(g.dtype == dtype for g in got)
     _assert_grads(got, _grads(ref, (x32, sh32, sc32), dout.float()), dtype)
 
-    gate, y = _rand(B, C, dtype=dtype, seed=4), _rand(S, B, C, dtype=dtype, seed=5)
+    gate, y = _rand(B, C, seed=4, **dev), _rand(S, B, C, seed=5, **dev)
     out = adaln.gated_residual(x, gate, y)
     x32, g32, y32 = (t.detach().float().requires_grad_(True) for t in (x, gate, y))
     ref = adaln.gated_residual_reference(x32, g32, y32)
@@ -78,23 +83,25 @@ def test_half_precision(monkeypatch, dtype, max_block):
     _assert_grads(_grads(out, (x, gate, y), dout), _grads(ref, (x32, g32, y32), dout.float()), dtype)
 
 
-def test_backward_reduction_over_many_row_blocks(monkeypatch):
+def test_backward_reduction_over_many_row_blocks(monkeypatch, kernel_device):
     """dshift/dscale/dgate summed over several S-blocks of unequal length (one row per block at the end)."""
     monkeypatch.setattr(adaln, "_row_blocks", lambda S, B, device: (-(-S // 2), 2))
     S, B, C = 9, 2, 24
-    x, shift, scale, gate, y = (_rand(S, B, C, seed=1), _rand(B, C, seed=2), _rand(B, C, seed=3),
-                                _rand(B, C, seed=4), _rand(S, B, C, seed=5))
-    dout = torch.randn(S, B, C)
+    dev = dict(device=kernel_device)
+    x, shift, scale, gate, y = (_rand(S, B, C, seed=1, **dev), _rand(B, C, seed=2, **dev), _rand(B, C, seed=3, **dev),
+                                _rand(B, C, seed=4, **dev), _rand(S, B, C, seed=5, **dev))
+    dout = torch.randn(S, B, C, **dev)
     for fn, ref_fn, inputs in ((adaln.layernorm_modulate, adaln.layernorm_modulate_reference, (x, shift, scale)),
                                (adaln.gated_residual, adaln.gated_residual_reference, (x, gate, y))):
         _assert_grads(_grads(fn(*inputs), inputs, dout), _grads(ref_fn(*inputs), inputs, dout), torch.float32)
 
 
-def test_partial_requires_grad_and_no_grad():
+def test_partial_requires_grad_and_no_grad(kernel_device):
     S, B, C = 3, 2, 40
-    x = _rand(S, B, C, seed=1).detach()
-    shift, scale = _rand(B, C, seed=2), _rand(B, C, seed=3).detach()
-    dout = torch.randn(S, B, C)
+    dev = dict(device=kernel_device)
+    x = _rand(S, B, C, seed=1, **dev).detach()
+    shift, scale = _rand(B, C, seed=2, **dev), _rand(B, C, seed=3, **dev).detach()
+    dout = torch.randn(S, B, C, **dev)
     # only shift needs a gradient: the forward still saves mean/rstd
     got = _grads(adaln.layernorm_modulate(x, shift, scale), (shift,), dout)
     torch.testing.assert_close(got[0], dout.sum(0))
@@ -112,8 +119,8 @@ def test_torch_backend_is_the_reference():
     assert torch.equal(adaln.gated_residual(x, shift, y, backend="torch"), adaln.gated_residual_reference(x, shift, y))
 
 
-def test_empty_sequence():
-    x, v = torch.randn(0, 2, 8), torch.randn(2, 8)
+def test_empty_sequence(kernel_device):
+    x, v = torch.randn(0, 2, 8, device=kernel_device), torch.randn(2, 8, device=kernel_device)
     assert adaln.layernorm_modulate(x, v, v).shape == (0, 2, 8)
     assert adaln.gated_residual(x, v, x).shape == (0, 2, 8)
 

@@ -1,4 +1,5 @@
-"""kernels/rope.py: fused QK RMSNorm + 3D RoPE against the PyTorch reference (Triton interpreter on CPU)."""
+"""kernels/rope.py: fused QK RMSNorm + 3D RoPE against the PyTorch reference. Launching tests take
+`kernel_device`: the Triton interpreter on CPU, the compiled kernels on CUDA (a `gpu` test)."""
 
 import pytest
 import torch
@@ -12,25 +13,25 @@ from kernels.rope import qk_norm_rope, qk_norm_rope_reference
 D, DIMS = 16, (4, 6, 6)
 
 
-def _inputs(S, B, H, d, dtype, w_dtype=None, seed=0):
+def _inputs(S, B, H, d, dtype, w_dtype=None, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(S, B, H, d, generator=g).to(dtype).requires_grad_()
-    k = (2.0 * torch.randn(S, B, H, d, generator=g)).to(dtype).requires_grad_()  # a different scale than q
+    q = torch.randn(S, B, H, d, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    k = (2.0 * torch.randn(S, B, H, d, generator=g)).to(device=device, dtype=dtype).requires_grad_()  # other scale than q
     w_dtype = w_dtype or dtype
-    qw = (1 + 0.3 * torch.randn(d, generator=g)).to(w_dtype).requires_grad_()
-    kw = (1 + 0.3 * torch.randn(d, generator=g)).to(w_dtype).requires_grad_()
+    qw = (1 + 0.3 * torch.randn(d, generator=g)).to(device=device, dtype=w_dtype).requires_grad_()
+    kw = (1 + 0.3 * torch.randn(d, generator=g)).to(device=device, dtype=w_dtype).requires_grad_()
     return q, k, qw, kw
 
 
-def _compare(S, B, H, kw, dtype=torch.float32, w_dtype=None, d=D, tol=None, wtol=None):
+def _compare(device, S, B, H, kw, dtype=torch.float32, w_dtype=None, d=D, tol=None, wtol=None):
     """Forward outputs and gradients of q, k, both weights: kernel vs reference."""
-    inputs = _inputs(S, B, H, d, dtype, w_dtype)
+    inputs = _inputs(S, B, H, d, dtype, w_dtype, device=device)
     out = qk_norm_rope(*inputs, **kw)
     ref = qk_norm_rope_reference(*inputs, **kw)
     for o, r in zip(out, ref):
-        assert o.dtype == r.dtype and o.shape == r.shape
+        assert o.dtype == r.dtype and o.shape == r.shape and o.device == inputs[0].device
     g = torch.Generator().manual_seed(1)
-    douts = [torch.randn(o.shape, generator=g).to(dtype) for o in out]
+    douts = [torch.randn(o.shape, generator=g).to(device=device, dtype=dtype) for o in out]
     grads = torch.autograd.grad(out, inputs, douts)
     grads_ref = torch.autograd.grad(ref, inputs, douts)
     tol = tol or dict(atol=1e-5, rtol=1e-5)
@@ -62,35 +63,35 @@ def _kw(grid, K, mode, image_len, frame_offset=0, dims=DIMS, theta=256.0):
         ((2, 3, 5), 1, "release", 2, 1, 1),   # release shard holding video frames only
     ],
 )
-def test_fp32_matches_reference(grid, K, mode, frames, offset, text):
+def test_fp32_matches_reference(kernel_device, grid, K, mode, frames, offset, text):
     image_len = frames * grid[1] * grid[2]
-    _compare(image_len + text, 2, 3, _kw(grid, K, mode, image_len, offset))
+    _compare(kernel_device, image_len + text, 2, 3, _kw(grid, K, mode, image_len, offset))
 
 
-def test_text_only_and_odd_split():
+def test_text_only_and_odd_split(kernel_device):
     # image_len = 0 (the model's text stream), and a split with an empty t axis
-    _compare(5, 2, 3, _kw((2, 2, 3), 1, "release", 0, dims=(0, 8, 8)))
-    _compare(6 + 2, 1, 1, _kw((2, 2, 3), 1, "paper", 6, frame_offset=2, dims=(2, 6, 8)))
+    _compare(kernel_device, 5, 2, 3, _kw((2, 2, 3), 1, "release", 0, dims=(0, 8, 8)))
+    _compare(kernel_device, 6 + 2, 1, 1, _kw((2, 2, 3), 1, "paper", 6, frame_offset=2, dims=(2, 6, 8)))
 
 
-def test_masked_tails(monkeypatch):
+def test_masked_tails(monkeypatch, kernel_device):
     # D/2 = 10 pairs in a 16-wide tile, 5 heads in blocks of 2 (loop with a masked last block)
     monkeypatch.setattr(kr, "_MAX_BLOCK_H", 2)
-    _compare(2 * 6 + 3, 2, 5, _kw((1, 2, 3), 1, "paper", 12, dims=(4, 8, 8)), d=20)
+    _compare(kernel_device, 2 * 6 + 3, 2, 5, _kw((1, 2, 3), 1, "paper", 12, dims=(4, 8, 8)), d=20)
 
 
-def test_production_split_and_large_positions():
+def test_production_split_and_large_positions(kernel_device):
     # D = 128 split 16/56/56 as in the 13B model
-    _compare(12 + 2, 1, 2, _kw((2, 2, 3), 1, "release", 12, dims=(16, 56, 56)), d=128,
+    _compare(kernel_device, 12 + 2, 1, 2, _kw((2, 2, 3), 1, "release", 12, dims=(16, 56, 56)), d=128,
              wtol=dict(atol=2e-4, rtol=1e-5))
     # wide grid: identity w positions reach 2 * Wp - 1 = 127 rad at i = 0 (exercises the range reduction);
     # the fp32 angle itself is only good to ~1e-5 there
-    _compare(64, 1, 1, _kw((1, 1, 64), 1, "release", 64), tol=dict(atol=5e-5, rtol=1e-5))
+    _compare(kernel_device, 64, 1, 1, _kw((1, 1, 64), 1, "release", 64), tol=dict(atol=5e-5, rtol=1e-5))
 
 
-def test_theta_and_backend_torch():
+def test_theta_and_backend_torch(kernel_device):
     kw = _kw((1, 2, 3), 1, "paper", 12, theta=10000.0)
-    _compare(13, 1, 2, kw)
+    _compare(kernel_device, 13, 1, 2, kw)
     q, k, qw, kw_ = _inputs(13, 1, 2, D, torch.float32)
     for a, b in zip(qk_norm_rope(q, k, qw, kw_, **kw, backend="torch"), qk_norm_rope_reference(q, k, qw, kw_, **kw)):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
@@ -99,9 +100,10 @@ def test_theta_and_backend_torch():
 # ------------------------------------------------------------------ low precision
 @pytest.mark.parametrize("dtype, w_dtype", [(torch.bfloat16, None), (torch.bfloat16, torch.float32),
                                             (torch.float16, None)])
-def test_low_precision(dtype, w_dtype):
+def test_low_precision(kernel_device, dtype, w_dtype):
+    """On CUDA: the compiled kernels' bf16/fp16 tolerance."""
     tol = dict(atol=4e-2, rtol=2e-2)
-    out, ref = _compare(2 * 15 + 3, 2, 3, _kw((1, 3, 5), 1, "release", 30), dtype=dtype, w_dtype=w_dtype,
+    out, ref = _compare(kernel_device, 2 * 15 + 3, 2, 3, _kw((1, 3, 5), 1, "release", 30), dtype=dtype, w_dtype=w_dtype,
                         tol=tol, wtol=dict(atol=0.25, rtol=2e-2))
     # the normed value is rounded to the I/O dtype before rotating, as in the model: most elements agree exactly
     for o, r in zip(out, ref):
@@ -133,20 +135,20 @@ def _per_token_buffers(fn, inputs, image_len):
     return [s for s in rec.seen if s[3] not in known and s[1] >= image_len]
 
 
-def test_forward_allocates_no_rope_table():
+def test_forward_allocates_no_rope_table(kernel_device):
     S, B, H = 3 * 6 + 2, 2, 3
     kw = _kw((2, 2, 3), 1, "paper", 18)
-    inputs = _inputs(S, B, H, D, torch.float32)
+    inputs = _inputs(S, B, H, D, torch.float32, device=kernel_device)
     assert _per_token_buffers(lambda *a: qk_norm_rope(*a, **kw), inputs, 18) == []
     # the check can fail: the reference path builds fp32 cos/sin tables of image_len x D elements
     ref_bufs = _per_token_buffers(lambda *a: qk_norm_rope_reference(*a, **kw), inputs, 18)
     assert any(n == 18 * D and dt == torch.float32 for _, n, dt, _ in ref_bufs), ref_bufs
 
 
-def test_backward_allocates_no_rope_table():
+def test_backward_allocates_no_rope_table(kernel_device):
     S, B, H = 3 * 6 + 2, 2, 3
     kw = _kw((2, 2, 3), 1, "paper", 18)
-    inputs = _inputs(S, B, H, D, torch.float32)
+    inputs = _inputs(S, B, H, D, torch.float32, device=kernel_device)
     out = qk_norm_rope(*inputs, **kw)
     douts = [torch.ones_like(o) for o in out]
     with _RecordAllocs() as rec:
@@ -157,8 +159,8 @@ def test_backward_allocates_no_rope_table():
 
 
 # ------------------------------------------------------------------ validation
-def _base():
-    q, k, qw, kw = (t.detach() for t in _inputs(12 + 2, 1, 2, D, torch.float32))
+def _base(device="cpu"):
+    q, k, qw, kw = (t.detach() for t in _inputs(12 + 2, 1, 2, D, torch.float32, device=device))
     return dict(q=q, k=k, q_weight=qw, k_weight=kw, **_kw((1, 2, 3), 1, "release", 12))
 
 
@@ -195,9 +197,9 @@ def test_invalid_inputs(change, exc, match):
         qk_norm_rope(**args)
 
 
-def test_valid_edge_offsets():
+def test_valid_edge_offsets(kernel_device):
     # the last shard may end exactly at the last frame; a text-only call may sit past the last frame
-    args = _base()
+    args = _base(kernel_device)
     args.update(grid=(2, 2, 3), frame_offset=1)
     qk_norm_rope(**args)
     args.update(image_len=0, frame_offset=3)

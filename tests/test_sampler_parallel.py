@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tests.torchrun import REPO, _free_port
+from tests.torchrun import REPO, _free_port, backend_env
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
@@ -20,7 +20,8 @@ def _run(nproc: int, module_or_script: list[str], *args, expect=0, timeout=300) 
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
                f"--master_port={_free_port()}", *module_or_script, *map(str, args)]
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env={**ENV, **backend_env(nproc)}, capture_output=True, text=True,
+                          timeout=timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == expect, f"exit {proc.returncode} (expected {expect})\n{out[-6000:]}"
     return out

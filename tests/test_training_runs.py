@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.torchrun import REPO, _free_port
+from tests.torchrun import REPO, _free_port, backend_env
 
 ARGS = ["--config", "examples/tiny_3d.yaml", "--set", "zero_init=false", "--set", "checkpoint.save_interval=0"]
 ENV = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO)}
@@ -25,7 +25,7 @@ def launch(nproc: int, *args, env=None, **popen):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
                f"--master_port={_free_port()}", "pretrain_custom.py", *argv]
-    return subprocess.Popen(cmd, cwd=REPO, env={**ENV, **(env or {})}, stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=REPO, env={**ENV, **backend_env(nproc, env), **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **popen)
 
 
@@ -121,7 +121,7 @@ def test_bad_config_fails_fast_on_every_rank(tmp_path, case):
 
 def test_readme_demo_trains_and_logs_to_mlflow(tmp_path):
     proc = subprocess.run(["bash", "examples/train_tiny_3d.sh", str(tmp_path / "demo"), "--train-iters", "8",
-                           "--save-interval", "4"], cwd=REPO, env={**ENV, "MASTER_PORT": str(_free_port())},
+                           "--save-interval", "4"], cwd=REPO, env={**ENV, **backend_env(8), "MASTER_PORT": str(_free_port())},
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "MLflow run" in proc.stdout and "8 steps" in proc.stdout

@@ -1,4 +1,9 @@
-"""Run a test script under torchrun (gloo, CPU) and fail with its output if any rank fails."""
+"""Run a test script under torchrun and fail with its output if any rank fails.
+
+With fewer GPUs than ranks (always on a CPU host; on a one-GPU host for any multi-process test) the
+ranks run gloo on CPU tensors: `HCUSTOM_DIST_BACKEND=gloo` (hcustom_mc.device) is set for them, so
+no two NCCL ranks share a GPU. A caller's own HCUSTOM_DIST_BACKEND (in `env` or the environment) wins.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,10 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
+
+from hcustom_mc.device import BACKEND_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,13 +26,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def backend_env(nproc: int, env: dict | None = None) -> dict:
+    """The HCUSTOM_DIST_BACKEND entry for `nproc` ranks: none when `env` sets it, this process's own when
+    set, else gloo when this host has fewer GPUs than ranks (for launchers that pass a clean env)."""
+    if BACKEND_ENV in (env or {}):
+        return {}
+    if BACKEND_ENV in os.environ:
+        return {BACKEND_ENV: os.environ[BACKEND_ENV]}
+    return {BACKEND_ENV: "gloo"} if torch.cuda.device_count() < nproc else {}
+
+
 def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 600, env: dict | None = None) -> str:
     """Launch `script` on `nproc` local processes; return combined output, raise AssertionError on failure."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
         "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), *map(str, args),
     ]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])  # keep e.g. a wheel folder
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **backend_env(nproc, env), **(env or {})}
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from hcustom_mc.device import uses_cuda
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -52,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--tolerance", type=float, default=1e-5, help="max abs difference allowed (fp32 default 1e-5)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if uses_cuda() else "cpu")
     p.add_argument("--latent-shape", type=int, nargs=3, default=(3, 8, 8), metavar=("F", "H", "W"))
     p.add_argument("--text-len", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)

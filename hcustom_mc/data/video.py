@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from hcustom_mc.data.buckets import BUCKET_RATIOS, bucket_for, center_anchor, cover_size, fit_size  # noqa: F401 (re-exported)
 from hcustom_mc.data.errors import DataError
+from hcustom_mc.device import uses_cuda
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,7 @@ def resolve_backend(backend: str = "auto") -> str:
     """The concrete backend for `backend`; RuntimeError when an explicit one cannot run here."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown video backend {backend!r} (choose from {BACKENDS})")
-    cuda, dali = torch.cuda.is_available(), dali_available()
+    cuda, dali = uses_cuda(), dali_available()
     if backend == "auto":
         if cuda and dali:
             backend, why = "dali-gpu", "CUDA and nvidia-dali are available"
@@ -254,7 +255,7 @@ def resolve_backend(backend: str = "auto") -> str:
         _log_once(f"video backend: {backend} ({why})")
         return backend
     if backend == "dali-gpu" and not (cuda and dali):
-        missing = " and ".join(n for n, ok in (("CUDA (torch.cuda.is_available() is False)", cuda),
+        missing = " and ".join(n for n, ok in (("CUDA (this process computes on the CPU: no GPU, or HCUSTOM_DIST_BACKEND=gloo)", cuda),
                                                ("nvidia-dali", dali)) if not ok)
         raise RuntimeError(f"video backend 'dali-gpu' needs {missing}; use backend='auto', 'dali-cpu' or 'pyav'")
     if backend == "dali-cpu" and not dali:

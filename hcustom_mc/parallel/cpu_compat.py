@@ -17,8 +17,9 @@ megatron's ordered point-to-point path, because gloo would match them by posting
 write results through a spawned ``multiprocessing.Manager`` queue, which re-imports the launching
 script and hangs if that child fails; a plain in-process queue is used instead.
 
-`install_cpu_compat()` does nothing (and returns False) when CUDA is available, so GPU runs use
-megatron-core unchanged. Nothing outside megatron-core's own modules is touched.
+`install_cpu_compat()` does nothing (and returns False) when this process computes on CUDA
+(`hcustom_mc.device.uses_cuda()`), so GPU runs use megatron-core unchanged; with gloo on a CUDA host
+(`HCUSTOM_DIST_BACKEND=gloo`) it is installed, and the proxy reports no CUDA. Nothing outside megatron-core's own modules is touched.
 """
 
 from __future__ import annotations
@@ -124,6 +125,12 @@ class _CpuCuda:
 
     def __getattr__(self, name):
         return getattr(torch.cuda, name)
+
+    @staticmethod
+    def is_available():
+        # also on a CUDA host running gloo (HCUSTOM_DIST_BACKEND=gloo): megatron's own CUDA checks
+        # (straggler detector, TE import) must take their CPU branch
+        return False
 
     @staticmethod
     def current_device():

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from hcustom_mc.checkpoint import integrity
 from hcustom_mc.checkpoint.mcore import CONFIG_FILE, model_sharded_state_dict
 from hcustom_mc.checkpoint.safe_load import dist_load, read_json, weights_only_load
-from hcustom_mc.device import compute_device
+from hcustom_mc.device import compute_device, uses_cuda
 
 log = logging.getLogger("hcustom_mc")
 OPTIM_META = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -105,7 +105,7 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
         dist_checkpointing.save(state, str(tmp))
         _fault(step, "written")
         (tmp / "rng").mkdir(exist_ok=True)
-        torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if uses_cuda() else None},
                    tmp / "rng" / f"rank{dist.get_rank():05d}.pt")
         if dist.get_rank() == 0:
             meta = {**train_state, "step": step, "layout": _layout(), "ema": ema is not None,
@@ -202,7 +202,7 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler, load_o
     if same_layout and rng.is_file():
         states = weights_only_load(rng)
         torch.set_rng_state(states["cpu"])
-        if states["cuda"] is not None and torch.cuda.is_available():
+        if states["cuda"] is not None and uses_cuda():
             torch.cuda.set_rng_state_all(states["cuda"])
     elif dist.get_rank() == 0:
         log.warning("checkpoint layout %s differs from this run's %s: per-rank RNG state not restored "

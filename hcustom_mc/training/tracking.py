@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from hcustom_mc.device import uses_cuda
 from hcustom_mc.model.config import ModelConfig
 
 log = logging.getLogger("hcustom_mc")
@@ -42,7 +43,7 @@ def model_flops_per_sample(cfg: ModelConfig, image_tokens: int, text_tokens: int
 def peak_tflops(bf16: bool, override: float | None) -> float | None:
     if override:
         return override
-    if not torch.cuda.is_available():
+    if not uses_cuda():
         return None
     name = torch.cuda.get_device_name()
     for key, (b, f) in PEAK_TFLOPS.items():
@@ -52,7 +53,7 @@ def peak_tflops(bf16: bool, override: float | None) -> float | None:
 
 
 def peak_memory_gib() -> float:
-    if torch.cuda.is_available():
+    if uses_cuda():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 

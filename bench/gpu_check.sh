@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The prepared GPU check (bench/gpu_check.py holds the logic; `--help` lists the parts).
+#
+#   bench/gpu_check.sh --fetch-wheels .whl [--with-pyav]   # here: cp312 wheels the bare GPU image lacks (< 64 MiB)
+#   bench/gpu_check.sh --wheels .whl [--out-dir DIR]        # on the GPU machine; the device tool's carry names .whl
+#   bench/gpu_check.sh --dry-run                            # on CPU: every part at a tiny shape, plan printed
+#
+# --wheels DIR installs DIR/*.whl into a temporary folder (pip --target, no index, no dependencies) and
+# puts it on PYTHONPATH for this run only: the system's packages are never touched.
+set -u
+cd "$(dirname "$0")/.." || exit 2
+PY="${PYTHON:-python3}"
+command -v "$PY" >/dev/null 2>&1 || PY=python
+args=()
+wheels=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --wheels) wheels="${2:?--wheels needs a folder}"; shift 2 ;;
+        --wheels=*) wheels="${1#--wheels=}"; shift ;;
+        *) args+=("$1"); shift ;;
+    esac
+done
+if [ -n "$wheels" ]; then
+    ls "$wheels"/*.whl >/dev/null 2>&1 || { echo "error: no wheels in $wheels (was it named in carry?)" >&2; exit 2; }
+    site="$(mktemp -d "${TMPDIR:-/tmp}/hcustom_gpu_check_site.XXXXXX")"
+    trap 'rm -rf "$site"' EXIT
+    echo "installing $(ls "$wheels"/*.whl | wc -l) wheels from $wheels into $site (this run only)"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
+        --target "$site" "$wheels"/*.whl || { echo "error: installing the wheels from $wheels failed" >&2; exit 2; }
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+"$PY" bench/gpu_check.py ${args[@]+"${args[@]}"}
