@@ -19,6 +19,7 @@ import torch.distributed as dist
 from hcustom_mc.checkpoint.mcore import STAGE_SHARED, _stage_replica
 from hcustom_mc.model import HunyuanCustomDiT
 from hcustom_mc.model.init import initialize_weights
+from hcustom_mc.model.lora import apply_lora, is_lora_name
 from hcustom_mc.model.ops import set_kernel_backend
 from hcustom_mc.parallel.state import current_parallel_info, destroy_parallel, initialize_parallel
 from hcustom_mc.training import checkpoint as ckpt
@@ -41,7 +42,10 @@ def _is_stage_shared(name: str) -> bool:
 
 
 def _is_trainable(cfg: TrainConfig, name: str) -> bool:
-    chosen = cfg.trainable == "all" or name.startswith(NEW_MODULES)
+    if cfg.lora_rank:  # the base is frozen: adapters, and with trainable=new the new modules too
+        chosen = is_lora_name(name) or (cfg.trainable == "new" and name.startswith(NEW_MODULES))
+    else:
+        chosen = cfg.trainable == "all" or name.startswith(NEW_MODULES)
     return chosen and not any(name.startswith(p) for p in cfg.freeze)
 
 
@@ -60,6 +64,8 @@ def build_model_chunks(cfg: TrainConfig, model_cfg, cp_mode: str, device: torch.
                                  device=device)
         if initialize:
             initialize_weights(chunk, seed=cfg.init_seed, zero_init=cfg.zero_init)
+        if cfg.lora_rank:
+            apply_lora(chunk, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, seed=cfg.init_seed)
         chunk.recompute_granularity = cfg.recompute_granularity
         for name, param in chunk.named_parameters():
             param.requires_grad_(_is_trainable(cfg, name))
@@ -115,8 +121,8 @@ def allreduce_stage_shared_grads(model_chunks, shared: list[tuple[str, tuple[int
     """
     from megatron.core import parallel_state as ps
 
-    if ps.get_pipeline_model_parallel_world_size() == 1 and len(model_chunks) == 1:
-        return
+    if (ps.get_pipeline_model_parallel_world_size() == 1 and len(model_chunks) == 1) or not shared:
+        return  # (nothing shared trains with LoRA on a frozen base)
     holders: dict[str, list[torch.Tensor]] = {}
     for chunk in model_chunks:
         for name, param in ckpt.unwrap(chunk).named_parameters():
@@ -348,10 +354,18 @@ def train(cfg: TrainConfig) -> dict:
                             "saved" if cfg.checkpoint.save else "not requested: no --save")
             break
     tracker.finish()
+    history["trainable_numel"] = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
+    history["optimizer_state_numel"] = _optimizer_state_numel(optimizer)  # this rank's Adam moments
     history["bad_samples"] = batches.summarize(cfg.logging.run_dir, info.rank == 0)
     if info.rank == 0:
         (Path(cfg.logging.run_dir) / "history.json").write_text(json.dumps(history) + "\n")
     return history
+
+
+def _optimizer_state_numel(optimizer) -> int:
+    opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return sum(t.numel() for o in opts for state in o.optimizer.state.values() for k, t in state.items()
+               if k in ("exp_avg", "exp_avg_sq") and torch.is_tensor(t))
 
 
 def _nonfinite_loss(per_micro: list[float], step: int, task: str, cfg) -> str | None:

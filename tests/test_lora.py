@@ -1,0 +1,109 @@
+"""LoRA adapters (hcustom_mc/model/lora.py): frozen base, zero-start, merge == live, and LoRA training under
+TP2, PP2, CP2 and TP2 x PP2 equal to the single-process run."""
+
+import pytest
+import torch
+
+from tests.conftest import tiny_inputs
+from tests.test_training_parity import train
+
+LORA = ["--lora-rank", 4, "--lora-alpha", 8]
+
+
+def _model(rank=4):
+    from hcustom_mc.model import HunyuanCustomDiT, get_model_config, initialize_weights
+    from hcustom_mc.model.lora import apply_lora
+
+    cfg = get_model_config("tiny", "audio")
+    model = HunyuanCustomDiT(cfg)
+    initialize_weights(model, seed=3, zero_init=False)
+    inputs = tiny_inputs(cfg, seed=1)
+    base_out = model(**inputs).detach()
+    names = apply_lora(model, rank=rank, alpha=2.0 * rank)
+    return model, inputs, base_out, names
+
+
+def test_adapters_start_as_identity_and_only_they_get_grads(single_process):
+    from hcustom_mc.model.lora import is_lora_name
+
+    model, inputs, base_out, names = _model()
+    assert len(names) == 2 * 8 + 2 * 2  # tiny: 2 double blocks x 8 linears, 2 single blocks x 2
+    torch.testing.assert_close(model(**inputs), base_out, rtol=0, atol=0)  # B = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_lora_name(name))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    out = model(**inputs)
+    assert (out - base_out).abs().max() > 1e-4
+    (out.float() ** 2).mean().backward()
+    for name, p in model.named_parameters():
+        if is_lora_name(name):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+    assert "double_blocks.0.img_attn_qkv.lora_A" in dict(model.named_parameters())
+
+
+def test_merge_equals_live_adapters(single_process):
+    from hcustom_mc.model.lora import merge_lora
+
+    model, inputs, base_out, _ = _model()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.05)
+        live = model(**inputs)
+        assert merge_lora(model) == 20
+        merged = model(**inputs)
+    assert (live - base_out).abs().max() > 1e-4
+    torch.testing.assert_close(merged, live, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_targets_pattern(single_process):
+    from hcustom_mc.model import HunyuanCustomDiT, get_model_config
+    from hcustom_mc.model.lora import apply_lora
+
+    model = HunyuanCustomDiT(get_model_config("tiny", "base"))
+    assert apply_lora(model, targets=["single_blocks.*.linear1"], rank=2) == ["single_blocks.0.linear1", "single_blocks.1.linear1"]
+
+
+@pytest.fixture(scope="module")
+def lora_reference(tmp_path_factory):
+    return train(1, tmp_path_factory.mktemp("lora_single"), *LORA)
+
+
+def test_single_process_lora_trains_only_adapters(lora_reference):
+    from hcustom_mc.model import get_model_config
+    from hcustom_mc.model.lora import DEFAULT_TARGETS, match_targets
+    from hcustom_mc.training.loop import whole_model
+
+    whole = whole_model(get_model_config("tiny", "audio"))
+    adapter = 0
+    for name in match_targets(whole, DEFAULT_TARGETS):
+        out_f, in_f = whole.get_submodule(name).weight.shape
+        adapter += 4 * (in_f + out_f)
+    assert lora_reference["trainable_numel"] == adapter
+    assert lora_reference["optimizer_state_numel"] == 2 * adapter
+    assert lora_reference["losses"][0] != lora_reference["losses"][-1]
+
+
+LAYOUTS = {
+    "tp2": (2, ["--tensor-model-parallel-size", 2]),
+    "pp2": (2, ["--pipeline-model-parallel-size", 2]),
+    "cp2": (2, ["--context-parallel-size", 2, "--cp-comm-type", "ulysses"]),
+    "tp2_pp2": (4, ["--tensor-model-parallel-size", 2, "--pipeline-model-parallel-size", 2]),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_lora_layout_equals_single_process(lora_reference, tmp_path, layout):
+    nproc, args = LAYOUTS[layout]
+    got = train(nproc, tmp_path, *LORA, *args)
+    ref = lora_reference
+    assert len(got["losses"]) == len(ref["losses"]) == 3
+    for step, (a, b) in enumerate(zip(got["losses"], ref["losses"]), 1):
+        assert abs(a - b) <= 1e-5 * abs(b) + 1e-6, f"step {step} loss {a} != {b}"
+    for step, (a, b) in enumerate(zip(got["grad_norms"], ref["grad_norms"]), 1):
+        assert abs(a - b) <= 1e-5 * abs(b) + 1e-6, f"step {step} grad norm {a} != {b}"
