@@ -74,7 +74,7 @@ def lora_reference(tmp_path_factory):
     return train(1, tmp_path_factory.mktemp("lora_single"), *LORA)
 
 
-def test_single_process_lora_trains_only_adapters(lora_reference):
+def test_single_process_lora_trains_only_adapters(single_process, lora_reference):
     from hcustom_mc.model import get_model_config
     from hcustom_mc.model.lora import DEFAULT_TARGETS, match_targets
     from hcustom_mc.training.loop import whole_model
@@ -107,3 +107,64 @@ def test_lora_layout_equals_single_process(lora_reference, tmp_path, layout):
         assert abs(a - b) <= 1e-5 * abs(b) + 1e-6, f"step {step} loss {a} != {b}"
     for step, (a, b) in enumerate(zip(got["grad_norms"], ref["grad_norms"]), 1):
         assert abs(a - b) <= 1e-5 * abs(b) + 1e-6, f"step {step} grad norm {a} != {b}"
+
+
+def _size(path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@pytest.fixture(scope="module")
+def release_audio(tmp_path_factory):
+    import subprocess
+    import sys
+
+    from tests.torchrun import REPO
+
+    out = tmp_path_factory.mktemp("release")
+    subprocess.run([sys.executable, "examples/make_tiny_release.py", str(out), "--variant", "audio", "--seed", "5"],
+                   cwd=REPO, check=True, capture_output=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
+                                                                   "OMP_NUM_THREADS": "1"})
+    return out / "mp_rank_00_model_states.pt"
+
+
+def test_adapter_checkpoint_resumes_exactly_from_pretrained_and_is_small(release_audio, tmp_path):
+    import json
+
+    common = [*LORA, "--pretrained", release_audio, "--train-iters", 6]
+    whole = train(1, tmp_path / "whole", *common)
+    first = train(1, tmp_path / "a", *common, "--exit-after-iters", 3, "--save", tmp_path / "ck")
+    second = train(1, tmp_path / "b", *common, "--load", tmp_path / "ck", "--save", tmp_path / "ck")
+    assert first["losses"] + second["losses"] == whole["losses"]
+    assert first["grad_norms"] + second["grad_norms"] == whole["grad_norms"]
+    step3 = tmp_path / "ck" / "iter_0000003"
+    meta = json.loads((step3 / "train_state.json").read_text())
+    assert meta["adapter_only"] and meta["adapter_base"]["pretrained"] == str(release_audio.resolve())
+    full = train(1, tmp_path / "full", "--train-iters", 1, "--save", tmp_path / "full_ck")
+    assert _size(step3) < 0.25 * _size(tmp_path / "full_ck" / "iter_0000001"), (_size(step3), _size(tmp_path / "full_ck"))
+    assert full["losses"]
+
+
+def test_adapter_checkpoint_refuses_another_base(release_audio, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.torchrun import REPO
+
+    train(1, tmp_path / "a", *LORA, "--train-iters", 2, "--save", tmp_path / "ck")  # base: the seeded init
+    proc = subprocess.run([sys.executable, "pretrain_custom.py", "--config", "examples/tiny_3d.yaml", "--train-iters", "3",
+                           "--run-dir", str(tmp_path / "b"), *map(str, LORA), "--load", str(tmp_path / "ck"), "--pretrained", str(release_audio)],
+                          cwd=REPO, capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode != 0 and "holds LoRA adapters trained on the base" in proc.stderr + proc.stdout
+
+
+def test_trainable_new_with_lora_trains_audionet_and_adapters(single_process, tmp_path):
+    from hcustom_mc.model import get_model_config
+    from hcustom_mc.model.lora import DEFAULT_TARGETS, match_targets
+    from hcustom_mc.training.loop import NEW_MODULES, whole_model
+
+    got = train(1, tmp_path, *LORA, "--trainable", "new")
+    whole = whole_model(get_model_config("tiny", "audio"))
+    new = sum(p.numel() for n, p in whole.named_parameters() if n.startswith(NEW_MODULES))
+    adapter = sum(4 * sum(whole.get_submodule(n).weight.shape) for n in match_targets(whole, DEFAULT_TARGETS))
+    assert new > 0 and got["trainable_numel"] == new + adapter
+    assert got["optimizer_state_numel"] == 2 * (new + adapter)

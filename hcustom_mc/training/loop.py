@@ -230,12 +230,18 @@ def train(cfg: TrainConfig) -> dict:
     resume = ckpt.latest_checkpoint(cfg.checkpoint.load) if cfg.checkpoint.load and Path(cfg.checkpoint.load).exists() else None
     if cfg.checkpoint.load and resume is None and not cfg.checkpoint.pretrained:
         raise FileNotFoundError(f"--load {cfg.checkpoint.load}: no complete checkpoint there (no `latest`)")
-    pretrained = cfg.checkpoint.pretrained if resume is None else None
-    if resume is not None and cfg.checkpoint.pretrained and info.rank == 0:
+    # LoRA checkpoints hold only the adapters: resuming one rebuilds the frozen base from --pretrained (or the seed)
+    adapter_base = ckpt.base_fingerprint(cfg.checkpoint.pretrained, cfg.init_seed) if cfg.lora_rank else None
+    adapter_resume = resume is not None and bool(ckpt.read_train_state(resume).get("adapter_only"))
+    if adapter_resume:
+        ckpt.check_adapter_base(resume, ckpt.read_train_state(resume), adapter_base)
+    pretrained = cfg.checkpoint.pretrained if resume is None or adapter_resume else None
+    if resume is not None and cfg.checkpoint.pretrained and not adapter_resume and info.rank == 0:
         log.info("--load %s holds a checkpoint: resuming from it (--pretrained is used only for a fresh start)", resume)
 
     # Model, DDP, optimizer, LR schedule.
-    chunks = build_model_chunks(cfg, model_cfg, cfg.parallel.cp_mode, device, initialize=resume is None and not pretrained)
+    chunks = build_model_chunks(cfg, model_cfg, cfg.parallel.cp_mode, device,
+                                initialize=(resume is None or adapter_resume) and not pretrained)
     if pretrained:
         init_from_pretrained(cfg, chunks, model_cfg)
     check_placement(chunks, device)
@@ -346,7 +352,7 @@ def train(cfg: TrainConfig) -> dict:
             ckpt.save_checkpoint(cfg.checkpoint.save, step, model, optimizer, scheduler,
                                  {"mlflow_run_id": tracker.run_id, "consumed_samples": step * cfg.global_batch_size,
                                   "data": batches.state_dict(), "skipped_nonfinite_steps": skipped},
-                                 model_cfg, cfg.checkpoint.keep_last, ema=ema)
+                                 model_cfg, cfg.checkpoint.keep_last, ema=ema, adapter_base=adapter_base)
         if stopping:
             if info.rank == 0:
                 reason = f"signal {stop.signal}" if stop.signal else f"--exit-after-iters {cfg.exit_after_steps}"
