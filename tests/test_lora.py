@@ -168,3 +168,14 @@ def test_trainable_new_with_lora_trains_audionet_and_adapters(single_process, tm
     adapter = sum(4 * sum(whole.get_submodule(n).weight.shape) for n in match_targets(whole, DEFAULT_TARGETS))
     assert new > 0 and got["trainable_numel"] == new + adapter
     assert got["optimizer_state_numel"] == 2 * (new + adapter)
+
+
+def test_lora_flags():
+    from hcustom_mc.model.lora import DEFAULT_TARGETS
+    from hcustom_mc.training.config import build_config
+
+    cfg = build_config(["--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0.1", "--lora-targets",
+                        "single_blocks.*.linear1", "double_blocks.*.img_attn_qkv"])
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout) == (4, 8.0, 0.1)
+    assert cfg.lora_targets == ["single_blocks.*.linear1", "double_blocks.*.img_attn_qkv"]
+    assert build_config([]).lora_rank == 0 and build_config([]).lora_targets == list(DEFAULT_TARGETS)
