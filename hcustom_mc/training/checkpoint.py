@@ -47,9 +47,30 @@ def _fault(step: int, phase: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _chunks_state_dict(model_chunks) -> dict:
+def _chunks_state_dict(model_chunks, trainable_only: bool = False) -> dict:
     # One entry per model chunk (VPP); tensor keys inside are global parameter names.
-    return {f"model{i}": model_sharded_state_dict(unwrap(m)) for i, m in enumerate(model_chunks)}
+    # `trainable_only` (LoRA): the adapters (and any other trained parameters), not the frozen base.
+    def names(m):
+        return {n for n, p in unwrap(m).named_parameters() if p.requires_grad} if trainable_only else None
+
+    return {f"model{i}": model_sharded_state_dict(unwrap(m), names=names(m)) for i, m in enumerate(model_chunks)}
+
+
+def base_fingerprint(pretrained: str | None, init_seed: int) -> dict:
+    """What an adapter-only checkpoint's frozen base is: the --pretrained source (path, size and a sha256 of its
+    first 4 MiB per file, cheap even for 13B files) or the seeded fresh init."""
+    import hashlib
+
+    if not pretrained:
+        return {"init_seed": init_seed}
+    root = Path(pretrained)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.relative_to(root) if root.is_dir() else f.name}:{f.stat().st_size}".encode())
+        with open(f, "rb") as fh:
+            digest.update(fh.read(4 << 20))
+    return {"pretrained": str(root.resolve()), "sha256_head": digest.hexdigest()}
 
 
 def unwrap(module):
@@ -79,8 +100,9 @@ def _layout() -> dict:
 
 
 def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, scheduler, train_state: dict,
-                    model_config=None, keep_last: int = 2, ema=None) -> Path:
-    """Collective. Returns the final checkpoint folder. `ema` (a WeightEMA) is saved beside the weights."""
+                    model_config=None, keep_last: int = 2, ema=None, adapter_base: dict | None = None) -> Path:
+    """Collective. Returns the final checkpoint folder. `ema` (a WeightEMA) is saved beside the weights.
+    `adapter_base` (LoRA, see base_fingerprint): store only the trained parameters, with this pointer to the base."""
     from megatron.core import dist_checkpointing
 
     start = time.time()
@@ -93,7 +115,7 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
             shutil.rmtree(tmp)
         tmp.mkdir()
     dist.barrier()
-    model_sd = _chunks_state_dict(model_chunks)
+    model_sd = _chunks_state_dict(model_chunks, trainable_only=adapter_base is not None)
     state = {**model_sd}
     flat_model_sd = {f"{k}.{n}": v for k, sd in model_sd.items() for n, v in sd.items()}
     if optimizer is not None:
@@ -109,6 +131,7 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
                    tmp / "rng" / f"rank{dist.get_rank():05d}.pt")
         if dist.get_rank() == 0:
             meta = {**train_state, "step": step, "layout": _layout(), "ema": ema is not None,
+                    "adapter_only": adapter_base is not None, "adapter_base": adapter_base,
                     "scheduler": scheduler.state_dict() if scheduler is not None else None}
             (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
             if model_config is not None:
@@ -150,6 +173,14 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_adapter_base(path: str | Path, meta: dict, base: dict) -> None:
+    """Refuse to resume adapters onto a different base than they were trained on."""
+    saved = meta.get("adapter_base") or {}
+    if saved != base:
+        raise CheckpointError(f"{path} holds LoRA adapters trained on the base {saved}; this run's base is {base} "
+                              "(resume with the same --pretrained file, or the same --init-seed without --pretrained)")
+
+
 def latest_checkpoint(root: str | Path, verify: str = "size") -> Path | None:
     """The checkpoint to resume from (None when `root` has none): `root` itself if it is a checkpoint
     folder (verified, no fallback), else its `latest`, or the newest sound iter_* when `latest` is not
@@ -169,7 +200,8 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler, load_o
     path = Path(path)
     meta = read_train_state(path)
     same_layout = meta.get("layout") == _layout()
-    model_sd = _chunks_state_dict(model_chunks)
+    # an adapter-only checkpoint holds the trained parameters; the caller rebuilt the base (check_adapter_base)
+    model_sd = _chunks_state_dict(model_chunks, trainable_only=bool(meta.get("adapter_only")))
     state = {**model_sd}
     flat_model_sd = {f"{k}.{n}": v for k, sd in model_sd.items() for n, v in sd.items()}
     if optimizer is not None and load_optimizer:

@@ -18,6 +18,12 @@ import yaml
 from hcustom_mc.model.config import ConfigError
 from hcustom_mc.parallel.config import ParallelConfig
 
+def _lora_default_targets():
+    from hcustom_mc.model.lora import DEFAULT_TARGETS
+
+    return DEFAULT_TARGETS
+
+
 TASKS = ("t2v", "identity", "multi_identity", "audio", "editing")
 
 
@@ -124,6 +130,11 @@ class TrainConfig:
     zero_init: bool = True  # release zero-inits modulations and the final layer
     ema_decay: float | None = None  # EMA of the weights (e.g. 0.9999); None = off
     skip_nonfinite_steps: int = 0  # skip up to N steps with a non-finite loss or grad norm (0 = stop at the first)
+    # LoRA (hcustom_mc/model/lora.py): rank 0 = off; on, only adapters (and with trainable=new the new modules) train
+    lora_rank: int = 0
+    lora_alpha: float | None = None  # None = rank (scale 1)
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: list(_lora_default_targets()))
     optim: OptimConfig = field(default_factory=OptimConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -258,6 +269,10 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--ema-decay": ("ema_decay", float, "keep an EMA of the weights with this decay (saved, resumed, exportable)"),
     "--skip-nonfinite-steps": ("skip_nonfinite_steps", int, "skip up to N steps whose loss or grad norm is inf/NaN "
                                "(default 0: stop at the first, before the optimizer step)"),
+    "--lora-rank": ("lora_rank", int, "train LoRA adapters of this rank on the frozen base (0 = off)"),
+    "--lora-alpha": ("lora_alpha", float, "LoRA alpha (scale alpha/rank; default rank)"),
+    "--lora-dropout": ("lora_dropout", float, "dropout on the adapters' input"),
+    "--lora-targets": ("lora_targets", list, "module-name patterns (fnmatch) given adapters"),
     "--save-interval": ("checkpoint.save_interval", int, "save every N steps"),
     "--keep-last": ("checkpoint.keep_last", int, "checkpoints kept"),
     "--verify-checkpoint": ("checkpoint.verify", str, "check --load's files against the manifest: full | size | off"),

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from hcustom_mc.checkpoint.mcore import STAGE_SHARED, _stage_replica
 from hcustom_mc.model import HunyuanCustomDiT
 from hcustom_mc.model.init import initialize_weights
+from hcustom_mc.model.lora import apply_lora, is_lora_name
 from hcustom_mc.model.ops import set_kernel_backend
 from hcustom_mc.parallel.state import current_parallel_info, destroy_parallel, initialize_parallel
 from hcustom_mc.training import checkpoint as ckpt
@@ -43,7 +44,10 @@ def _is_stage_shared(name: str) -> bool:
 
 
 def _is_trainable(cfg: TrainConfig, name: str) -> bool:
-    chosen = cfg.trainable == "all" or name.startswith(NEW_MODULES)
+    if cfg.lora_rank:  # the base is frozen: adapters, and with trainable=new the new modules too
+        chosen = is_lora_name(name) or (cfg.trainable == "new" and name.startswith(NEW_MODULES))
+    else:
+        chosen = cfg.trainable == "all" or name.startswith(NEW_MODULES)
     return chosen and not any(name.startswith(p) for p in cfg.freeze)
 
 
@@ -62,6 +66,8 @@ def build_model_chunks(cfg: TrainConfig, model_cfg, cp_mode: str, device: torch.
                                  device=device)
         if initialize:
             initialize_weights(chunk, seed=cfg.init_seed, zero_init=cfg.zero_init)
+        if cfg.lora_rank:
+            apply_lora(chunk, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, seed=cfg.init_seed)
         chunk.recompute_granularity = cfg.recompute_granularity
         for name, param in chunk.named_parameters():
             param.requires_grad_(_is_trainable(cfg, name))
@@ -117,8 +123,8 @@ def allreduce_stage_shared_grads(model_chunks, shared: list[tuple[str, tuple[int
     """
     from megatron.core import parallel_state as ps
 
-    if ps.get_pipeline_model_parallel_world_size() == 1 and len(model_chunks) == 1:
-        return
+    if (ps.get_pipeline_model_parallel_world_size() == 1 and len(model_chunks) == 1) or not shared:
+        return  # (nothing shared trains with LoRA on a frozen base)
     holders: dict[str, list[torch.Tensor]] = {}
     for chunk in model_chunks:
         for name, param in ckpt.unwrap(chunk).named_parameters():
@@ -228,12 +234,18 @@ def train(cfg: TrainConfig) -> dict:
               if cfg.checkpoint.load and Path(cfg.checkpoint.load).exists() else None)
     if cfg.checkpoint.load and resume is None and not cfg.checkpoint.pretrained:
         raise FileNotFoundError(f"--load {cfg.checkpoint.load}: no complete checkpoint there (no `latest`)")
-    pretrained = cfg.checkpoint.pretrained if resume is None else None
-    if resume is not None and cfg.checkpoint.pretrained and info.rank == 0:
+    # LoRA checkpoints hold only the adapters: resuming one rebuilds the frozen base from --pretrained (or the seed)
+    adapter_base = ckpt.base_fingerprint(cfg.checkpoint.pretrained, cfg.init_seed) if cfg.lora_rank else None
+    adapter_resume = resume is not None and bool(ckpt.read_train_state(resume).get("adapter_only"))
+    if adapter_resume:
+        ckpt.check_adapter_base(resume, ckpt.read_train_state(resume), adapter_base)
+    pretrained = cfg.checkpoint.pretrained if resume is None or adapter_resume else None
+    if resume is not None and cfg.checkpoint.pretrained and not adapter_resume and info.rank == 0:
         log.info("--load %s holds a checkpoint: resuming from it (--pretrained is used only for a fresh start)", resume)
 
     # Model, DDP, optimizer, LR schedule.
-    chunks = build_model_chunks(cfg, model_cfg, cfg.parallel.cp_mode, device, initialize=resume is None and not pretrained)
+    chunks = build_model_chunks(cfg, model_cfg, cfg.parallel.cp_mode, device,
+                                initialize=(resume is None or adapter_resume) and not pretrained)
     if pretrained:
         init_from_pretrained(cfg, chunks, model_cfg)
     check_placement(chunks, device)
@@ -344,7 +356,7 @@ def train(cfg: TrainConfig) -> dict:
             ckpt.save_checkpoint(cfg.checkpoint.save, step, model, optimizer, scheduler,
                                  {"mlflow_run_id": tracker.run_id, "consumed_samples": step * cfg.global_batch_size,
                                   "data": batches.state_dict(), "skipped_nonfinite_steps": skipped},
-                                 model_cfg, cfg.checkpoint.keep_last, ema=ema)
+                                 model_cfg, cfg.checkpoint.keep_last, ema=ema, adapter_base=adapter_base)
         if stopping:
             if info.rank == 0:
                 reason = f"signal {stop.signal}" if stop.signal else f"--exit-after-iters {cfg.exit_after_steps}"
@@ -352,10 +364,18 @@ def train(cfg: TrainConfig) -> dict:
                             "saved" if cfg.checkpoint.save else "not requested: no --save")
             break
     tracker.finish()
+    history["trainable_numel"] = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
+    history["optimizer_state_numel"] = _optimizer_state_numel(optimizer)  # this rank's Adam moments
     history["bad_samples"] = batches.summarize(cfg.logging.run_dir, info.rank == 0)
     if info.rank == 0:
         (Path(cfg.logging.run_dir) / "history.json").write_text(json.dumps(history) + "\n")
     return history
+
+
+def _optimizer_state_numel(optimizer) -> int:
+    opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return sum(t.numel() for o in opts for state in o.optimizer.state.values() for k, t in state.items()
+               if k in ("exp_avg", "exp_avg_sq") and torch.is_tensor(t))
 
 
 def _nonfinite_loss(per_micro: list[float], step: int, task: str, cfg) -> str | None:
