@@ -43,12 +43,39 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_layout_equals_single_process(reference, tmp_path, layout):
-    nproc, args = LAYOUTS[layout]
-    got = train(nproc, tmp_path, *args)
+def assert_same_history(got, reference):
     assert len(got["losses"]) == len(reference["losses"]) == 3
     for step, (a, b) in enumerate(zip(got["losses"], reference["losses"]), 1):
         assert abs(a - b) <= 1e-5 * abs(b) + 1e-6, f"step {step} loss {a} != {b}"
     for step, (a, b) in enumerate(zip(got["grad_norms"], reference["grad_norms"]), 1):
         assert abs(a - b) <= 1e-5 * abs(b) + 1e-6, f"step {step} grad norm {a} != {b}"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_equals_single_process(reference, tmp_path, layout):
+    nproc, args = LAYOUTS[layout]
+    assert_same_history(train(nproc, tmp_path, *args), reference)
+
+
+# 13 pixel frames = 4 latent frames (+1 identity frame): enough whole frames for CP 4
+LONG = ["--set", "data.frames=13"]
+
+
+@pytest.fixture(scope="module")
+def reference_long(tmp_path_factory):
+    return train(1, tmp_path_factory.mktemp("single_long"), *LONG)
+
+
+LONG_LAYOUTS = {
+    "cp4_usp2x2": (4, ["--context-parallel-size", 4, "--cp-comm-type", "usp", "--ulysses-degree", 2]),
+    "cp4_ring_small_tiles": (4, ["--context-parallel-size", 4, "--cp-comm-type", "ring"]),
+}
+
+
+@pytest.mark.parametrize("layout", LONG_LAYOUTS)
+def test_long_layout_equals_single_process(reference_long, tmp_path, layout, monkeypatch):
+    nproc, args = LONG_LAYOUTS[layout]
+    if "small_tiles" in layout:  # ring tiles smaller than the local sequence: the multi-tile path in training
+        monkeypatch.setenv("HCUSTOM_ATTN_BLOCK_Q", "7")
+        monkeypatch.setenv("HCUSTOM_ATTN_BLOCK_K", "5")
+    assert_same_history(train(nproc, tmp_path, *LONG, *args), reference_long)

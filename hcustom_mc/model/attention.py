@@ -54,8 +54,8 @@ class Segments:
 class ContextParallel:
     """This rank's share of the image tokens under context parallelism (whole latent frames)."""
 
-    group: object
-    mode: str  # "ulysses" | "ring"
+    group: object  # the CP group; under "usp" the pair (ulysses sub-group, ring sub-group)
+    mode: str  # "ulysses" | "ring" | "usp"
     image_lens: list[int]  # image tokens held by each CP rank, in rank order
 
 

@@ -216,7 +216,9 @@ class HunyuanCustomDiT(MegatronModule):
         from hcustom_mc.parallel.context import frame_partition
 
         parts = frame_partition(num_frames, cp)
-        info = ContextParallel(group=ps.get_context_parallel_group(), mode=self.cp_mode,
+        from hcustom_mc.parallel.state import context_parallel_groups
+
+        info = ContextParallel(group=context_parallel_groups(self.cp_mode), mode=self.cp_mode,
                                image_lens=[len(r) * tokens_per_frame for r in parts])
         return parts[ps.get_context_parallel_rank()], info
 
