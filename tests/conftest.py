@@ -9,6 +9,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long variants, left out of the default run (-m 'not slow')")
+
+
 @pytest.fixture(scope="session")
 def single_process():
     """A world of one (gloo) with megatron parallel_state initialised at TP=PP=CP=1."""

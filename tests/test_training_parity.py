@@ -72,7 +72,7 @@ LONG_LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", LONG_LAYOUTS)
+@pytest.mark.parametrize("layout", ["cp4_usp2x2", pytest.param("cp4_ring_small_tiles", marks=pytest.mark.slow)])
 def test_long_layout_equals_single_process(reference_long, tmp_path, layout, monkeypatch):
     nproc, args = LONG_LAYOUTS[layout]
     if "small_tiles" in layout:  # ring tiles smaller than the local sequence: the multi-tile path in training

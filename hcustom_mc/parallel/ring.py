@@ -28,22 +28,24 @@ from torch import Tensor
 from hcustom_mc.parallel import blockwise
 from hcustom_mc.parallel.blockwise import Padding
 
-_TAG_KV, _TAG_DKV = 7311, 7312  # distinct tags: gloo pairs messages by tag
+_TAG_KV, _TAG_DKV = 7310, 7320  # distinct tags (+0 k, +1 v): gloo pairs messages by tag
 
 
 class _Shift:
-    """One in-flight ring transfer: send `x` to the next rank, receive a `shape` buffer from the previous."""
+    """One in-flight ring transfer: send `tensors` to the next rank, receive buffers of `shapes` from the
+    previous. Several tensors go as separate messages of one batch, so nothing is stacked (copied) first."""
 
-    def __init__(self, x: Tensor, shape, group, tag: int):
+    def __init__(self, tensors: list[Tensor], shapes: list, group, tag: int):
         cp, rank = dist.get_world_size(group), dist.get_rank(group)
         nxt = dist.get_global_rank(group, (rank + 1) % cp)
         prv = dist.get_global_rank(group, (rank - 1) % cp)
-        self.sent = x.contiguous()  # kept alive until the send completes
-        self.recv = x.new_empty(shape)
-        ops = [dist.P2POp(dist.isend, self.sent, nxt, group, tag), dist.P2POp(dist.irecv, self.recv, prv, group, tag)]
+        self.sent = [t.contiguous() for t in tensors]  # kept alive until the sends complete
+        self.recv = [tensors[0].new_empty(shape) for shape in shapes]
+        ops = [dist.P2POp(dist.isend, t, nxt, group, tag + i) for i, t in enumerate(self.sent)]
+        ops += [dist.P2POp(dist.irecv, t, prv, group, tag + i) for i, t in enumerate(self.recv)]
         self.reqs = dist.batch_isend_irecv(ops)
 
-    def wait(self) -> Tensor:
+    def wait(self) -> list[Tensor]:
         for req in self.reqs:
             req.wait()
         self.sent = None
@@ -61,7 +63,8 @@ def _paddings(B: int, S: int, L: int, text_valid: list[int], device) -> tuple[Pa
 
 class RingAttention(torch.autograd.Function):
     """q [B, H, S+L, D] (local image rows, then text), k/v_img [B, H, S, D], k/v_txt [B, H, L, D]
-    -> out [B, H, S+L, D] in q's dtype. image_lens: image tokens of every CP rank, in rank order."""
+    -> out [S+L, B, H, D] in q's dtype (sequence-first, so the caller's [S, B, H*D] view is free).
+    image_lens: image tokens of every CP rank, in rank order."""
 
     @staticmethod
     def forward(ctx, q, k_img, v_img, k_txt, v_txt, text_valid, image_lens, group):
@@ -73,18 +76,19 @@ class RingAttention(torch.autograd.Function):
         out = torch.zeros(B, H, M, D, dtype=wd, device=q.device)
         lse = torch.full((B, H, M), -math.inf, dtype=wd, device=q.device)
 
-        kv = torch.stack([k_img, v_img])  # one message per ring step
+        kv = [k_img, v_img]
         for step in range(cp):
             shift = None
             if step < cp - 1:
                 src = (rank - step - 1) % cp  # owner of the chunk arriving next
-                shift = _Shift(kv, (2, B, H, image_lens[src], D), group, _TAG_KV)
+                shift = _Shift(kv, [(B, H, image_lens[src], D)] * 2, group, _TAG_KV)
             blockwise.forward_into(q, kv[0], kv[1], pad_img, scale, out, lse)  # overlaps the transfer
             if shift is not None:
                 kv = shift.wait()
         blockwise.forward_into(q, k_txt, v_txt, pad_txt, scale, out, lse)
 
-        out = out.to(q.dtype)
+        # one copy: transpose to sequence-first and cast to the compute dtype; the fp32 accumulator is freed
+        out = torch.empty(M, B, H, D, dtype=q.dtype, device=q.device).copy_(out.permute(2, 0, 1, 3))
         ctx.save_for_backward(q, k_img, v_img, k_txt, v_txt, out, lse)
         ctx.text_valid, ctx.image_lens, ctx.group = text_valid, image_lens, group
         return out
@@ -98,26 +102,27 @@ class RingAttention(torch.autograd.Function):
         S, L = k_img.shape[2], k_txt.shape[2]
         wd, scale = lse.dtype, 1.0 / math.sqrt(D)
         pad_img, pad_txt = _paddings(B, S, L, ctx.text_valid, q.device)
-        dout = dout.contiguous()
-        delta = (dout.to(wd) * out.to(wd)).sum(dim=-1)  # rowsum(dout * out) [B, H, M]
+        delta = (dout.to(wd) * out.to(wd)).sum(dim=-1).permute(1, 2, 0)  # rowsum(dout * out) [B, H, M]
+        dout = dout.permute(1, 2, 0, 3)  # a view: tiles slice it as [B, H, rows, D]
         dq = torch.zeros(B, H, M, D, dtype=wd, device=q.device)
 
         dkv_txt = torch.zeros(2, B, H, L, D, dtype=wd, device=q.device)
         blockwise.backward_into(q, k_txt, v_txt, dout, lse, delta, pad_txt, scale, dq, dkv_txt[0], dkv_txt[1])
 
-        kv, dkv_shift = torch.stack([k_img, v_img]), None
+        kv, dkv_shift = [k_img, v_img], None
         for step in range(cp):
             src = (rank - step) % cp  # owner of the chunk held now
             kv_shift = None
             if step < cp - 1:
-                kv_shift = _Shift(kv, (2, B, H, image_lens[(src - 1) % cp], D), group, _TAG_KV)
-            grad = torch.zeros(2, B, H, image_lens[src], D, dtype=wd, device=q.device)
+                kv_shift = _Shift(kv, [(B, H, image_lens[(src - 1) % cp], D)] * 2, group, _TAG_KV)
+            grad = [torch.zeros(B, H, image_lens[src], D, dtype=wd, device=q.device) for _ in range(2)]
             blockwise.backward_into(q, kv[0], kv[1], dout, lse, delta, pad_img, scale, dq, grad[0], grad[1])
             if dkv_shift is not None:  # the previous ranks' sum for this chunk
-                grad += dkv_shift.wait()
+                for mine, theirs in zip(grad, dkv_shift.wait()):
+                    mine += theirs
             # forward the sum; at the last step the next rank is the chunk's owner and we receive ours
             nxt_len = image_lens[(src - 1) % cp] if step < cp - 1 else image_lens[rank]
-            dkv_shift = _Shift(grad, (2, B, H, nxt_len, D), group, _TAG_DKV)
+            dkv_shift = _Shift(list(grad), [(B, H, nxt_len, D)] * 2, group, _TAG_DKV)
             if kv_shift is not None:
                 kv = kv_shift.wait()
         dkv = dkv_shift.wait()
@@ -130,8 +135,9 @@ def ring_attention(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid: list[in
     """[S, B, H, D] image / [L, B, H, D] text inputs -> (img_out [S, B, H*D], txt_out [L, B, H*D])."""
     S, B, H, D = q_img.shape
     L = q_txt.shape[0]
-    bhsd = lambda t: t.permute(1, 2, 0, 3).contiguous()  # noqa: E731
-    out = RingAttention.apply(bhsd(torch.cat([q_img, q_txt])), bhsd(k_img), bhsd(v_img), bhsd(k_txt), bhsd(v_txt),
+    bhsd = lambda t: t.permute(1, 2, 0, 3)  # noqa: E731  views; the copies below make them contiguous
+    q = torch.cat([bhsd(q_img), bhsd(q_txt)], dim=2)  # one copy, straight into [B, H, S+L, D]
+    out = RingAttention.apply(q, *(bhsd(t).contiguous() for t in (k_img, v_img, k_txt, v_txt)),
                               list(text_valid), list(image_lens), group)
-    out = out.permute(2, 0, 1, 3).reshape(S + L, B, H * D)
+    out = out.reshape(S + L, B, H * D)
     return out[:S], out[S:]
