@@ -127,7 +127,7 @@ class _GatherHeads(torch.autograd.Function):
         return out, None
 
 
-def _ulysses(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, group):
+def _ulysses(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, group, cache=None):
     cp, rank = _group_size_rank(group)
     H, D = q_img.shape[2], q_img.shape[3]
     if H % cp:
@@ -139,7 +139,14 @@ def _ulysses(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, g
     heads = slice(rank * h, (rank + 1) * h)  # text is replicated: just take our heads, no communication
     q, k, v = (torch.cat([t, txt[:, :, heads]]) for t, txt in zip(qkv.unbind(3), (q_txt, k_txt, v_txt)))
     n_img, L = qkv.shape[0], q_txt.shape[0]
-    out = segment_attention(q, k, v, Segments(seq_len=n_img + L, valid=[n_img + n for n in text_valid]))
+    # the gathered sequence's segments; cached per forward so its device descriptors are built once
+    key = ("ulysses", n_img, L, tuple(text_valid))
+    seg = cache.get(key) if cache is not None else None
+    if seg is None:
+        seg = Segments(seq_len=n_img + L, valid=[n_img + n for n in text_valid])
+        if cache is not None:
+            cache[key] = seg
+    out = segment_attention(q, k, v, seg)
     B = out.shape[1]
     img = _HeadsToSeq.apply(out[:n_img].reshape(n_img, B, h, D), image_lens, group)
     txt = _GatherHeads.apply(out[n_img:].reshape(L, B, h, D), group)
@@ -149,7 +156,7 @@ def _ulysses(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, g
 # ----------------------------------------------------------------------------- hybrid (USP)
 
 
-def _usp(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, groups):
+def _usp(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, groups, cache=None):
     """Ulysses inside `groups[0]` (consecutive CP ranks), ring across `groups[1]`.
 
     CP rank c = ring_rank * u + ulysses_rank. The all-to-all gathers the image tokens of one Ulysses
@@ -167,7 +174,7 @@ def _usp(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, group
     if u == 1:  # degenerate layouts: plain ring / plain Ulysses over the one non-trivial group
         return ring_attention(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, ring)
     if r == 1:
-        return _ulysses(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, uly)
+        return _ulysses(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, uly, cache)
     h = H // u
     uly_lens = image_lens[rr * u:(rr + 1) * u]
     ring_lens = [sum(image_lens[j * u:(j + 1) * u]) for j in range(r)]
@@ -186,12 +193,13 @@ def _usp(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, group
 
 
 def cp_joint_attention(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid: list[int], image_lens: list[int],
-                       mode: str, group) -> tuple[Tensor, Tensor]:
+                       mode: str, group, cache: dict | None = None) -> tuple[Tensor, Tensor]:
     """Joint attention with the image sequence split over the CP `group`.
 
     q/k/v_img: this rank's image tokens [image_lens[rank], B, H, D]; q/k/v_txt: the replicated text
     [L, B, H, D]; text_valid[b]: valid text tokens of sample b. Returns (img_out [S_local, B, H*D],
-    txt_out [L, B, H*D]): this rank's image rows and the full text rows of the single-process result."""
+    txt_out [L, B, H*D]): this rank's image rows and the full text rows of the single-process result.
+    `cache`: a dict that lives for one model forward (JointAttention's), for per-forward descriptors."""
     if mode not in MODES:
         raise ValueError(f"context-parallel attention mode must be one of {MODES}, got {mode!r}")
     if mode == "usp":
@@ -213,6 +221,8 @@ def cp_joint_attention(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid: lis
         return out[:n], out[n:]
     args = (q_img, k_img, v_img, q_txt, k_txt, v_txt, list(text_valid), list(image_lens))
     if mode == "usp":
-        return _usp(*args, tuple(group))
+        return _usp(*args, tuple(group), cache)
     group = dist.group.WORLD if group is None else group  # p2p needs a concrete group for rank lookup
-    return (_ulysses if mode == "ulysses" else ring_attention)(*args, group)
+    if mode == "ulysses":
+        return _ulysses(*args, group, cache)
+    return ring_attention(*args, group)

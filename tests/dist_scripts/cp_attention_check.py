@@ -33,7 +33,7 @@ def usp_groups(u: int):
 
 
 def check_case(mode, *, batch, heads, frames, tokens_per_frame, text_valid, dtype, dim=8, text_len=7, seed=0):
-    from hcustom_mc.model.attention import Segments, sdpa_segment_attention
+    from hcustom_mc.model.attention import Segments, sdpa_segment_attention_looped
     from hcustom_mc.parallel.context import cp_joint_attention, frame_partition
 
     cp, rank = dist.get_world_size(), dist.get_rank()
@@ -47,7 +47,7 @@ def check_case(mode, *, batch, heads, frames, tokens_per_frame, text_valid, dtyp
     # single-process reference over the whole sequence
     ref_in = [t.to(torch.float64, copy=True).requires_grad_() for t in (q, k, v)]
     seg = Segments(seq_len=n_img + L, valid=[n_img + n for n in text_valid])
-    ref = sdpa_segment_attention(*ref_in, seg)
+    ref = sdpa_segment_attention_looped(*ref_in, seg)  # per sample and segment: independent of every CP path
 
     # this rank's share
     lo = sum(image_lens[:rank])
