@@ -32,6 +32,8 @@ def reference(tmp_path_factory):
 
 LAYOUTS = {
     "tp2": (2, ["--tensor-model-parallel-size", 2]),
+    # selective recompute frees megatron linears' saved inputs and refills them in backward
+    "tp2_selective": (2, ["--tensor-model-parallel-size", 2, "--recompute-granularity", "selective"]),
     "pp2_1f1b": (2, ["--pipeline-model-parallel-size", 2]),
     "pp2_vpp2": (2, ["--pipeline-model-parallel-size", 2, "--virtual-pipeline-model-parallel-size", 2]),
     "cp2_ulysses": (2, ["--context-parallel-size", 2, "--cp-comm-type", "ulysses"]),

@@ -29,7 +29,6 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 log = logging.getLogger("hcustom_mc")
 BACKENDS = ("auto", "fa3", "cudnn", "flash", "te", "sdpa")
@@ -101,12 +100,12 @@ class JointAttention:
     segments: Segments  # of the whole (global) sequence
     image_len: int  # image tokens on this rank
     cp: ContextParallel | None = None
-    recompute: bool = False  # selective recomputation: keep q, k, v, recompute the attention in backward
+    # selective recomputation in the blocks around this attention (norms, modulation, MLP activation,
+    # QK norm + RoPE; see model/recompute.py). The attention core itself is never recomputed.
+    selective: bool = False
     cache: dict = field(default_factory=dict, repr=False)  # per-forward descriptors of the CP paths
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.recompute and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._attend, q, k, v, use_reentrant=False)
         return self._attend(q, k, v)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

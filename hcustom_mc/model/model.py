@@ -100,7 +100,11 @@ class HunyuanCustomDiT(MegatronModule):
         self.vp_stage = vp_stage
         self.input_tensor = None
         self.cfg, self.cp_mode = cfg, cp_mode
-        self.recompute_granularity: str | None = None  # None | "full" (each block) | "selective" (attention)
+        # None | "full" (block inputs only, see run_layers) | "selective" (norms, modulation, MLP
+        # activation, QK norm + RoPE recomputed; never the attention core: model/recompute.py)
+        self.recompute_granularity: str | None = None
+        self.recompute_method: str | None = None  # full only: None (every block) | "uniform" | "block"
+        self.recompute_num_layers: int | None = None
         sub = submodules or get_linear_submodules()
         tp = ps.get_tensor_model_parallel_world_size()
         total = cfg.num_double_blocks + cfg.num_single_blocks
@@ -250,7 +254,7 @@ class HunyuanCustomDiT(MegatronModule):
             lo, hi = max(frames.start, first), max(frames.stop, first)
             audio, audio_start = audio[:, lo - first : hi - first], (lo - frames.start) * hw
         attend = JointAttention(Segments.from_text_mask((K + grid[0]) * hw, text_mask), len(frames) * hw, cp,
-                                recompute=self.recompute_granularity == "selective" and self.training)
+                                selective=self.recompute_granularity == "selective" and self.training)
         ctx = ForwardContext(batch=B, grid=grid, num_identity=K, frames=frames, image_len=len(frames) * hw, rotary=rotary,
                              attend=attend, audio=audio, audio_start=audio_start)
         return vec, ctx
@@ -292,15 +296,25 @@ class HunyuanCustomDiT(MegatronModule):
         return torch.cat([x[:start], tokens + update, x[start + frames * hw :]])
 
     def run_layers(self, x, vec, ctx: ForwardContext) -> torch.Tensor:
-        """This stage's blocks, in global order, with the audio cross-attention after its double blocks."""
-        D = self.cfg.num_double_blocks
+        """This stage's blocks, in global order, with the audio cross-attention after its double blocks.
+
+        Full recompute, as megatron's --recompute-method: None checkpoints every block; "uniform" groups
+        the blocks into runs of `recompute_num_layers` and keeps only each run's input; "block"
+        checkpoints the first `recompute_num_layers` blocks of this chunk and runs the rest normally."""
         full = self.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
-        for i in self.layers:
-            block = self.double_blocks[str(i)] if i < D else self.single_blocks[str(i - D)]
-            if full:  # keep only each block's input; recompute its activations in backward
-                x = torch.utils.checkpoint.checkpoint(block, x, vec, ctx.rotary, ctx.attend, use_reentrant=False)
+        for run, checkpointed in recompute_plan(list(self.layers), self.recompute_method if full else None,
+                                                self.recompute_num_layers, full):
+            if checkpointed:  # keep only the run's input; recompute its activations in backward
+                x = torch.utils.checkpoint.checkpoint(self._run_blocks, x, vec, ctx, run, use_reentrant=False)
             else:
-                x = block(x, vec, ctx.rotary, ctx.attend)
+                x = self._run_blocks(x, vec, ctx, run)
+        return x
+
+    def _run_blocks(self, x, vec, ctx: ForwardContext, layers: list[int]) -> torch.Tensor:
+        D = self.cfg.num_double_blocks
+        for i in layers:
+            block = self.double_blocks[str(i)] if i < D else self.single_blocks[str(i - D)]
+            x = block(x, vec, ctx.rotary, ctx.attend)
             if i < D:
                 if ctx.audio is not None and ctx.audio.shape[1] and i in self.audio_slots:
                     x = self.inject_audio(x, ctx, self.audio_slots[i])
@@ -342,6 +356,21 @@ class HunyuanCustomDiT(MegatronModule):
             x = hidden
         x = self.run_layers(x, vec, ctx)
         return self.head(x, vec, ctx) if self.post_process else x
+
+
+def recompute_plan(layers: list[int], method: str | None, num_layers: int | None,
+                   full: bool) -> list[tuple[list[int], bool]]:
+    """Runs of consecutive layers and whether each run is checkpointed as one unit (see run_layers)."""
+    if not full:
+        return [(layers, False)] if layers else []
+    if method is None:
+        return [([i], True) for i in layers]
+    n = 1 if num_layers is None else num_layers
+    if method == "uniform":
+        return [(layers[s : s + max(n, 1)], True) for s in range(0, len(layers), max(n, 1))]
+    if method == "block":
+        return [([i], True) for i in layers[:n]] + ([(layers[n:], False)] if layers[n:] else [])
+    raise ValueError(f"recompute_method must be uniform or block, got {method!r}")
 
 
 def stage_chunk(vp_stage: int | None = None) -> tuple[int, int]:

@@ -108,6 +108,8 @@ class TrainConfig:
     exit_after_steps: int | None = None  # stop (and save) after this many steps of this invocation
     bf16: bool = False
     recompute_granularity: str | None = None  # None | full | selective
+    recompute_method: str | None = None  # full only: None (every block) | uniform | block (as megatron)
+    recompute_num_layers: int | None = None  # uniform: blocks per checkpointed run; block: first N blocks per chunk
     kernels: str = "auto"  # auto (Triton on CUDA) | triton | torch: the DiT's fused glue kernels
     trainable: str = "all"  # all | new (audio / video-condition branches only)
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept frozen
@@ -132,6 +134,12 @@ class TrainConfig:
             errors.append(f"train_steps must be >= 1, got {self.train_steps}")
         if self.recompute_granularity not in (None, "full", "selective"):
             errors.append(f"recompute_granularity must be full or selective, got {self.recompute_granularity!r}")
+        if self.recompute_method not in (None, "uniform", "block"):
+            errors.append(f"recompute_method must be uniform or block, got {self.recompute_method!r}")
+        elif self.recompute_method and self.recompute_granularity != "full":
+            errors.append("--recompute-method needs --recompute-granularity full")
+        if self.recompute_num_layers is not None and (self.recompute_num_layers < 0 or not self.recompute_method):
+            errors.append("--recompute-num-layers needs --recompute-method and a value >= 0")
         if self.kernels not in ("auto", "triton", "torch"):
             errors.append(f"kernels must be auto, triton or torch, got {self.kernels!r}")
         if self.trainable not in ("all", "new"):
@@ -206,7 +214,9 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--train-iters": ("train_steps", int, "optimizer steps"),
     "--exit-after-iters": ("exit_after_steps", int, "stop after N steps of this run, saving a checkpoint (the LR schedule still spans --train-iters)"),
     "--bf16": ("bf16", bool, "bf16 compute with fp32 main weights"),
-    "--recompute-granularity": ("recompute_granularity", str, "full (every block) or selective (attention core)"),
+    "--recompute-granularity": ("recompute_granularity", str, "full (block inputs only) or selective (norms, modulation, MLP activation, RoPE; never the attention core)"),
+    "--recompute-method": ("recompute_method", str, "full only: uniform (runs of N blocks) or block (first N blocks per chunk)"),
+    "--recompute-num-layers": ("recompute_num_layers", int, "N for --recompute-method"),
     "--kernels": ("kernels", str, "auto (Triton on CUDA) | triton | torch"),
     "--model": ("model", str, "tiny | 13b | ModelConfig file"),
     "--variant": ("variant", str, "base | audio | editing"),

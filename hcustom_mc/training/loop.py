@@ -51,6 +51,7 @@ def build_model_chunks(cfg: TrainConfig, model_cfg, cp_mode: str) -> list[Hunyua
         chunk = HunyuanCustomDiT(model_cfg, params_dtype=dtype, vp_stage=v if vpp else None, cp_mode=cp_mode)
         initialize_weights(chunk, seed=cfg.init_seed, zero_init=cfg.zero_init)
         chunk.recompute_granularity = cfg.recompute_granularity
+        chunk.recompute_method, chunk.recompute_num_layers = cfg.recompute_method, cfg.recompute_num_layers
         for name, param in chunk.named_parameters():
             param.requires_grad_(_is_trainable(cfg, name))
             if _is_stage_shared(name):
