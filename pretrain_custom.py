@@ -20,6 +20,9 @@ def main(argv=None) -> int:
 
     try:
         cfg = build_config(argv)
+        from hcustom_mc.training.overlap import set_cuda_connections
+
+        set_cuda_connections(cfg.parallel.tensor_parallel)  # before anything starts CUDA
         run(cfg)
     except (ConfigError, FileNotFoundError) as exc:
         # every rank validates the same config, so every rank exits here with the same message

@@ -81,3 +81,21 @@ def test_long_layout_equals_single_process(reference_long, tmp_path, layout, mon
         monkeypatch.setenv("HCUSTOM_ATTN_BLOCK_Q", "7")
         monkeypatch.setenv("HCUSTOM_ATTN_BLOCK_K", "5")
     assert_same_history(train(nproc, tmp_path, *LONG, *args), reference_long)
+
+
+# the base variant on t2v + identity uses every parameter every step: megatron's overlapped gradient
+# reduction and parameter gather are on by default there (training/overlap.py)
+BASE_VARIANT = ["--variant", "base", "--set", "data.task_weights={t2v: 1.0, identity: 1.0}"]
+
+
+@pytest.fixture(scope="module")
+def reference_base(tmp_path_factory):
+    return train(1, tmp_path_factory.mktemp("single_base"), *BASE_VARIANT)
+
+
+def test_dp2_overlapped_reduce_and_gather_equals_single_process(reference_base, tmp_path):
+    """Saving every step checks that the parameters are complete when written (params_ready)."""
+    argv = [*BASE, *BASE_VARIANT, "--run-dir", tmp_path, "--save", tmp_path / "ck", "--set", "checkpoint.save_interval=1"]
+    out = torchrun(2, "pretrain_custom.py", *argv)
+    assert "overlap: grad reduce True, param gather True, distributed optimizer True (DP 2)" in out
+    assert_same_history(json.loads((tmp_path / "history.json").read_text()), reference_base)

@@ -70,7 +70,7 @@ class ForwardContext:
 class HunyuanCustomDiT(MegatronModule):
     def __init__(self, cfg: ModelConfig, submodules: LinearSubmodules | None = None, params_dtype=torch.float32,
                  vp_stage: int | None = None, layers: range | None = None, cp_mode: str = "ulysses",
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, config_overrides: dict | None = None):
         """Build the whole model, or one pipeline stage of it.
 
         Layers are numbered globally over [double blocks ; single blocks]. By default the stage is the
@@ -81,10 +81,11 @@ class HunyuanCustomDiT(MegatronModule):
         `cp_mode` picks the context-parallel attention (ulysses or ring) when CP > 1.
         Every parameter is created on `device` (default: `hcustom_mc.device.compute_device()`);
         `device="meta"` builds the structure without allocating anything (names and shapes).
+        `config_overrides`: megatron TransformerConfig fields set by training (gradient_accumulation_fusion).
         """
         cfg.validate()
         device = resolve_device(device)
-        config = megatron_config(cfg, params_dtype, device)
+        config = megatron_config(cfg, params_dtype, device, **(config_overrides or {}))
         super().__init__(config)
         with torch.device(device):
             self._build(cfg, config, submodules, vp_stage, layers, cp_mode)

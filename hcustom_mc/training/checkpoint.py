@@ -72,6 +72,10 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
     """Collective. Returns the final checkpoint folder."""
     from megatron.core import dist_checkpointing
 
+    from hcustom_mc.training.overlap import params_ready
+
+    params_ready(model_chunks)  # overlap_param_gather leaves the parameters incomplete until the next forward
+
     start = time.time()
     root = Path(root)
     final = root / f"iter_{step:07d}"

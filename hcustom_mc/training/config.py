@@ -32,7 +32,9 @@ class OptimConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
-    use_distributed_optimizer: bool = True  # ZeRO-1 over data parallel ranks
+    use_distributed_optimizer: bool = True  # ZeRO-1 over data parallel ranks (used only at DP > 1)
+    overlap_grad_reduce: bool = True  # DP > 1: reduce gradient buckets during backward (training/overlap.py)
+    overlap_param_gather: bool = True  # distributed optimizer: gather parameters during the next forward
 
 
 @dataclass
@@ -229,6 +231,8 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--weight-decay": ("optim.weight_decay", float, "AdamW weight decay (not on biases/norms)"),
     "--clip-grad": ("optim.clip_grad", float, "global gradient-norm clip"),
     "--no-distributed-optimizer": ("optim.use_distributed_optimizer", "false", "keep full optimizer state on every DP rank"),
+    "--no-overlap-grad-reduce": ("optim.overlap_grad_reduce", "false", "reduce gradients after backward, not during it"),
+    "--no-overlap-param-gather": ("optim.overlap_param_gather", "false", "gather parameters right after the step"),
     "--seed": ("data.seed", int, "data / noise seed"),
     "--data-type": ("data.dataset", str, "synthetic | shards | manifest"),
     "--data-path": ("data.path", str, "shard folder (shards) or manifest.jsonl (manifest)"),

@@ -24,6 +24,7 @@ from hcustom_mc.training import checkpoint as ckpt
 from hcustom_mc.training.config import TrainConfig, config_json
 from hcustom_mc.training.batches import BatchMaker
 from hcustom_mc.training.objective import flow_matching_loss_sum
+from hcustom_mc.training.overlap import ddp_and_optimizer_overlap
 from hcustom_mc.training.tracking import Tracker, model_flops_per_sample, peak_memory_gib, peak_tflops
 from hcustom_mc.device import compute_device
 
@@ -41,14 +42,15 @@ def _is_trainable(cfg: TrainConfig, name: str) -> bool:
     return chosen and not any(name.startswith(p) for p in cfg.freeze)
 
 
-def build_model_chunks(cfg: TrainConfig, model_cfg, cp_mode: str) -> list[HunyuanCustomDiT]:
+def build_model_chunks(cfg: TrainConfig, model_cfg, cp_mode: str, config_overrides: dict | None = None) -> list[HunyuanCustomDiT]:
     from megatron.core import parallel_state as ps
 
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     chunks = []
     for v in range(vpp or 1):
-        chunk = HunyuanCustomDiT(model_cfg, params_dtype=dtype, vp_stage=v if vpp else None, cp_mode=cp_mode)
+        chunk = HunyuanCustomDiT(model_cfg, params_dtype=dtype, vp_stage=v if vpp else None, cp_mode=cp_mode,
+                                 config_overrides=config_overrides)
         initialize_weights(chunk, seed=cfg.init_seed, zero_init=cfg.zero_init)
         chunk.recompute_granularity = cfg.recompute_granularity
         chunk.recompute_method, chunk.recompute_num_layers = cfg.recompute_method, cfg.recompute_num_layers
@@ -185,18 +187,18 @@ def train(cfg: TrainConfig) -> dict:
                  cfg.parallel.cp_mode, info.dp_size, _sp_status(cfg))
 
     # Model, DDP, optimizer, LR schedule.
-    chunks = build_model_chunks(cfg, model_cfg, cfg.parallel.cp_mode)
+    overlap = ddp_and_optimizer_overlap(cfg, info)  # exact overlap / fusion defaults (training/overlap.py)
+    chunks = build_model_chunks(cfg, model_cfg, cfg.parallel.cp_mode, overlap.model)
     # the trainable stage-shared parameters, the same list on every rank (some stages hold none)
     shared = [(n, s) for n, s in stage_shared_names(model_cfg) if _is_trainable(cfg, n)]
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, **overlap.ddp)
     model = [DistributedDataParallel(c.config, ddp_config, c, disable_bucketing=i > 0) for i, c in enumerate(chunks)]
     opt_config = OptimizerConfig(optimizer="adam", lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
                                  weight_decay=cfg.optim.weight_decay, adam_beta1=cfg.optim.adam_beta1,
                                  adam_beta2=cfg.optim.adam_beta2, adam_eps=cfg.optim.adam_eps,
                                  clip_grad=cfg.optim.clip_grad, bf16=cfg.bf16,
                                  params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
-                                 use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
+                                 **overlap.optimizer)
     optimizer = get_megatron_optimizer(opt_config, model)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, lr_warmup_steps=cfg.optim.warmup_steps,
