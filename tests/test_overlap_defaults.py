@@ -54,3 +54,19 @@ def test_cuda_connections_only_with_tp(monkeypatch):
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")  # the user's choice wins
     set_cuda_connections(2)
     assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "8"
+
+
+def test_resume_keeps_the_checkpoint_optimizer_format(tmp_path):
+    import json
+
+    ck = tmp_path / "iter_0000002"
+    ck.mkdir()
+    (tmp_path / "latest").write_text("iter_0000002\n")
+    cfg = base_cfg()
+    cfg.checkpoint.load = str(tmp_path)
+    (ck / "train_state.json").write_text(json.dumps({"step": 2, "distributed_optimizer": True}))
+    assert ddp_and_optimizer_overlap(cfg, info(1), fusion_usable=False).ddp["use_distributed_optimizer"]
+    (ck / "train_state.json").write_text(json.dumps({"step": 2, "distributed_optimizer": False}))
+    assert not ddp_and_optimizer_overlap(cfg, info(2), fusion_usable=False).ddp["use_distributed_optimizer"]
+    (ck / "train_state.json").write_text(json.dumps({"step": 2}))  # written before the key existed
+    assert ddp_and_optimizer_overlap(cfg, info(1), fusion_usable=False).ddp["use_distributed_optimizer"]

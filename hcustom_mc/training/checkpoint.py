@@ -100,6 +100,9 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
                tmp / "rng" / f"rank{dist.get_rank():05d}.pt")
     if dist.get_rank() == 0:
         meta = {**train_state, "step": step, "layout": _layout(),
+                # the optimizer-state format (training/overlap.py keeps it when resuming)
+                "distributed_optimizer": any(type(o).__name__ == "DistributedOptimizer"
+                                             for o in getattr(optimizer, "chained_optimizers", [optimizer])),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None}
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         if model_config is not None:

@@ -6,7 +6,8 @@ Everything turned on here is exact (the same sums, in the same buckets, only iss
   overlap_param_gather   the distributed optimizer's parameter all-gather runs during the next
                          forward, bucket by bucket, instead of after the step      (distributed optimizer)
   distributed optimizer  off at DP = 1: with one replica its reduce-scatter / all-gather of the whole
-                         buffers is pure overhead (measured +5.5% of a CPU step)
+                         buffers is pure overhead (measured +5.5% of a CPU step). A resumed run
+                         keeps the optimizer-state format of its checkpoint (the two differ).
   gradient_accumulation_fusion
                          weight gradients accumulated into main_grad inside the GEMM; needs CUDA,
                          transformer-engine linears and apex's fused_weight_gradient_mlp_cuda (the
@@ -61,6 +62,27 @@ def every_parameter_used_every_step(cfg) -> bool:
     return branch_task is None or wants <= {branch_task}
 
 
+def resumed_optimizer_format(cfg) -> bool | None:
+    """Whether the checkpoint this run resumes holds distributed-optimizer state (None: no resume).
+
+    megatron's plain and distributed optimizers store their state under different keys, so a resumed
+    run keeps the format it finds; checkpoints from before the key was written all used the
+    distributed optimizer."""
+    if not cfg.checkpoint.load:
+        return None
+    import json
+
+    from hcustom_mc.training.checkpoint import STATE_FILE, latest_checkpoint
+
+    try:
+        path = latest_checkpoint(cfg.checkpoint.load)
+    except Exception:
+        return None  # the loop reports a broken checkpoint itself
+    if path is None:
+        return None
+    return bool(json.loads((path / STATE_FILE).read_text()).get("distributed_optimizer", True))
+
+
 def ddp_and_optimizer_overlap(cfg, info, *, fusion_usable: bool | None = None) -> Overlap:
     """The DDP / optimizer / model-config settings for this run (see the module docstring).
 
@@ -68,6 +90,13 @@ def ddp_and_optimizer_overlap(cfg, info, *, fusion_usable: bool | None = None) -
     `fusion_usable` overrides the environment probe (tests)."""
     dp = info.dp_size
     distopt = bool(cfg.optim.use_distributed_optimizer) and dp > 1
+    resumed = resumed_optimizer_format(cfg)
+    if resumed is not None and resumed != distopt:
+        if info.rank == 0:
+            log.warning("resuming a checkpoint with %s optimizer state: keeping that format (distributed "
+                        "optimizer %s) instead of the default for DP %d", "distributed" if resumed else "plain",
+                        resumed, dp)
+        distopt = resumed
     grad = bool(getattr(cfg.optim, "overlap_grad_reduce", True)) and dp > 1 and every_parameter_used_every_step(cfg)
     params = bool(getattr(cfg.optim, "overlap_param_gather", True)) and distopt and grad
     fusion = _grad_accum_fusion_usable() if fusion_usable is None else fusion_usable
