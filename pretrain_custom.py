@@ -28,6 +28,9 @@ def main(argv=None) -> int:
 
     try:
         cfg = build_config(argv)
+        from hcustom_mc.training.overlap import set_cuda_connections
+
+        set_cuda_connections(cfg.parallel.tensor_parallel)  # before anything starts CUDA
         run(cfg)
     except NonFiniteError as exc:
         # every rank sees the same reduced loss / grad norm, so every rank stops here; the last checkpoint stands

@@ -11,11 +11,55 @@ from tests.torchrun import torchrun
 SCRIPT = "tests/dist_scripts/cp_attention_check.py"
 
 
-@pytest.mark.parametrize("mode", ["ulysses", "ring"])
-def test_cp2_equals_single_process(mode):
-    """Outputs and gradients over 2 gloo ranks, uneven frame split, padded text (see the script)."""
-    out = torchrun(2, SCRIPT, mode, timeout=120)
-    assert f"cp attention {mode} OK" in out
+SMALL_TILES = {"HCUSTOM_ATTN_BLOCK_Q": "8", "HCUSTOM_ATTN_BLOCK_K": "5"}  # tiles cut every sequence at odd places
+
+
+@pytest.mark.parametrize("nproc, args, env", [
+    (2, ["ulysses"], {}),
+    (2, ["ring"], {}),
+    (2, ["ring"], SMALL_TILES),
+    (3, ["ring"], SMALL_TILES),
+    (4, ["usp", "2"], SMALL_TILES),
+], ids=["cp2_ulysses", "cp2_ring", "cp2_ring_small_tiles", "cp3_ring_small_tiles", "cp4_usp2x2_small_tiles"])
+def test_cp_equals_single_process(nproc, args, env):
+    """Outputs and gradients (fp32, fp64, bf16) against single-process fp64 segment attention: uneven frame
+    splits, odd lengths, padded text (see the script)."""
+    out = torchrun(nproc, SCRIPT, *args, timeout=180, env=env)
+    assert f"cp attention {args[0]} OK" in out
+
+
+@pytest.mark.parametrize("block", [(1024, 1024), (7, 5), (16, 3)])
+def test_blockwise_tiles_equal_reference(block):
+    """forward_into / backward_into at odd tile sizes equal autograd through an explicit masked softmax."""
+    import math
+
+    from hcustom_mc.parallel import blockwise
+
+    g = torch.Generator().manual_seed(3)
+    B, H, M, N, D = 2, 3, 23, 19, 8
+    q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=torch.float64) for n in (M, N, N))
+    dout = torch.randn(B, H, M, D, generator=g, dtype=torch.float64)
+    q_pad = torch.zeros(B, M, dtype=torch.bool)
+    q_pad[0, 17:], q_pad[1, 20:] = True, True
+    k_pad = torch.zeros(B, N, dtype=torch.bool)
+    k_pad[0, 11:], k_pad[1, 15:] = True, True
+    pad = blockwise.Padding(q_pad, 17, k_pad, 11)
+    scale = 1 / math.sqrt(D)
+
+    out = torch.zeros(B, H, M, D, dtype=torch.float64)
+    lse = torch.full((B, H, M), -math.inf, dtype=torch.float64)
+    blockwise.forward_into(q, k, v, pad, scale, out, lse, *block)
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    s = (ref_in[0] @ ref_in[1].transpose(-1, -2) * scale).masked_fill(~(q_pad[:, None, :, None] == k_pad[:, None, None, :]), -math.inf)
+    ref = s.softmax(-1) @ ref_in[2]
+    torch.testing.assert_close(out, ref.detach())
+    torch.testing.assert_close(lse, s.logsumexp(-1).detach())
+    ref.backward(dout)
+    grads = [torch.zeros_like(t) for t in (q, k, v)]
+    delta = (dout * out).sum(-1)
+    blockwise.backward_into(q, k, v, dout, lse, delta, pad, scale, *grads, *block)
+    for got, t in zip(grads, ref_in):
+        torch.testing.assert_close(got, t.grad)
 
 
 @pytest.mark.parametrize(

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 from hcustom_mc.model import ops
 from hcustom_mc.model.attention import JointAttention, masked_attention
 from hcustom_mc.model.layers import Modulation, RMSNorm
+from hcustom_mc.model.recompute import consume
 from hcustom_mc.model.spec import LinearSubmodules, build_column, build_row
 from hcustom_mc.parallel.sharding import mark_tp_split
 
@@ -34,7 +36,8 @@ def _row(sub, in_f, out_f, config, segments):
 
 
 class MLP(nn.Module):
-    """fc1 (column) -> activation -> fc2 (row)."""
+    """fc1 (column) -> activation -> fc2 (row). Under selective recompute the activation output (the
+    4x-wide input fc2 keeps) is freed after fc2 and recomputed in backward."""
 
     def __init__(self, hidden, mlp_hidden, config, sub, activation):
         super().__init__()
@@ -42,12 +45,28 @@ class MLP(nn.Module):
         self.fc2 = _row(sub, mlp_hidden, hidden, config, [mlp_hidden])
         self.activation = activation
 
-    def forward(self, x):
-        return self.fc2(self.activation(self.fc1(x)[0]))[0]
+    def forward(self, x, selective: bool = False):
+        return consume(selective, self.activation, (self.fc1(x)[0],), lambda a: self.fc2(a)[0])
 
 
 def gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
+
+
+def norm_linear(selective: bool, linear, x, shift, scale, eps):
+    """linear(layernorm_modulate(x)); under selective recompute the normed input the linear keeps is
+    freed after the linear and recomputed from x (kept anyway as the residual) in backward."""
+    return consume(selective, lambda x_, sh, sc: ops.layernorm_modulate(x_, sh, sc, eps), (x, shift, scale),
+                   lambda h: linear(h)[0] if not isinstance(linear, MLP) else linear(h, selective))
+
+
+def norm_and_rotate(selective: bool, rotary, q, k, q_norm, k_norm, image_len):
+    """QK RMSNorm + RoPE; under selective recompute their fp32 intermediates are not kept (checkpoint:
+    only q, k before the norm are saved; the rotated q, k are what attention keeps anyway)."""
+    if selective:
+        return torch.utils.checkpoint.checkpoint(rotary.norm_and_rotate, q, k, q_norm, k_norm, image_len,
+                                                 use_reentrant=False)
+    return rotary.norm_and_rotate(q, k, q_norm, k_norm, image_len)
 
 
 def split_heads(x: torch.Tensor, parts: int, head_dim: int) -> list[torch.Tensor]:
@@ -68,24 +87,24 @@ class DoubleStreamBlock(nn.Module):
             setattr(self, f"{stream}_attn_proj", _row(sub, H, H, config, [H]))
             setattr(self, f"{stream}_mlp", MLP(H, M, config, sub, gelu_tanh))
 
-    def _qkv(self, stream: str, x, shift, scale):
-        out, _ = getattr(self, f"{stream}_attn_qkv")(ops.layernorm_modulate(x, shift, scale, self.eps))
+    def _qkv(self, stream: str, x, shift, scale, selective):
+        out = norm_linear(selective, getattr(self, f"{stream}_attn_qkv"), x, shift, scale, self.eps)
         return split_heads(out, 3, self.head_dim)
 
     def forward(self, x, vec, rotary: ops.Rotary, attend: JointAttention):
-        image_len = attend.image_len
+        image_len, sel = attend.image_len, attend.selective
         img, txt = x[:image_len], x[image_len:]
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
-        iq, ik, iv = self._qkv("img", img, i_shift1, i_scale1)
-        iq, ik = rotary.norm_and_rotate(iq, ik, self.img_attn_q_norm, self.img_attn_k_norm, image_len)
-        tq, tk, tv = self._qkv("txt", txt, t_shift1, t_scale1)
-        tq, tk = rotary.norm_and_rotate(tq, tk, self.txt_attn_q_norm, self.txt_attn_k_norm, 0)
+        iq, ik, iv = self._qkv("img", img, i_shift1, i_scale1, sel)
+        iq, ik = norm_and_rotate(sel, rotary, iq, ik, self.img_attn_q_norm, self.img_attn_k_norm, image_len)
+        tq, tk, tv = self._qkv("txt", txt, t_shift1, t_scale1, sel)
+        tq, tk = norm_and_rotate(sel, rotary, tq, tk, self.txt_attn_q_norm, self.txt_attn_k_norm, 0)
         attn = attend(torch.cat([iq, tq]), torch.cat([ik, tk]), torch.cat([iv, tv]))
         img = ops.gated_residual(img, i_gate1, self.img_attn_proj(attn[:image_len])[0])
-        img = ops.gated_residual(img, i_gate2, self.img_mlp(ops.layernorm_modulate(img, i_shift2, i_scale2, self.eps)))
+        img = ops.gated_residual(img, i_gate2, norm_linear(sel, self.img_mlp, img, i_shift2, i_scale2, self.eps))
         txt = ops.gated_residual(txt, t_gate1, self.txt_attn_proj(attn[image_len:])[0])
-        txt = ops.gated_residual(txt, t_gate2, self.txt_mlp(ops.layernorm_modulate(txt, t_shift2, t_scale2, self.eps)))
+        txt = ops.gated_residual(txt, t_gate2, norm_linear(sel, self.txt_mlp, txt, t_shift2, t_scale2, self.eps))
         return torch.cat([img, txt])
 
 
@@ -104,14 +123,16 @@ class SingleStreamBlock(nn.Module):
         self.modulation = Modulation(H, 3, config, sub)
 
     def forward(self, x, vec, rotary: ops.Rotary, attend: JointAttention):
-        image_len = attend.image_len
+        image_len, sel = attend.image_len, attend.selective
         shift, scale, gate = self.modulation(vec)
-        out, _ = self.linear1(ops.layernorm_modulate(x, shift, scale, self.eps))
+        out = norm_linear(sel, self.linear1, x, shift, scale, self.eps)
         qkv, mlp = out[..., : self.qkv_local], out[..., self.qkv_local :]
         q, k, v = split_heads(qkv, 3, self.head_dim)
-        q, k = rotary.norm_and_rotate(q, k, self.q_norm, self.k_norm, image_len)
+        q, k = norm_and_rotate(sel, rotary, q, k, self.q_norm, self.k_norm, image_len)
         attn = attend(q, k, v)
-        return ops.gated_residual(x, gate, self.linear2(torch.cat([attn, gelu_tanh(mlp)], dim=-1))[0])
+        # selective: linear2's [attn ; gelu(mlp)] input (H + 4H wide) is freed and rebuilt in backward
+        fused = consume(sel, lambda a, m: torch.cat([a, gelu_tanh(m)], dim=-1), (attn, mlp), lambda h: self.linear2(h)[0])
+        return ops.gated_residual(x, gate, fused)
 
 
 class RefinerBlock(nn.Module):

@@ -70,7 +70,7 @@ class ForwardContext:
 class HunyuanCustomDiT(MegatronModule):
     def __init__(self, cfg: ModelConfig, submodules: LinearSubmodules | None = None, params_dtype=torch.float32,
                  vp_stage: int | None = None, layers: range | None = None, cp_mode: str = "ulysses",
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, config_overrides: dict | None = None):
         """Build the whole model, or one pipeline stage of it.
 
         Layers are numbered globally over [double blocks ; single blocks]. By default the stage is the
@@ -81,10 +81,11 @@ class HunyuanCustomDiT(MegatronModule):
         `cp_mode` picks the context-parallel attention (ulysses or ring) when CP > 1.
         Every parameter is created on `device` (default: `hcustom_mc.device.compute_device()`);
         `device="meta"` builds the structure without allocating anything (names and shapes).
+        `config_overrides`: megatron TransformerConfig fields set by training (gradient_accumulation_fusion).
         """
         cfg.validate()
         device = resolve_device(device)
-        config = megatron_config(cfg, params_dtype, device)
+        config = megatron_config(cfg, params_dtype, device, **(config_overrides or {}))
         super().__init__(config)
         with torch.device(device):
             self._build(cfg, config, submodules, vp_stage, layers, cp_mode)
@@ -100,7 +101,11 @@ class HunyuanCustomDiT(MegatronModule):
         self.vp_stage = vp_stage
         self.input_tensor = None
         self.cfg, self.cp_mode = cfg, cp_mode
-        self.recompute_granularity: str | None = None  # None | "full" (each block) | "selective" (attention)
+        # None | "full" (block inputs only, see run_layers) | "selective" (norms, modulation, MLP
+        # activation, QK norm + RoPE recomputed; never the attention core: model/recompute.py)
+        self.recompute_granularity: str | None = None
+        self.recompute_method: str | None = None  # full only: None (every block) | "uniform" | "block"
+        self.recompute_num_layers: int | None = None
         sub = submodules or get_linear_submodules()
         tp = ps.get_tensor_model_parallel_world_size()
         total = cfg.num_double_blocks + cfg.num_single_blocks
@@ -216,7 +221,9 @@ class HunyuanCustomDiT(MegatronModule):
         from hcustom_mc.parallel.context import frame_partition
 
         parts = frame_partition(num_frames, cp)
-        info = ContextParallel(group=ps.get_context_parallel_group(), mode=self.cp_mode,
+        from hcustom_mc.parallel.state import context_parallel_groups
+
+        info = ContextParallel(group=context_parallel_groups(self.cp_mode), mode=self.cp_mode,
                                image_lens=[len(r) * tokens_per_frame for r in parts])
         return parts[ps.get_context_parallel_rank()], info
 
@@ -248,7 +255,7 @@ class HunyuanCustomDiT(MegatronModule):
             lo, hi = max(frames.start, first), max(frames.stop, first)
             audio, audio_start = audio[:, lo - first : hi - first], (lo - frames.start) * hw
         attend = JointAttention(Segments.from_text_mask((K + grid[0]) * hw, text_mask), len(frames) * hw, cp,
-                                recompute=self.recompute_granularity == "selective" and self.training)
+                                selective=self.recompute_granularity == "selective" and self.training)
         ctx = ForwardContext(batch=B, grid=grid, num_identity=K, frames=frames, image_len=len(frames) * hw, rotary=rotary,
                              attend=attend, audio=audio, audio_start=audio_start)
         return vec, ctx
@@ -290,15 +297,25 @@ class HunyuanCustomDiT(MegatronModule):
         return torch.cat([x[:start], tokens + update, x[start + frames * hw :]])
 
     def run_layers(self, x, vec, ctx: ForwardContext) -> torch.Tensor:
-        """This stage's blocks, in global order, with the audio cross-attention after its double blocks."""
-        D = self.cfg.num_double_blocks
+        """This stage's blocks, in global order, with the audio cross-attention after its double blocks.
+
+        Full recompute, as megatron's --recompute-method: None checkpoints every block; "uniform" groups
+        the blocks into runs of `recompute_num_layers` and keeps only each run's input; "block"
+        checkpoints the first `recompute_num_layers` blocks of this chunk and runs the rest normally."""
         full = self.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
-        for i in self.layers:
-            block = self.double_blocks[str(i)] if i < D else self.single_blocks[str(i - D)]
-            if full:  # keep only each block's input; recompute its activations in backward
-                x = torch.utils.checkpoint.checkpoint(block, x, vec, ctx.rotary, ctx.attend, use_reentrant=False)
+        for run, checkpointed in recompute_plan(list(self.layers), self.recompute_method if full else None,
+                                                self.recompute_num_layers, full):
+            if checkpointed:  # keep only the run's input; recompute its activations in backward
+                x = torch.utils.checkpoint.checkpoint(self._run_blocks, x, vec, ctx, run, use_reentrant=False)
             else:
-                x = block(x, vec, ctx.rotary, ctx.attend)
+                x = self._run_blocks(x, vec, ctx, run)
+        return x
+
+    def _run_blocks(self, x, vec, ctx: ForwardContext, layers: list[int]) -> torch.Tensor:
+        D = self.cfg.num_double_blocks
+        for i in layers:
+            block = self.double_blocks[str(i)] if i < D else self.single_blocks[str(i - D)]
+            x = block(x, vec, ctx.rotary, ctx.attend)
             if i < D:
                 if ctx.audio is not None and ctx.audio.shape[1] and i in self.audio_slots:
                     x = self.inject_audio(x, ctx, self.audio_slots[i])
@@ -340,6 +357,21 @@ class HunyuanCustomDiT(MegatronModule):
             x = hidden
         x = self.run_layers(x, vec, ctx)
         return self.head(x, vec, ctx) if self.post_process else x
+
+
+def recompute_plan(layers: list[int], method: str | None, num_layers: int | None,
+                   full: bool) -> list[tuple[list[int], bool]]:
+    """Runs of consecutive layers and whether each run is checkpointed as one unit (see run_layers)."""
+    if not full:
+        return [(layers, False)] if layers else []
+    if method is None:
+        return [([i], True) for i in layers]
+    n = 1 if num_layers is None else num_layers
+    if method == "uniform":
+        return [(layers[s : s + max(n, 1)], True) for s in range(0, len(layers), max(n, 1))]
+    if method == "block":
+        return [([i], True) for i in layers[:n]] + ([(layers[n:], False)] if layers[n:] else [])
+    raise ValueError(f"recompute_method must be uniform or block, got {method!r}")
 
 
 def stage_chunk(vp_stage: int | None = None) -> tuple[int, int]:

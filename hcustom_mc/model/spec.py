@@ -76,7 +76,8 @@ def build_row(spec: ModuleSpec, in_f: int, out_f: int, config, *, bias: bool = T
     )
 
 
-def megatron_config(cfg, params_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+def megatron_config(cfg, params_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                    gradient_accumulation_fusion: bool = False):
     """The megatron TransformerConfig that parallel linear layers read (sizes, dtype, TP).
 
     megatron allocates its linears on `torch.cuda.current_device()` unless `use_cpu_initialization`;
@@ -100,6 +101,6 @@ def megatron_config(cfg, params_dtype: torch.dtype = torch.float32, device: torc
         bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=resolve_device(device).type != "cuda",
         perform_initialization=False,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=gradient_accumulation_fusion,
         sequence_parallel=False,
     )

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from hcustom_mc.model.config import ConfigError, ModelConfig
 
-CP_MODES = ("ulysses", "ring")
+CP_MODES = ("ulysses", "ring", "usp")
 
 
 @dataclass
@@ -20,7 +20,14 @@ class ParallelConfig:
     virtual_pipeline_parallel: int | None = None
     context_parallel: int = 1
     cp_mode: str = "ulysses"
+    ulysses_degree: int | None = None  # usp only: Ulysses group size (divides context_parallel)
     sequence_parallel: bool = False
+
+    def cp_sub_sizes(self) -> list[int] | None:
+        """[ulysses, ring] sub-group sizes of the CP group under usp (megatron's hierarchical CP groups)."""
+        if self.cp_mode != "usp" or self.context_parallel == 1:
+            return None
+        return [self.ulysses_degree, self.context_parallel // self.ulysses_degree]
 
     def data_parallel(self, world_size: int) -> int:
         return world_size // (self.tensor_parallel * self.pipeline_parallel * self.context_parallel)
@@ -39,6 +46,12 @@ class ParallelConfig:
             )
         if self.cp_mode not in CP_MODES:
             errors.append(f"cp_mode must be one of {CP_MODES}, got {self.cp_mode!r}")
+        if self.cp_mode == "usp":
+            u = self.ulysses_degree
+            if not isinstance(u, int) or u < 1 or cp % u:
+                errors.append(f"cp_mode usp needs --ulysses-degree dividing context_parallel {cp}, got {u!r}")
+        elif self.ulysses_degree not in (None, 1) and self.ulysses_degree != cp:
+            errors.append(f"--ulysses-degree {self.ulysses_degree} needs --cp-comm-type usp")
         if vpp is not None:
             if vpp < 1:
                 errors.append(f"virtual_pipeline_parallel must be >= 1, got {vpp}")
@@ -51,6 +64,12 @@ class ParallelConfig:
                 errors.append(
                     f"Ulysses context parallel splits the {model.num_heads // tp} heads per TP rank across CP; "
                     f"{model.num_heads // tp} is not divisible by context_parallel {cp} (use cp_mode='ring')"
+                )
+            elif cp > 1 and self.cp_mode == "usp" and isinstance(self.ulysses_degree, int) and self.ulysses_degree > 0 \
+                    and (model.num_heads // tp) % self.ulysses_degree:
+                errors.append(
+                    f"usp splits the {model.num_heads // tp} heads per TP rank over the Ulysses degree "
+                    f"{self.ulysses_degree}: not divisible (use a smaller --ulysses-degree or cp_mode='ring')"
                 )
             if model.hidden_size % tp:
                 errors.append(f"hidden_size {model.hidden_size} is not divisible by tensor_parallel {tp}")

@@ -7,8 +7,12 @@ replicated on every rank. The result equals single-process `segment_attention` o
 
   ulysses: all-to-all heads <-> sequence, attention on H/cp heads of the full sequence, all-to-all back.
            Needs heads % cp == 0; uses the regular attention backends (flash / TE / SDPA).
-  ring:    image K/V chunks travel around the ring; an online softmax merges the partial results.
-           Any head count; plain torch ops (scores of local queries vs. one chunk are materialised).
+  ring:    image K/V chunks travel around the ring (`parallel/ring.py`): one autograd.Function,
+           flash-style tiles merged through the log-sum-exp, transfers overlapped with compute,
+           backward recomputed from the saved log-sum-exp. Any head count; memory O(sequence).
+  usp:     both (hybrid Ulysses x ring): Ulysses inside groups of `u` consecutive CP ranks, ring
+           across the cp/u groups. Needs heads % u == 0. `group` is then the pair of sub-groups
+           (Ulysses, ring) that `parallel/state.py` creates once (megatron's hierarchical CP groups).
 
 Every collective is an autograd.Function whose backward is the adjoint collective, so gradients
 are exact. Gradients of the replicated text q/k/v are per-rank partial sums: summing them over the
@@ -17,16 +21,14 @@ CP group (as the data/CP gradient reduction does for replicated parameters) give
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from hcustom_mc.model.attention import Segments, segment_attention
+from hcustom_mc.parallel.ring import ring_attention
 
-MODES = ("ulysses", "ring")
-_TAG_FWD, _TAG_BWD = 7301, 7302  # distinct p2p tags so forward and backward messages never pair up
+MODES = ("ulysses", "ring", "usp")
 
 
 def frame_partition(num_frames: int, cp_size: int) -> list[range]:
@@ -125,7 +127,7 @@ class _GatherHeads(torch.autograd.Function):
         return out, None
 
 
-def _ulysses(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, group):
+def _ulysses(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, group, cache=None):
     cp, rank = _group_size_rank(group)
     H, D = q_img.shape[2], q_img.shape[3]
     if H % cp:
@@ -137,103 +139,76 @@ def _ulysses(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, g
     heads = slice(rank * h, (rank + 1) * h)  # text is replicated: just take our heads, no communication
     q, k, v = (torch.cat([t, txt[:, :, heads]]) for t, txt in zip(qkv.unbind(3), (q_txt, k_txt, v_txt)))
     n_img, L = qkv.shape[0], q_txt.shape[0]
-    out = segment_attention(q, k, v, Segments(seq_len=n_img + L, valid=[n_img + n for n in text_valid]))
+    # the gathered sequence's segments; cached per forward so its device descriptors are built once
+    key = ("ulysses", n_img, L, tuple(text_valid))
+    seg = cache.get(key) if cache is not None else None
+    if seg is None:
+        seg = Segments(seq_len=n_img + L, valid=[n_img + n for n in text_valid])
+        if cache is not None:
+            cache[key] = seg
+    out = segment_attention(q, k, v, seg)
     B = out.shape[1]
     img = _HeadsToSeq.apply(out[:n_img].reshape(n_img, B, h, D), image_lens, group)
     txt = _GatherHeads.apply(out[n_img:].reshape(L, B, h, D), group)
     return img.reshape(img.shape[0], B, H * D), txt.reshape(L, B, H * D)
 
 
-# ----------------------------------------------------------------------------- ring
+# ----------------------------------------------------------------------------- hybrid (USP)
 
 
-def _ring_p2p(x: Tensor, recv_shape, group, forward: bool) -> Tensor:
-    """Send `x` to the next rank and receive from the previous one (forward), or the reverse."""
-    cp, rank = _group_size_rank(group)
-    nxt, prv = dist.get_global_rank(group, (rank + 1) % cp), dist.get_global_rank(group, (rank - 1) % cp)
-    dst, src, tag = (nxt, prv, _TAG_FWD) if forward else (prv, nxt, _TAG_BWD)
-    recv = x.new_empty(recv_shape)
-    ops = [dist.P2POp(dist.isend, x.contiguous(), dst, group, tag), dist.P2POp(dist.irecv, recv, src, group, tag)]
-    for req in dist.batch_isend_irecv(ops):
-        req.wait()
-    return recv
+def _usp(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, groups, cache=None):
+    """Ulysses inside `groups[0]` (consecutive CP ranks), ring across `groups[1]`.
 
-
-class _RingShift(torch.autograd.Function):
-    """Differentiable ring step: the gradient of the received chunk goes back to its sender."""
-
-    @staticmethod
-    def forward(ctx, x, recv_shape, group):
-        ctx.send_shape, ctx.group = x.shape, group
-        return _ring_p2p(x, recv_shape, group, forward=True)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _ring_p2p(grad, ctx.send_shape, ctx.group, forward=False), None, None
-
-
-def _ring(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, group):
-    cp, rank = _group_size_rank(group)
-    S, B, H, D = q_img.shape
-    L = q_txt.shape[0]
-    dtype = q_img.dtype
-    work = torch.promote_types(dtype, torch.float32)  # softmax statistics in (at least) fp32
-    to_bhsd = lambda t: t.to(work).permute(1, 2, 0, 3)  # noqa: E731  [S, B, H, D] -> [B, H, S, D]
-    scale = 1.0 / math.sqrt(D)
-
-    # queries: local image + all text (replicated compute, so txt_out needs no communication)
-    q = to_bhsd(torch.cat([q_img, q_txt])) * scale
-    dev = q.device
-    pos = torch.arange(L, device=dev)
-    txt_valid = pos[None, :] < torch.tensor(text_valid, device=dev)[:, None]  # [B, L]
-    q_valid = torch.cat([torch.ones(B, S, dtype=torch.bool, device=dev), txt_valid], dim=1)  # [B, S+L]
-    img_mask = q_valid[:, None, :, None]  # padded text queries never see image keys
-    txt_mask = (q_valid[:, :, None] == txt_valid[:, None, :])[:, None]  # valid<->valid, pad<->pad
-
-    m = torch.full((B, H, S + L, 1), -math.inf, dtype=work, device=dev)  # running max, detached
-    num = torch.zeros(B, H, S + L, D, dtype=work, device=dev)
-    den = torch.zeros(B, H, S + L, 1, dtype=work, device=dev)
-
-    def merge(k, v, mask):
-        nonlocal m, num, den
-        s = (q @ k.transpose(-1, -2)).masked_fill(~mask, -math.inf)
-        m_new = torch.maximum(m, s.detach().amax(dim=-1, keepdim=True))
-        # rows with no allowed key so far: any finite reference works (all their terms are zero)
-        ref = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        alpha = torch.exp(m - ref)  # exp(-inf) = 0 for rows that had nothing yet
-        p = torch.exp(s - ref)
-        num = num * alpha + p @ v
-        den = den * alpha + p.sum(dim=-1, keepdim=True)
-        m = m_new
-
-    kv = torch.stack([to_bhsd(k_img), to_bhsd(v_img)]).contiguous()  # one message per ring step
-    for step in range(cp):
-        merge(kv[0], kv[1], img_mask)
-        if step < cp - 1:
-            src = (rank - step - 1) % cp  # owner of the chunk arriving now
-            shape = (2, B, H, image_lens[src], D)
-            kv = _RingShift.apply(kv, shape, group)
-    merge(to_bhsd(k_txt), to_bhsd(v_txt), txt_mask)
-
-    # every row saw at least one key (itself among the padding, or the image), so den >= 1
-    out = (num / den.clamp_min(torch.finfo(work).tiny)).to(dtype)  # [B, H, S+L, D]
-    out = out.permute(2, 0, 1, 3).reshape(S + L, B, H * D)
-    return out[:S], out[S:]
+    CP rank c = ring_rank * u + ulysses_rank. The all-to-all gathers the image tokens of one Ulysses
+    group and scatters heads (H/u per rank); the ring then runs over the r Ulysses groups, every member
+    of the ring holding the same head slice; a final all-to-all gives each rank its rows back."""
+    uly, ring = groups
+    u, ur = _group_size_rank(uly)
+    r, rr = _group_size_rank(ring)
+    H, D = q_img.shape[2], q_img.shape[3]
+    if H % u:
+        raise ValueError(f"usp context parallelism needs heads ({H}) divisible by the Ulysses degree ({u}); "
+                         f"use a smaller --ulysses-degree or mode='ring'")
+    if len(image_lens) != u * r:
+        raise ValueError(f"usp: {len(image_lens)} image shards for a {u} x {r} CP group")
+    if u == 1:  # degenerate layouts: plain ring / plain Ulysses over the one non-trivial group
+        return ring_attention(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, ring)
+    if r == 1:
+        return _ulysses(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, uly, cache)
+    h = H // u
+    uly_lens = image_lens[rr * u:(rr + 1) * u]
+    ring_lens = [sum(image_lens[j * u:(j + 1) * u]) for j in range(r)]
+    qkv = _SeqToHeads.apply(torch.stack([q_img, k_img, v_img], dim=3), uly_lens, uly)
+    heads = slice(ur * h, (ur + 1) * h)
+    q, k, v = qkv.unbind(3)
+    n, B, L = q.shape[0], q.shape[1], q_txt.shape[0]
+    img, txt = ring_attention(q, k, v, q_txt[:, :, heads], k_txt[:, :, heads], v_txt[:, :, heads], text_valid,
+                              ring_lens, ring)
+    img = _HeadsToSeq.apply(img.reshape(n, B, h, D), uly_lens, uly)
+    txt = _GatherHeads.apply(txt.reshape(L, B, h, D), uly)
+    return img.reshape(img.shape[0], B, H * D), txt.reshape(L, B, H * D)
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
 def cp_joint_attention(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid: list[int], image_lens: list[int],
-                       mode: str, group) -> tuple[Tensor, Tensor]:
+                       mode: str, group, cache: dict | None = None) -> tuple[Tensor, Tensor]:
     """Joint attention with the image sequence split over the CP `group`.
 
     q/k/v_img: this rank's image tokens [image_lens[rank], B, H, D]; q/k/v_txt: the replicated text
     [L, B, H, D]; text_valid[b]: valid text tokens of sample b. Returns (img_out [S_local, B, H*D],
-    txt_out [L, B, H*D]): this rank's image rows and the full text rows of the single-process result."""
+    txt_out [L, B, H*D]): this rank's image rows and the full text rows of the single-process result.
+    `cache`: a dict that lives for one model forward (JointAttention's), for per-forward descriptors."""
     if mode not in MODES:
         raise ValueError(f"context-parallel attention mode must be one of {MODES}, got {mode!r}")
-    cp, rank = _group_size_rank(group)
+    if mode == "usp":
+        if not isinstance(group, (tuple, list)) or len(group) != 2:
+            raise ValueError("usp needs group = (ulysses_group, ring_group)")
+        (u, ur), (r, rr) = _group_size_rank(group[0]), _group_size_rank(group[1])
+        cp, rank = u * r, rr * u + ur
+    else:
+        cp, rank = _group_size_rank(group)
     if len(image_lens) != cp or image_lens[rank] != q_img.shape[0]:
         raise ValueError(f"image_lens {image_lens} does not match CP size {cp} / local image tokens "
                          f"{q_img.shape[0]} on CP rank {rank}")
@@ -244,6 +219,10 @@ def cp_joint_attention(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid: lis
         seg = Segments(seq_len=n + q_txt.shape[0], valid=[n + v for v in text_valid])
         out = segment_attention(torch.cat([q_img, q_txt]), torch.cat([k_img, k_txt]), torch.cat([v_img, v_txt]), seg)
         return out[:n], out[n:]
+    args = (q_img, k_img, v_img, q_txt, k_txt, v_txt, list(text_valid), list(image_lens))
+    if mode == "usp":
+        return _usp(*args, tuple(group), cache)
     group = dist.group.WORLD if group is None else group  # p2p needs a concrete group for rank lookup
-    fn = _ulysses if mode == "ulysses" else _ring
-    return fn(q_img, k_img, v_img, q_txt, k_txt, v_txt, list(text_valid), list(image_lens), group)
+    if mode == "ulysses":
+        return _ulysses(*args, group, cache)
+    return ring_attention(*args, group)

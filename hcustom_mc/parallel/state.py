@@ -78,13 +78,16 @@ def initialize_parallel(
         pipeline_model_parallel_size=pcfg.pipeline_parallel,
         virtual_pipeline_model_parallel_size=pcfg.virtual_pipeline_parallel,
         context_parallel_size=pcfg.context_parallel,
+        # usp: the Ulysses (consecutive CP ranks) and ring (strided) sub-groups, created once here
+        hierarchical_context_parallel_sizes=pcfg.cp_sub_sizes(),
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     info = current_parallel_info()
     if info.rank == 0:
         log.info(
-            "parallel layout: world %d = TP %d x PP %d x CP %d (%s) x DP %d on %s (%s)",
-            info.world_size, info.tp_size, info.pp_size, info.cp_size, pcfg.cp_mode, info.dp_size,
+            "parallel layout: world %d = TP %d x PP %d x CP %d (%s%s) x DP %d on %s (%s)",
+            info.world_size, info.tp_size, info.pp_size, info.cp_size, pcfg.cp_mode,
+            f" {pcfg.cp_sub_sizes()[0]} x {pcfg.cp_sub_sizes()[1]}" if pcfg.cp_sub_sizes() else "", info.dp_size,
             info.device.type, dist.get_backend(),
         )
     return info
@@ -100,6 +103,19 @@ def current_parallel_info() -> ParallelInfo:
         cp_rank=ps.get_context_parallel_rank(), cp_size=ps.get_context_parallel_world_size(),
         dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(), device=compute_device(),
     )
+
+
+def context_parallel_groups(mode: str):
+    """What CP attention takes as its group: the CP group, or (ulysses, ring) sub-groups under usp."""
+    from megatron.core import parallel_state as ps
+
+    if mode == "usp":
+        groups = ps.get_hierarchical_context_parallel_groups(check_initialized=False)
+        if not groups or len(groups) != 2:
+            raise RuntimeError("cp_mode usp needs parallel_state initialised with the usp sub-groups "
+                               "(ParallelConfig.ulysses_degree; see initialize_parallel)")
+        return tuple(groups)
+    return ps.get_context_parallel_group()
 
 
 def destroy_parallel() -> None:

@@ -105,6 +105,10 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
     `adapter_base` (LoRA, see base_fingerprint): store only the trained parameters, with this pointer to the base."""
     from megatron.core import dist_checkpointing
 
+    from hcustom_mc.training.overlap import params_ready
+
+    params_ready(model_chunks)  # overlap_param_gather leaves the parameters incomplete until the next forward
+
     start = time.time()
     root = Path(root)
     final = root / f"iter_{step:07d}"
@@ -132,6 +136,9 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
         if dist.get_rank() == 0:
             meta = {**train_state, "step": step, "layout": _layout(), "ema": ema is not None,
                     "adapter_only": adapter_base is not None, "adapter_base": adapter_base,
+                    # the optimizer-state format (training/overlap.py keeps it when resuming)
+                    "distributed_optimizer": any(type(o).__name__ == "DistributedOptimizer"
+                                                 for o in getattr(optimizer, "chained_optimizers", [optimizer])),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None}
             (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
             if model_config is not None:

@@ -38,7 +38,9 @@ class OptimConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
-    use_distributed_optimizer: bool = True  # ZeRO-1 over data parallel ranks
+    use_distributed_optimizer: bool = True  # ZeRO-1 over data parallel ranks (used only at DP > 1)
+    overlap_grad_reduce: bool = True  # DP > 1: reduce gradient buckets during backward (training/overlap.py)
+    overlap_param_gather: bool = True  # distributed optimizer: gather parameters during the next forward
 
 
 @dataclass
@@ -123,6 +125,8 @@ class TrainConfig:
     exit_after_steps: int | None = None  # stop (and save) after this many steps of this invocation
     bf16: bool = False
     recompute_granularity: str | None = None  # None | full | selective
+    recompute_method: str | None = None  # full only: None (every block) | uniform | block (as megatron)
+    recompute_num_layers: int | None = None  # uniform: blocks per checkpointed run; block: first N blocks per chunk
     kernels: str = "auto"  # auto (Triton on CUDA) | triton | torch: the DiT's fused glue kernels
     trainable: str = "all"  # all | new (audio / video-condition branches only)
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept frozen
@@ -158,6 +162,12 @@ class TrainConfig:
             errors.append(f"train_steps must be >= 1, got {self.train_steps}")
         if self.recompute_granularity not in (None, "full", "selective"):
             errors.append(f"recompute_granularity must be full or selective, got {self.recompute_granularity!r}")
+        if self.recompute_method not in (None, "uniform", "block"):
+            errors.append(f"recompute_method must be uniform or block, got {self.recompute_method!r}")
+        elif self.recompute_method and self.recompute_granularity != "full":
+            errors.append("--recompute-method needs --recompute-granularity full")
+        if self.recompute_num_layers is not None and (self.recompute_num_layers < 0 or not self.recompute_method):
+            errors.append("--recompute-num-layers needs --recompute-method and a value >= 0")
         if self.kernels not in ("auto", "triton", "torch"):
             errors.append(f"kernels must be auto, triton or torch, got {self.kernels!r}")
         if self.trainable not in ("all", "new"):
@@ -230,14 +240,17 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--pipeline-model-parallel-size": ("parallel.pipeline_parallel", int, "PP size"),
     "--virtual-pipeline-model-parallel-size": ("parallel.virtual_pipeline_parallel", int, "model chunks per PP rank (interleaved 1F1B)"),
     "--context-parallel-size": ("parallel.context_parallel", int, "CP size (image tokens split by whole latent frames)"),
-    "--cp-comm-type": ("parallel.cp_mode", str, "ulysses (all-to-all) or ring (K/V around the ring)"),
+    "--cp-comm-type": ("parallel.cp_mode", str, "ulysses (all-to-all), ring (K/V around the ring) or usp (both)"),
+    "--ulysses-degree": ("parallel.ulysses_degree", int, "usp: Ulysses group size inside the CP group"),
     "--sequence-parallel": ("parallel.sequence_parallel", bool, "sequence parallel with TP (GPU only)"),
     "--micro-batch-size": ("micro_batch_size", int, "samples per micro batch"),
     "--global-batch-size": ("global_batch_size", int, "samples per optimizer step"),
     "--train-iters": ("train_steps", int, "optimizer steps"),
     "--exit-after-iters": ("exit_after_steps", int, "stop after N steps of this run, saving a checkpoint (the LR schedule still spans --train-iters)"),
     "--bf16": ("bf16", bool, "bf16 compute with fp32 main weights"),
-    "--recompute-granularity": ("recompute_granularity", str, "full (every block) or selective (attention core)"),
+    "--recompute-granularity": ("recompute_granularity", str, "full (block inputs only) or selective (norms, modulation, MLP activation, RoPE; never the attention core)"),
+    "--recompute-method": ("recompute_method", str, "full only: uniform (runs of N blocks) or block (first N blocks per chunk)"),
+    "--recompute-num-layers": ("recompute_num_layers", int, "N for --recompute-method"),
     "--kernels": ("kernels", str, "auto (Triton on CUDA) | triton | torch"),
     "--model": ("model", str, "tiny | 13b | ModelConfig file"),
     "--variant": ("variant", str, "base | audio | editing"),
@@ -250,6 +263,8 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--weight-decay": ("optim.weight_decay", float, "AdamW weight decay (not on biases/norms)"),
     "--clip-grad": ("optim.clip_grad", float, "global gradient-norm clip"),
     "--no-distributed-optimizer": ("optim.use_distributed_optimizer", "false", "keep full optimizer state on every DP rank"),
+    "--no-overlap-grad-reduce": ("optim.overlap_grad_reduce", "false", "reduce gradients after backward, not during it"),
+    "--no-overlap-param-gather": ("optim.overlap_param_gather", "false", "gather parameters right after the step"),
     "--seed": ("data.seed", int, "data / noise seed"),
     "--data-type": ("data.dataset", str, "synthetic | shards | manifest"),
     "--data-path": ("data.path", str, "shard folder (shards) or manifest.jsonl (manifest)"),

@@ -31,6 +31,7 @@ from hcustom_mc.training.batches import BatchMaker
 from hcustom_mc.training.objective import flow_matching_loss_sum
 from hcustom_mc.training.save_lock import prepare_save_folder
 from hcustom_mc.training.save_lock import release_all as release_save_locks
+from hcustom_mc.training.overlap import ddp_and_optimizer_overlap
 from hcustom_mc.training.tracking import Tracker, model_flops_per_sample, peak_memory_gib, peak_tflops
 from hcustom_mc.device import compute_device, misplaced, resolve_device
 
@@ -52,9 +53,10 @@ def _is_trainable(cfg: TrainConfig, name: str) -> bool:
 
 
 def build_model_chunks(cfg: TrainConfig, model_cfg, cp_mode: str, device: torch.device | str | None = None,
-                       initialize: bool = True) -> list[HunyuanCustomDiT]:
+                       initialize: bool = True, config_overrides: dict | None = None) -> list[HunyuanCustomDiT]:
     """This rank's model chunks (one per VPP stage), every parameter on `device` (default: the compute device).
-    `initialize=False` leaves the weights for a checkpoint to fill (resume, pretrained)."""
+    `initialize=False` leaves the weights for a checkpoint to fill (resume, pretrained); `config_overrides` are
+    megatron TransformerConfig fields (overlap / fusion, training/overlap.py)."""
     from megatron.core import parallel_state as ps
 
     device = resolve_device(device)
@@ -63,12 +65,13 @@ def build_model_chunks(cfg: TrainConfig, model_cfg, cp_mode: str, device: torch.
     chunks = []
     for v in range(vpp or 1):
         chunk = HunyuanCustomDiT(model_cfg, params_dtype=dtype, vp_stage=v if vpp else None, cp_mode=cp_mode,
-                                 device=device)
+                                 device=device, config_overrides=config_overrides)
         if initialize:
             initialize_weights(chunk, seed=cfg.init_seed, zero_init=cfg.zero_init)
         if cfg.lora_rank:
             apply_lora(chunk, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, seed=cfg.init_seed)
         chunk.recompute_granularity = cfg.recompute_granularity
+        chunk.recompute_method, chunk.recompute_num_layers = cfg.recompute_method, cfg.recompute_num_layers
         for name, param in chunk.named_parameters():
             param.requires_grad_(_is_trainable(cfg, name))
             if _is_stage_shared(name):
@@ -244,22 +247,23 @@ def train(cfg: TrainConfig) -> dict:
         log.info("--load %s holds a checkpoint: resuming from it (--pretrained is used only for a fresh start)", resume)
 
     # Model, DDP, optimizer, LR schedule.
+    overlap = ddp_and_optimizer_overlap(cfg, info)  # exact overlap / fusion defaults (training/overlap.py)
     chunks = build_model_chunks(cfg, model_cfg, cfg.parallel.cp_mode, device,
-                                initialize=(resume is None or adapter_resume) and not pretrained)
+                                initialize=(resume is None or adapter_resume) and not pretrained,
+                                config_overrides=overlap.model)
     if pretrained:
         init_from_pretrained(cfg, chunks, model_cfg)
     check_placement(chunks, device)
     # the trainable stage-shared parameters, the same list on every rank (some stages hold none)
     shared = [(n, s) for n, s in stage_shared_names(model_cfg) if _is_trainable(cfg, n)]
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, **overlap.ddp)
     model = [DistributedDataParallel(c.config, ddp_config, c, disable_bucketing=i > 0) for i, c in enumerate(chunks)]
     opt_config = OptimizerConfig(optimizer="adam", lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
                                  weight_decay=cfg.optim.weight_decay, adam_beta1=cfg.optim.adam_beta1,
                                  adam_beta2=cfg.optim.adam_beta2, adam_eps=cfg.optim.adam_eps,
                                  clip_grad=cfg.optim.clip_grad, bf16=cfg.bf16,
                                  params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
-                                 use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
+                                 **overlap.optimizer)
     optimizer = get_megatron_optimizer(opt_config, model)
     scheduler = build_scheduler(cfg, optimizer, override=cfg.checkpoint.override_schedule)
     ema = WeightEMA(optimizer, model, cfg.ema_decay) if cfg.ema_decay else None

@@ -1,0 +1,180 @@
+"""Benchmark the joint-attention kernels at 13B head geometry, and the cost of a padded CFG batch.
+
+    python bench/attention.py                                   # CPU: a small shape (proves the paths run)
+    python bench/attention.py --seq 16384,65536 --dtype bf16 --out bench/results/attention_h100.md   # GPU
+    python bench/attention.py --seq 122000 --heads 6 ...          # 720p x 129 frames, heads per rank at TP4
+
+13B geometry: 24 heads x 128 (pass --heads 24/TP for one tensor-parallel rank); 720p x 129 frames is
+about 119k image + 256 text tokens. For every kernel usable here (model/attention.py's dispatch order,
+plus `blockwise`, the portable tile kernel of ring attention) the table gives the median forward and
+forward + backward time and the achieved TFLOP/s, counted as
+    forward  = 4 * B * H * S^2 * D          (two S x S x D matmuls, non-causal)
+    backward = 2.5 x forward                (five matmuls; recomputation is not counted)
+Padded CFG batch: batch 2 = [prompt with all text valid ; negative prompt with --neg-valid valid text
+tokens] through the padded path (one call per segment kind), against one unpadded call of the same
+batch and length (what padding would cost if it were free) and the per-sample loop it replaces.
+Absolute numbers mean something only on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import write_report  # noqa: E402
+from hcustom_mc.model import attention  # noqa: E402
+from hcustom_mc.model.attention import Segments  # noqa: E402
+from hcustom_mc.parallel import blockwise  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, warmup: int, iters: int) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def forward_flops(B: int, H: int, S: int, D: int) -> float:
+    return 4.0 * B * H * S * S * D
+
+
+def _blockwise(q, k, v, segments: Segments, backward: bool):
+    """The ring's portable tile kernel on one rank (all keys local), forward and optionally its flash-style
+    backward (recomputed per tile from the log-sum-exp), exactly as ring attention runs them per chunk."""
+    S, B, H, D = q.shape
+    qb, kb, vb = (t.detach().permute(1, 2, 0, 3) for t in (q, k, v))
+    pos = torch.arange(S, device=q.device)
+    pad = pos[None, :] >= torch.tensor(segments.valid, device=q.device)[:, None]
+    padding = blockwise.Padding(pad, min(segments.valid), pad, min(segments.valid))
+    wd, scale = blockwise.work_dtype(q.dtype), 1 / math.sqrt(D)
+    out = torch.zeros(B, H, S, D, dtype=wd, device=q.device)
+    lse = torch.full((B, H, S), -math.inf, dtype=wd, device=q.device)
+    blockwise.forward_into(qb, kb, vb, padding, scale, out, lse)
+    if backward:
+        dout = torch.ones_like(qb)
+        delta = (dout.to(wd) * out).sum(-1)
+        grads = [torch.zeros(B, H, S, D, dtype=wd, device=q.device) for _ in range(3)]
+        blockwise.backward_into(qb, kb, vb, dout, lse, delta, padding, scale, *grads)
+    return out
+
+
+def run_backend(name: str, q, k, v, segments: Segments, fn_backward: bool):
+    """A callable running `name` once (forward, or forward + backward)."""
+    if name == "blockwise":
+        return lambda: _blockwise(q, k, v, segments, fn_backward)
+
+    def fwd():
+        os.environ["HCUSTOM_ATTN_BACKEND"] = name
+        return attention.segment_attention(q, k, v, segments)
+    if not fn_backward:
+        return fwd
+
+    def step():
+        out = fwd()
+        out.backward(torch.ones_like(out))
+        for t in (q, k, v):
+            t.grad = None
+    return step
+
+
+def kernel_table(args, device, dtype) -> str:
+    cap = torch.cuda.get_device_capability() if device.type == "cuda" else None
+    available = attention.available_backends(args.heads, args.head_dim)
+    names = [n for n in attention.backend_order(device.type, dtype, cap) if available.get(n)]
+    names.append("blockwise")
+    rows = ["| backend | seq | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |", "|---|---|---|---|---|---|"]
+    for S in args.seq:
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(S, args.batch, args.heads, args.head_dim, generator=g, device=device, dtype=dtype)
+                   .requires_grad_() for _ in range(3))
+        seg = Segments(S, [S] * args.batch)
+        flops = forward_flops(args.batch, args.heads, S, args.head_dim)
+        for name in names:
+            if name == "blockwise" and args.skip_blockwise_above and S > args.skip_blockwise_above:
+                continue
+            try:
+                with torch.no_grad():
+                    t_f = timed(run_backend(name, q, k, v, seg, False), args.warmup, args.iters)
+                t_fb = timed(run_backend(name, q, k, v, seg, True), args.warmup, args.iters)
+            except Exception as exc:  # a kernel that refuses this shape/dtype: say so, keep going
+                rows.append(f"| {name} | {S} | failed: {type(exc).__name__}: {str(exc)[:60]} | | | |")
+                continue
+            rows.append(f"| {name} | {S} | {t_f * 1e3:.2f} | {flops / t_f / 1e12:.3g} | {t_fb * 1e3:.2f} | "
+                        f"{3.5 * flops / t_fb / 1e12:.3g} |")
+        del q, k, v
+    os.environ.pop("HCUSTOM_ATTN_BACKEND", None)
+    return "\n".join(rows)
+
+
+def cfg_table(args, device, dtype) -> str:
+    """Padded CFG batch vs one unpadded call at the same shape, plus the per-sample loop it replaced."""
+    rows = ["| seq | text | neg valid | padded batch ms | unpadded call ms | padded / unpadded | per-sample loop ms |",
+            "|---|---|---|---|---|---|---|"]
+    for S in args.seq:
+        L = min(args.text_len, S // 4)  # text is a small tail of a video sequence
+        seg = Segments(S, [S, S - L + min(args.neg_valid, L)])
+        g = torch.Generator(device=device).manual_seed(1)
+        q, k, v = (torch.randn(S, 2, args.heads, args.head_dim, generator=g, device=device, dtype=dtype) for _ in range(3))
+        bh = [t.permute(1, 2, 0, 3) for t in (q, k, v)]
+        with torch.no_grad():
+            padded = timed(lambda: attention.segment_attention(q, k, v, seg), args.warmup, args.iters)
+            plain = timed(lambda: F.scaled_dot_product_attention(*bh), args.warmup, args.iters)
+            looped = timed(lambda: attention.sdpa_segment_attention_looped(q, k, v, seg), args.warmup, args.iters)
+        rows.append(f"| {S} | {L} | {min(args.neg_valid, L)} | {padded * 1e3:.2f} | {plain * 1e3:.2f} | "
+                    f"{padded / plain:.2f} | {looped * 1e3:.2f} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gpu = torch.cuda.is_available()
+    p.add_argument("--seq", default="16384,65536" if gpu else "1024", help="comma-separated sequence lengths")
+    p.add_argument("--heads", type=int, default=24 if gpu else 2, help="heads (24 = 13B; 24/TP per rank)")
+    p.add_argument("--head-dim", type=int, default=128 if gpu else 64)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", choices=DTYPES, default="bf16" if gpu else "fp32")
+    p.add_argument("--text-len", type=int, default=256, help="text tokens of the CFG case")
+    p.add_argument("--neg-valid", type=int, default=5, help="valid text tokens of the negative prompt")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--skip-blockwise-above", type=int, default=32768,
+                   help="skip the (slow, portable) blockwise kernel above this length; 0 = never")
+    p.add_argument("--out", type=Path, help="write the markdown report here")
+    args = p.parse_args(argv)
+    args.seq = [int(s) for s in args.seq.split(",")]
+    device = torch.device("cuda" if gpu else "cpu")
+    dtype = DTYPES[args.dtype]
+    name = torch.cuda.get_device_name() if gpu else "CPU"
+    text = (f"device: {name}; dtype {args.dtype}; batch {args.batch}; heads {args.heads} x {args.head_dim}; "
+            f"torch {torch.__version__}\n\nTFLOP/s: forward = 4 B H S^2 D, backward = 2.5 x forward.\n\n"
+            f"{kernel_table(args, device, dtype)}\n\nPadded CFG batch (2 samples, one with padded text), "
+            f"dispatched path:\n\n{cfg_table(args, device, dtype)}")
+    write_report(args.out, "Attention kernels", text, argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Communication overlap and fusion defaults for a training run: one decision, read by the loop.
+
+Everything turned on here is exact (the same sums, in the same buckets, only issued earlier):
+  overlap_grad_reduce    gradients are reduced bucket by bucket during backward     (DP > 1, and every
+                         trainable parameter used in every step: see every_parameter_used_every_step)
+  overlap_param_gather   the distributed optimizer's parameter all-gather runs during the next
+                         forward, bucket by bucket, instead of after the step      (distributed optimizer)
+  distributed optimizer  off at DP = 1: with one replica its reduce-scatter / all-gather of the whole
+                         buffers is pure overhead (measured +5.5% of a CPU step). A resumed run
+                         keeps the optimizer-state format of its checkpoint (the two differ).
+  gradient_accumulation_fusion
+                         weight gradients accumulated into main_grad inside the GEMM; needs CUDA,
+                         transformer-engine linears and apex's fused_weight_gradient_mlp_cuda (the
+                         per-sample modulation projections are megatron's local linears)
+  CUDA_DEVICE_MAX_CONNECTIONS=1
+                         with TP > 1: one hardware queue, so a TP collective issued before a GEMM is
+                         scheduled before it (what megatron's TP communication overlap relies on);
+                         set by the entry point before CUDA is initialised (`set_cuda_connections`).
+
+With overlap_param_gather the model's parameters are only complete after the next forward has
+gathered them: anything that reads them between steps (checkpoint saving, weight averaging) first
+calls `params_ready(model_chunks)`, which forces the gather (a no-op otherwise).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger("hcustom_mc")
+
+
+@dataclass(frozen=True)
+class Overlap:
+    ddp: dict = field(default_factory=dict)  # DistributedDataParallelConfig kwargs
+    optimizer: dict = field(default_factory=dict)  # OptimizerConfig kwargs
+    model: dict = field(default_factory=dict)  # megatron TransformerConfig overrides for the model build
+
+
+def _grad_accum_fusion_usable() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    from hcustom_mc.model.spec import transformer_engine_usable
+
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return transformer_engine_usable()
+
+
+def every_parameter_used_every_step(cfg) -> bool:
+    """Whether every trainable parameter gets a gradient in every step: megatron's overlapped grad
+    reduction waits for a hook of every parameter and asserts otherwise. The audio / video-condition
+    branches see no input in the other tasks of a mixed task list (condition dropout zeroes inputs but
+    still uses the branch)."""
+    wants = {t for t, w in cfg.data.task_weights.items() if w > 0}
+    branch_task = {"audio": "audio", "editing": "editing"}.get(cfg.variant)
+    return branch_task is None or wants <= {branch_task}
+
+
+def resumed_optimizer_format(cfg) -> bool | None:
+    """Whether the checkpoint this run resumes holds distributed-optimizer state (None: no resume).
+
+    megatron's plain and distributed optimizers store their state under different keys, so a resumed
+    run keeps the format it finds; checkpoints from before the key was written all used the
+    distributed optimizer."""
+    if not cfg.checkpoint.load:
+        return None
+    import json
+
+    from hcustom_mc.training.checkpoint import STATE_FILE, latest_checkpoint
+
+    try:
+        path = latest_checkpoint(cfg.checkpoint.load)
+    except Exception:
+        return None  # the loop reports a broken checkpoint itself
+    if path is None:
+        return None
+    return bool(json.loads((path / STATE_FILE).read_text()).get("distributed_optimizer", True))
+
+
+def ddp_and_optimizer_overlap(cfg, info, *, fusion_usable: bool | None = None) -> Overlap:
+    """The DDP / optimizer / model-config settings for this run (see the module docstring).
+
+    `cfg.optim.overlap_grad_reduce` / `overlap_param_gather` (default True) can turn either off;
+    `fusion_usable` overrides the environment probe (tests)."""
+    dp = info.dp_size
+    distopt = bool(cfg.optim.use_distributed_optimizer) and dp > 1
+    resumed = resumed_optimizer_format(cfg)
+    if resumed is not None and resumed != distopt:
+        if info.rank == 0:
+            log.warning("resuming a checkpoint with %s optimizer state: keeping that format (distributed "
+                        "optimizer %s) instead of the default for DP %d", "distributed" if resumed else "plain",
+                        resumed, dp)
+        distopt = resumed
+    grad = bool(getattr(cfg.optim, "overlap_grad_reduce", True)) and dp > 1 and every_parameter_used_every_step(cfg)
+    params = bool(getattr(cfg.optim, "overlap_param_gather", True)) and distopt and grad
+    fusion = _grad_accum_fusion_usable() if fusion_usable is None else fusion_usable
+    result = Overlap(
+        ddp=dict(use_distributed_optimizer=distopt, overlap_grad_reduce=grad, overlap_param_gather=params),
+        optimizer=dict(use_distributed_optimizer=distopt, overlap_param_gather=params),
+        model=dict(gradient_accumulation_fusion=fusion),
+    )
+    if info.rank == 0:
+        log.info("overlap: grad reduce %s, param gather %s, distributed optimizer %s (DP %d), "
+                 "gradient accumulation fusion %s", grad, params, distopt, dp, fusion)
+    return result
+
+
+def set_cuda_connections(tensor_parallel: int) -> None:
+    """CUDA_DEVICE_MAX_CONNECTIONS=1 when TP > 1 (unless the user set it); call before CUDA starts."""
+    if tensor_parallel > 1:
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+
+def params_ready(model_chunks) -> None:
+    """Force the pending parameter all-gather of overlap_param_gather, so the parameters are complete."""
+    for m in model_chunks:
+        ddp_config = getattr(m, "ddp_config", None)
+        if ddp_config is not None and ddp_config.overlap_param_gather:
+            m.start_param_sync(force_sync=True)
