@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -121,7 +122,7 @@ def plan(env: dict, work: Path, dry_run: bool) -> list[Part]:
     parts = [Part("env", "environment", 30, [py, str(Path(__file__)), "--probe-env", str(w("env.json"))],
                   data=w("env.json"))]
 
-    pytest = [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"]
+    pytest = [py, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider"]
     parts.append(Part("pytest_gpu", "pytest -m gpu", 100, [*pytest, "-m", "gpu", "--continue-on-collection-errors", "tests"]))
     parts.append(Part("gloo_on_cuda", "multi-process tests on this host (gloo; CUDA left untouched)", 40,
                       [*pytest, "tests/test_device.py", *(["-k", "not two_ranks"] if dry_run else [])]))
@@ -147,8 +148,8 @@ def plan(env: dict, work: Path, dry_run: bool) -> list[Part]:
              ["--model", "13b", "--double-blocks", "2", "--single-blocks", "4", "--size", "1280x720", "--frames", "129",
               "--text-len", "256"])
     parts.append(Part("train_step", "one bf16 training step, 13B width, 2 double + 4 single blocks, full recompute", 110,
-                      [py, "bench/train_step.py", *shape, "--bf16", "--recompute", "full", "--warmup", "1", "--steps",
-                       "1" if dry_run else "2", "--out", str(w("train_step.md")), "--json", str(w("train_step.json"))],
+                      [py, "bench/train_step.py", *shape, "--bf16", "--recompute", "full", "--warmup", "1", "--steps", "1",
+                       "--out", str(w("train_step.md")), "--json", str(w("train_step.json"))],
                       report=w("train_step.md"), data=w("train_step.json")))
     parts.append(Part("sampler", "one guided sampler step at the same shape (1 GPU, CFG 2 branches)", 60,
                       [py, "bench/sampler.py", "--layouts", "1", *shape, "--dtype", "float32" if dry_run else "bfloat16",
@@ -190,6 +191,21 @@ def pytest_summary(text: str, limit: int = 40) -> list[str]:
     return keep[:limit] + (["..."] if len(keep) > limit else []) + final
 
 
+def collection_errors(text: str) -> dict[str, str]:
+    """Test module -> its section of pytest's ERRORS block, for each module that failed to collect."""
+    errors, current = {}, None
+    for line in text.splitlines():
+        m = re.match(r"^_+ ERROR collecting (\S+) _+$", line)
+        if m:
+            current = m.group(1)
+            errors[current] = ""
+        elif current and re.match(r"^(_{3,}|={3,}) ", line):
+            current = None
+        elif current:
+            errors[current] += line + "\n"
+    return errors
+
+
 def run_part(part: Part, deadline: float, env_vars: dict, log) -> dict:
     start = time.time()
     if part.cmd is None:
@@ -200,12 +216,14 @@ def run_part(part: Part, deadline: float, env_vars: dict, log) -> dict:
     cmd = (["timeout", "-k", "10", str(box)] if shutil.which("timeout") else []) + part.cmd
     log.write(f"\n===== {part.name}: {' '.join(part.cmd)} (box {box} s)\n")
     log.flush()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env_vars, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group: a time-out ends torchrun's workers too
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env_vars, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              timeout=box + 30, start_new_session=True)
-        out, rc = proc.stdout, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        out, rc = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or ""), 124
+        out, _ = proc.communicate(timeout=box + 30)  # `timeout` ends it at `box`; this is the backstop
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, rc = proc.communicate()[0], 124
     log.write(out)
     log.flush()
     result = {"cmd": " ".join(part.cmd), "rc": rc, "seconds": round(time.time() - start, 1), "box_s": box,
@@ -216,11 +234,12 @@ def run_part(part: Part, deadline: float, env_vars: dict, log) -> dict:
         counts = pytest_counts(out)
         result["counts"] = counts
         result["summary"] = pytest_summary(out)
-        uncollected = sorted(set(re.findall(r"ERROR collecting (\S+)", out)))
+        errors = collection_errors(out)
+        uncollected = sorted(m for m, text in errors.items() if re.search(r"\b(ModuleNotFoundError|ImportError)\b", text))
         if rc == 0:
             result["status"] = "ok"
-        elif uncollected and not counts.get("failed") and counts.get("error", 0) <= len(uncollected):
-            # every error is a test module that cannot be imported here (packages the image lacks)
+        elif errors and len(uncollected) == len(errors) == counts.get("error", 0) and not counts.get("failed"):
+            # every error is a test module that cannot be imported here (a package this image lacks)
             result["status"], result["uncollected"] = "partial", uncollected
         else:
             result["status"] = "failed"

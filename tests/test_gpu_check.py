@@ -103,11 +103,19 @@ def test_failures_and_timeouts_are_reported_and_the_check_goes_on(tmp_path, monk
     assert "## boom: failed" in md and "## slow: timeout" in md and "still ran" in md and "not present here" in md
 
 
+COLLECT = ("==================================== ERRORS ====================================\n"
+           "________________ ERROR collecting {m} _________________\n{e}\n"
+           "=========================== short test summary info ============================\nERROR {m}\n")
+
+
 @pytest.mark.parametrize("text, rc, counts, status", [
     ("...\n3 passed, 2 skipped in 4.20s\n", 0, {"passed": 3, "skipped": 2}, "ok"),
-    ("ERROR collecting tests/test_vae.py\n5 passed, 1 error in 3.0s\n", 1, {"passed": 5, "error": 1}, "partial"),
-    ("FAILED tests/a.py::t\nERROR collecting tests/b.py\n1 failed, 4 passed, 1 error in 2s\n", 1,
-     {"failed": 1, "passed": 4, "error": 1}, "failed"),
+    (COLLECT.format(m="tests/test_vae.py", e="E   ModuleNotFoundError: No module named 'diffusers'") +
+     "5 passed, 1 error in 3.0s\n", 1, {"passed": 5, "error": 1}, "partial"),  # a module this image lacks; the rest ran
+    (COLLECT.format(m="tests/b.py", e="E   SyntaxError: invalid syntax") + "5 passed, 1 error in 3.0s\n", 1,
+     {"passed": 5, "error": 1}, "failed"),
+    ("FAILED tests/a.py::t\n" + COLLECT.format(m="tests/b.py", e="E   ImportError: x") +
+     "1 failed, 4 passed, 1 error in 2s\n", 1, {"failed": 1, "passed": 4, "error": 1}, "failed"),
 ])
 def test_pytest_outcomes(tmp_path, text, rc, counts, status):
     assert gc.pytest_counts(text) == counts
