@@ -18,7 +18,7 @@ SMALL_TILES = {"HCUSTOM_ATTN_BLOCK_Q": "8", "HCUSTOM_ATTN_BLOCK_K": "5"}  # tile
     (2, ["ulysses"], {}),
     (2, ["ring"], {}),
     (2, ["ring"], SMALL_TILES),
-    (3, ["ring"], SMALL_TILES),
+    pytest.param(3, ["ring"], SMALL_TILES, marks=pytest.mark.slow),  # cp2 small tiles covers the multi-tile path
     (4, ["usp", "2"], SMALL_TILES),
 ], ids=["cp2_ulysses", "cp2_ring", "cp2_ring_small_tiles", "cp3_ring_small_tiles", "cp4_usp2x2_small_tiles"])
 def test_cp_equals_single_process(nproc, args, env):
