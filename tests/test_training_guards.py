@@ -11,20 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.torchrun import REPO, _free_port
+from tests.torchrun import REPO, backend_env, launch_command
 
 ARGS = ["--config", "examples/tiny_3d.yaml", "--set", "zero_init=false", "--set", "checkpoint.save_interval=0"]
 ENV = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO)}
 
 
 def run(nproc, *args, expect=0, env=None, timeout=400) -> subprocess.CompletedProcess:
-    argv = [*ARGS, *map(str, args)]
-    if nproc == 1:
-        cmd = [sys.executable, "pretrain_custom.py", *argv]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-               f"--master_port={_free_port()}", "pretrain_custom.py", *argv]
-    proc = subprocess.run(cmd, cwd=REPO, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    cmd = launch_command(nproc, "pretrain_custom.py", *ARGS, *args)
+    proc = subprocess.run(cmd, cwd=REPO, env={**ENV, **backend_env(nproc, env), **(env or {})}, capture_output=True,
+                          text=True, timeout=timeout)
     assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return proc
 

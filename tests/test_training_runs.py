@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.torchrun import REPO, _free_port, backend_env
+from tests.torchrun import REPO, _free_port, backend_env, launch_command
 
 ARGS = ["--config", "examples/tiny_3d.yaml", "--set", "zero_init=false", "--set", "checkpoint.save_interval=0"]
 ENV = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO)}
@@ -19,12 +19,7 @@ ENV = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), 
 
 def launch(nproc: int, *args, env=None, **popen):
     """pretrain_custom.py with the tiny config, in one process or under torchrun."""
-    argv = [*ARGS, *map(str, args)]
-    if nproc == 1:
-        cmd = [sys.executable, "pretrain_custom.py", *argv]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-               f"--master_port={_free_port()}", "pretrain_custom.py", *argv]
+    cmd = launch_command(nproc, "pretrain_custom.py", *ARGS, *args)
     return subprocess.Popen(cmd, cwd=REPO, env={**ENV, **backend_env(nproc, env), **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **popen)
 

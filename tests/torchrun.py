@@ -26,6 +26,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_command(nproc: int, script: str, *args) -> list[str]:
+    """`python script args` for one process, else the same under torchrun on `nproc` local processes."""
+    if nproc == 1:
+        return [sys.executable, script, *map(str, args)]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}", script, *map(str, args)]
+
+
 def backend_env(nproc: int, env: dict | None = None) -> dict:
     """The HCUSTOM_DIST_BACKEND entry for `nproc` ranks: none when `env` sets it, this process's own when
     set, else gloo when this host has fewer GPUs than ranks (for launchers that pass a clean env)."""
