@@ -51,10 +51,6 @@ def kernel_device(device) -> torch.device:
     return device
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long variants, left out of the default run (-m 'not slow')")
-
-
 @pytest.fixture(scope="session")
 def single_process():
     """A world of one (gloo on CPU, NCCL on a CUDA host) with megatron parallel_state at TP=PP=CP=1."""

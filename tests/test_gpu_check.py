@@ -23,7 +23,12 @@ PARTS = ["env", "pytest_gpu", "gloo_on_cuda", "kernels", "attention", "train_ste
 def test_dry_run_runs_every_part(tmp_path):
     proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", "--out-dir", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    failed_logs = ""
+    if proc.returncode and (tmp_path / "gpu_check_dryrun_cpu.json").is_file():
+        parts = json.loads((tmp_path / "gpu_check_dryrun_cpu.json").read_text())["parts"]
+        failed_logs = "".join(f"\n--- {n} ---\n{p.get('log_tail', '')}" for n, p in parts.items()
+                              if p["status"] not in ("ok", "skipped"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:] + failed_logs
     assert "GPU check plan" in proc.stdout and "bench/train_step.py" in proc.stdout
     result = json.loads((tmp_path / "gpu_check_dryrun_cpu.json").read_text())
     parts = result["parts"]

@@ -40,16 +40,18 @@ def _init_process_group(timeout_s: float) -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     backend = dist_backend()
     if backend == "nccl":
         torch.cuda.set_device(local_cuda_index())
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if "MASTER_PORT" not in os.environ and os.environ["WORLD_SIZE"] == "1":
+        # A store on port 0 binds a free port itself: probing for one and binding it later races
+        # with any other process on the machine (EADDRINUSE under a busy test run).
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], 0, 1, is_master=True, timeout=timeout)
+        os.environ["MASTER_PORT"] = str(store.port)
+        dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
+        return
+    dist.init_process_group(backend=backend, timeout=timeout)
 
 
 def initialize_parallel(
