@@ -169,5 +169,14 @@ def save_model_config(cfg: ModelConfig, path: str | Path) -> None:
     Path(path).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
-__all__ = ["ConfigError", "ModelConfig", "PRESETS", "MODES", "VARIANTS", "get_model_config", "mode_overrides",
+__all__ = ["ConfigError", "ModelConfig", "PRESETS", "MODES", "VARIANTS", "get_model_config", "mode_overrides", "split_layers",
            "save_model_config"]
+
+
+def split_layers(num_layers: int, chunks: int) -> list[range]:
+    """`chunks` contiguous ranges covering range(num_layers); the first ones get the remainder (pipeline stages)."""
+    size, extra = divmod(num_layers, chunks)
+    bounds = [0]
+    for c in range(chunks):
+        bounds.append(bounds[-1] + size + (c < extra))
+    return [range(bounds[c], bounds[c + 1]) for c in range(chunks)]

@@ -26,7 +26,7 @@ from hcustom_mc.model.conditions import (
     audio_frames_expected,
     video_condition_projection,
 )
-from hcustom_mc.model.config import ModelConfig
+from hcustom_mc.model.config import ModelConfig, split_layers  # noqa: F401  (split_layers: re-exported)
 from hcustom_mc.model.layers import FinalLayer, MLPEmbedder, PatchEmbed, TimestepEmbedder
 from hcustom_mc.model.ops import Rotary
 from hcustom_mc.device import place_module, resolve_device
@@ -383,12 +383,3 @@ def stage_chunk(vp_stage: int | None = None) -> tuple[int, int]:
     if vpp > 1 and vp_stage is None:
         raise ValueError("virtual pipeline parallelism is on: pass vp_stage to build each model chunk")
     return pp * vpp, (vp_stage or 0) * pp + rank
-
-
-def split_layers(num_layers: int, chunks: int) -> list[range]:
-    """`chunks` contiguous ranges covering range(num_layers); the first ones get the remainder."""
-    size, extra = divmod(num_layers, chunks)
-    bounds = [0]
-    for c in range(chunks):
-        bounds.append(bounds[-1] + size + (c < extra))
-    return [range(bounds[c], bounds[c + 1]) for c in range(chunks)]
