@@ -16,7 +16,9 @@ autotuning); the report gives the median of the rest.
 
 With `python -m hcustom_mc.plan` present, its prediction for the same run is printed beside it
 (flags as documented in issue 11: --model FILE --variant --size --frames --tp 1 --pp 1 --cp 1 --dp 1
---micro-batch-size 1 --recompute MODE [--bf16]).
+--micro-batch-size 1 --recompute MODE [--bf16], plus this run's --text-len, --identity-images and --target);
+its predicted peak is shown beside the measured one. On CPU the loop's peak is the process RSS, not
+tensor bytes (no allocator statistics there), so only the GPU comparison is like for like.
 """
 
 from __future__ import annotations
@@ -100,13 +102,29 @@ def run_steps(args, model_file: Path, run_dir: Path) -> list[dict]:
     return steps
 
 
+def target_kind() -> str:
+    """The planner's target: gpu (Triton glue kernels, CUDA allocator) or cpu (the torch reference path)."""
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def planner_peak_gib(text: str) -> float | None:
+    """The planner's `predicted peak (allocated by torch): X GiB` line, for the table beside the measured peak."""
+    import re
+
+    m = re.search(r"predicted peak \(allocated by torch\): ([0-9.]+) GiB", text)
+    return float(m.group(1)) if m else None
+
+
 def planner_prediction(args, model_file: Path) -> str:
     """The planner's text for this run, or why there is none."""
     if importlib.util.find_spec("hcustom_mc.plan") is None:
         return "not present (no hcustom_mc.plan module in this tree)"
     cmd = [sys.executable, "-m", "hcustom_mc.plan", "--model", str(model_file), "--variant", args.variant,
            "--size", args.size, "--frames", str(args.frames), "--tp", "1", "--pp", "1", "--cp", "1", "--dp", "1",
-           "--micro-batch-size", "1", "--recompute", args.recompute] + (["--bf16"] if args.bf16 else [])
+           "--micro-batch-size", "1", "--recompute", args.recompute, "--text-len", str(args.text_len),
+           "--identity-images", str(args.identity), "--target", target_kind()] + (["--bf16"] if args.bf16 else [])
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
@@ -176,10 +194,10 @@ def main(argv=None) -> int:
         f"+ {args.text_len} text tokens; {'bf16' if args.bf16 else 'fp32'}, recompute {args.recompute}, kernels "
         f"{args.kernels}; micro batch 1 on one device ({result['device']}); median of {result['timed_steps']} steps "
         f"after {args.warmup} warm-up",
-        "", "| step time s | model TFLOP/s | MFU | peak memory GiB |", "|---|---|---|---|",
+        "", "| step time s | model TFLOP/s | MFU | peak memory GiB | planner peak GiB |", "|---|---|---|---|---|",
         f"| {fmt(result['step_time_s'], '.4g')} | {fmt(result['tflops_per_device'], '.4g')} | "
         f"{fmt(result['mfu'] and 100 * result['mfu'], '.1f')}{'%' if result['mfu'] else ''} | "
-        f"{fmt(result['peak_mem_gib'], '.2f')} |",
+        f"{fmt(result['peak_mem_gib'], '.2f')} | {fmt(planner_peak_gib(result['planner']), '.2f')} |",
         "", "FLOPs: hcustom_mc.training.tracking.model_flops_per_sample (linears of each stream for its own tokens, "
         "attention 12*H*S^2 per block, forward + backward, recomputation not counted).",
         "", f"planner prediction: {result['planner']}",

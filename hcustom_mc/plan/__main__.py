@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="tiny | 13b | a ModelConfig file (JSON/YAML)")
     p.add_argument("--variant", default="base", choices=VARIANTS)
-    p.add_argument("--mode", default="release", choices=("release", "paper"))
+    p.add_argument("--mode", choices=("release", "paper"), help="default: the preset's / file's mode")
     p.add_argument("--size", required=True, help="video WIDTHxHEIGHT in pixels")
     p.add_argument("--frames", type=int, required=True, help="pixel frames, 4k+1")
     p.add_argument("--identity-images", type=int, default=1, help="identity images per sample (0: t2v task)")
@@ -101,8 +101,6 @@ def check_inputs(args, cfg) -> None:
         raise PlanError("--trainable lora needs --lora-rank R (R >= 1)")
     if args.trainable == "new" and args.variant == "base":
         raise PlanError("--trainable new trains the audio / editing branches: the base variant has none")
-    if args.gpus is None and args.gpu_memory is None and False:
-        pass
 
 
 def layout_problem(layout: Layout, cfg, work: Workload) -> str | None:
@@ -207,8 +205,11 @@ def rank_layouts(cfg, work, train, args, capacity) -> tuple[str, list[dict]]:
             continue
         _, data = report_one(cfg, work, layout, train, args, capacity)
         data["seconds_per_sample"] = data["step_time_s"] / data["samples_per_step"]
+        data["model_parallel"] = layout.tp * layout.pp * layout.cp
         rows.append(data)
-    rows.sort(key=lambda d: (not d["fits"] if d["fits"] is not None else False, d["seconds_per_sample"], d["peak_gib"]))
+    # communication is not in the time model: among equal times, less model parallelism (more DP) first
+    rows.sort(key=lambda d: (not d["fits"] if d["fits"] is not None else False, round(d["seconds_per_sample"], 6),
+                             d["model_parallel"], d["peak_gib"]))
     fitting = [d for d in rows if d["fits"]] if capacity else rows
     head = (f"ESTIMATE: layouts of {args.gpus} GPUs for {args.model} ({args.variant}) at {args.size} x {args.frames} "
             f"frames, {'bf16' if train.bf16 else 'fp32'}, recompute {train.recompute}"
@@ -218,9 +219,10 @@ def rank_layouts(cfg, work, train, args, capacity) -> tuple[str, list[dict]]:
     lines = [head]
     if capacity and not fitting:
         smallest = min(rows, key=lambda d: d["device_total_gib"]) if rows else None
+        hints = ([] if train.recompute == "full" else ["--recompute full"]) + \
+            ([] if args.sequence_parallel else ["--sequence-parallel"]) + ["more GPUs", "a smaller size or fewer frames"]
         lines.append("NONE FITS" + (f": the smallest needs {smallest['device_total_gib']:.1f} GiB per GPU "
-                                    f"({smallest['layout']}); try --recompute full, more GPUs, a smaller size or "
-                                    f"fewer frames" if smallest else ": no valid layout"))
+                                    f"({smallest['layout']}); try {', '.join(hints)}" if smallest else ": no valid layout"))
         return "\n".join(lines), []
     lines.append(f"{'layout':<40} {'peak GiB':>9} {'+runtime':>9} {'s/sample':>9} {'PFLOP/GPU':>10}")
     for d in fitting[: args.top]:
@@ -228,7 +230,9 @@ def rank_layouts(cfg, work, train, args, capacity) -> tuple[str, list[dict]]:
                      f"{d['seconds_per_sample']:9.2f} {d['flops_per_gpu'] / 1e15:10.2f}")
     if len(fitting) > args.top:
         lines.append(f"... {len(fitting) - args.top} more (--top N)")
-    lines.append(f"time at {args.mfu:.0%} MFU of {args.peak_tflops:g} TFLOP/s; best first (fits, then time per sample)")
+    lines.append(f"best first: fits, then time per sample (model FLOPs at {args.mfu:.0%} MFU of {args.peak_tflops:g} "
+                 f"TFLOP/s, + 1/3 for full recompute, + pipeline bubble; communication not modelled), then least "
+                 f"model parallelism (TP x PP x CP), then lowest peak")
     return "\n".join(lines), fitting
 
 
@@ -237,7 +241,7 @@ def main(argv=None) -> int:
     try:
         args = parser.parse_args(argv)
         try:
-            cfg = get_model_config(args.model, args.variant, **mode_overrides(args.mode))
+            cfg = get_model_config(args.model, args.variant, **(mode_overrides(args.mode) if args.mode else {}))
         except (ConfigError, OSError, ValueError) as exc:
             raise PlanError(str(exc).replace("\n", " ")) from None
         check_inputs(args, cfg)
