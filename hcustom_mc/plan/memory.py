@@ -313,6 +313,8 @@ def estimate(cfg: ModelConfig, work: Workload, layout: Layout, train: Training, 
         head += video_local * cfg.out_channels * math.prod(cfg.patch_size) * (e + 2 * FP32) if last else 0
         # token refiner (first stage): text tokens through its blocks, about a double-block stream each
         refiner = cfg.num_refiner_blocks * per_tok["double_none"] * B * tok["text"] if first else 0
+        if first and cfg.video_condition:  # bg_in's output, kept by bg_proj (one Linear; paper: four, + SiLUs)
+            refiner += video_local * H * e * (1 if cfg.mode == "release" else 7)
         parts["activations (kept for backward)"] = flight * (kept + head + refiner + inputs)
         parts["activations (recompute + backward working set)"] = recomputed + per_tok["working"] * seq_local
         comm = 0.0
