@@ -33,7 +33,9 @@ class _Discardable(torch.autograd.Function):
         if holder.recomputed is None:  # the consumer hook never fired (output unused): recompute now
             holder.recompute()
         inputs, out = holder.inputs, holder.recomputed
-        holder.inputs = holder.recomputed = None
+        # the consumer's backward is done: drop the refilled activation too (the graph's nodes live until
+        # the whole backward ends, so a reference kept here would hold every refill to the end)
+        holder.inputs = holder.recomputed = holder.out = None
         torch.autograd.backward(out, grad)
         return (None, None) + tuple(t.grad if t.requires_grad else None for t in inputs)
 
