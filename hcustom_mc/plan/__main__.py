@@ -175,7 +175,7 @@ def report_one(cfg, work, layout, train, args, capacity) -> tuple[str, dict]:
     ]
     for name, value in est.parts.items():
         lines.append(f"  {name:<52} {value / GIB:10.2f} GiB")
-    lines.append(f"predicted peak (allocated by torch): {est.peak_gib:.2f} GiB")
+    lines.append(f"predicted peak (allocated by torch): {est.peak_gib:.{2 if est.peak_gib >= 1 else 4}f} GiB")
     verdict = None
     if args.target == "gpu":
         lines.append(f"on the GPU with {GPU_RUNTIME_ALLOWANCE_GIB:g} GiB for the CUDA context, cuBLAS and NCCL workspaces: "

@@ -305,7 +305,8 @@ def estimate(cfg: ModelConfig, work: Workload, layout: Layout, train: Training, 
         H = cfg.hidden_size
         first, last = stage == 0, stage == layout.pp - 1
         # inputs of a micro batch: fp32 latents + target, text states, RoPE cos/sin tables (torch path)
-        inputs = B * (3 * cfg.in_channels * 4 * tok["video"] / cp * FP32 + tok["text"] * cfg.text_dim * FP32)
+        inputs = B * (3 * cfg.in_channels * math.prod(cfg.patch_size) * tok["video"] / cp * FP32
+                      + tok["text"] * cfg.text_dim * FP32)
         if train.kernels == "torch":
             inputs += 2 * img_local * cfg.head_dim * FP32 * B
         # final layer (last stage): LN out + modulated (torch) or modulated (triton), the velocity
