@@ -7,6 +7,7 @@
 
 Pure arithmetic on the model config (no torch import): see hcustom_mc/plan/memory.py for what is
 counted and what is not. Layout flags given together with --gpus constrain the search.
+Exit status: 0 fits (or no --gpu-memory given), 1 does not fit / no layout fits, 2 bad input.
 """
 
 from __future__ import annotations
