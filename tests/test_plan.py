@@ -101,6 +101,28 @@ def test_recompute_modes_order_as_measured(tmp_path):
     assert full[0] < none[0] and full[1] < none[1]
 
 
+@pytest.mark.slow
+def test_pipeline_stage_peak_matches_measurement(tmp_path):
+    """PP=2 under torchrun, 4 micro batches of 1F1B: stage 0 holds two micro batches' activations (the planner's
+    largest stage), stage 1 one; the planner's peak is the largest stage's."""
+    from tests.torchrun import torchrun
+
+    model = model_arg("mid", tmp_path)
+    size, frames, text_len = SHAPES["mid"]
+    out = torchrun(2, REPO / "tests/dist_scripts/train_step_peak.py", "--model", model, "--size", size, "--frames",
+                   str(frames), "--text-len", str(text_len), "--recompute", "none", "--pp", "2",
+                   "--global-batch-size", "4", env={"OMP_NUM_THREADS": "1"})
+    peaks = {r["rank"]: r["peak_bytes"] for r in map(json.loads, re.findall(r"^RESULT (.*)$", out, re.M))}
+    assert sorted(peaks) == [0, 1] and peaks[0] > peaks[1]
+    proc = plan("--model", model, "--size", size, "--frames", str(frames), "--text-len", str(text_len), "--recompute",
+                "none", "--pp", "2", "--global-batch-size", "4", "--target", "cpu", "--json")
+    predicted = json.loads(proc.stdout)["peak_gib"] * 2**30
+    error = predicted / max(peaks.values()) - 1
+    print(f"mid PP2 recompute none fp32: measured {max(peaks.values()) / 2**20:.1f} MiB (stage 0), predicted "
+          f"{predicted / 2**20:.1f} MiB ({error:+.1%})")
+    assert abs(error) <= TOLERANCE
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("recompute", ["none", "full"])
 def test_mid_size_peak_matches_cuda_allocator(recompute, tmp_path):

@@ -42,7 +42,13 @@ def main() -> None:
     p.add_argument("--recompute", default="none")
     p.add_argument("--kernels", default="auto")
     p.add_argument("--steps", type=int, default=2, help="2: the second step runs with the Adam state allocated")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (run under torchrun with as many ranks)")
+    p.add_argument("--global-batch-size", type=int, default=1)
     args = p.parse_args()
+    if args.pp > 1 or args.global_batch_size > 1:  # the bench's training argv, then these (later flags win)
+        extra = ["--pipeline-model-parallel-size", str(args.pp), "--global-batch-size", str(args.global_batch_size)]
+        base_argv = bench.train_argv
+        bench.train_argv = lambda *a: base_argv(*a) + extra
     args.warmup, args.peak_tflops = 0, None
     with tempfile.TemporaryDirectory() as tmp:
         model_file, _ = bench.model_config_file(args, Path(tmp))
@@ -56,7 +62,9 @@ def main() -> None:
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 bench.run_steps(args, model_file, Path(tmp) / "run")
             peak, how = peak_live_bytes(prof), "profiler live CPU bytes"
-    print("RESULT " + json.dumps({"peak_bytes": peak, "method": how}), flush=True)
+
+    rank = int(__import__("os").environ.get("RANK", "0"))
+    print("RESULT " + json.dumps({"rank": rank, "peak_bytes": peak, "method": how}), flush=True)
 
 
 if __name__ == "__main__":
