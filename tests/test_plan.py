@@ -101,25 +101,35 @@ def test_recompute_modes_order_as_measured(tmp_path):
     assert full[0] < none[0] and full[1] < none[1]
 
 
-@pytest.mark.slow
-def test_pipeline_stage_peak_matches_measurement(tmp_path):
-    """PP=2 under torchrun, 4 micro batches of 1F1B: stage 0 holds two micro batches' activations (the planner's
-    largest stage), stage 1 one; the planner's peak is the largest stage's."""
+def measured_ranks(tmp_path, *layout: str) -> tuple[dict, float]:
+    """(peak per rank under torchrun on 2 ranks, the planner's peak) for the mid-size config, fp32, no recompute."""
     from tests.torchrun import torchrun
 
     model = model_arg("mid", tmp_path)
     size, frames, text_len = SHAPES["mid"]
-    out = torchrun(2, REPO / "tests/dist_scripts/train_step_peak.py", "--model", model, "--size", size, "--frames",
-                   str(frames), "--text-len", str(text_len), "--recompute", "none", "--pp", "2",
-                   "--global-batch-size", "4", env={"OMP_NUM_THREADS": "1"})
+    common = ["--model", model, "--size", size, "--frames", str(frames), "--text-len", str(text_len), "--recompute", "none"]
+    out = torchrun(2, REPO / "tests/dist_scripts/train_step_peak.py", *common, *layout, env={"OMP_NUM_THREADS": "1"})
     peaks = {r["rank"]: r["peak_bytes"] for r in map(json.loads, re.findall(r"^RESULT (.*)$", out, re.M))}
-    assert sorted(peaks) == [0, 1] and peaks[0] > peaks[1]
-    proc = plan("--model", model, "--size", size, "--frames", str(frames), "--text-len", str(text_len), "--recompute",
-                "none", "--pp", "2", "--global-batch-size", "4", "--target", "cpu", "--json")
-    predicted = json.loads(proc.stdout)["peak_gib"] * 2**30
-    error = predicted / max(peaks.values()) - 1
-    print(f"mid PP2 recompute none fp32: measured {max(peaks.values()) / 2**20:.1f} MiB (stage 0), predicted "
-          f"{predicted / 2**20:.1f} MiB ({error:+.1%})")
+    proc = plan(*common, *layout, "--target", "cpu", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return peaks, json.loads(proc.stdout)["peak_gib"] * 2**30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [("--pp", "2", "--global-batch-size", "4"), ("--cp", "2", "--cp-comm-type", "ring"),
+                                    ("--cp", "2", "--cp-comm-type", "ulysses")], ids=["pp2-1f1b", "cp2-ring", "cp2-ulysses"])
+def test_two_rank_layout_peak_matches_measurement(layout, tmp_path):
+    """Two ranks under torchrun. PP=2 with 4 micro batches of 1F1B: stage 0 holds two micro batches'
+    activations (the planner's largest stage), stage 1 one. CP=2: each rank holds half the image frames and
+    all text tokens. The planner's peak is that of the largest rank."""
+    peaks, predicted = measured_ranks(tmp_path, *layout)
+    assert sorted(peaks) == [0, 1]
+    if "--pp" in layout:
+        assert peaks[0] > peaks[1]
+    measured = max(peaks.values())
+    error = predicted / measured - 1
+    print(f"mid {' '.join(layout)}, recompute none fp32: measured {measured / 2**20:.1f} MiB (largest rank), "
+          f"predicted {predicted / 2**20:.1f} MiB ({error:+.1%})")
     assert abs(error) <= TOLERANCE
 
 
