@@ -12,8 +12,13 @@ What is counted, per rank (the largest pipeline stage decides the peak):
   comm buffers CP ring K/V receive buffers (double-buffered), Ulysses all-to-all outputs, the SP
                all-gather buffer, the pipeline send/receive tensors. DDP buckets are views of the
                gradient buffer (nothing extra).
-  optimizer step: torch's foreach Adam holds one fp32 temporary of the parameters it updates
-               (sqrt(exp_avg_sq)); it runs after backward freed the activations.
+  optimizer step: on CUDA torch's foreach AdamW holds one fp32 temporary of the parameters it updates
+               (sqrt(exp_avg_sq)); on CPU the single-tensor AdamW two of the largest tensor. It runs
+               after backward freed the activations, so the peak is static + max(activations, it).
+Measured against real training steps on CPU (tests/test_plan.py): within about 4% at TP=PP=CP=DP=1 in
+every recompute mode and at PP=2; CP=2 (ring, Ulysses) about 7.5% under (the CP attention's backward
+buffers are not itemised). The GPU (triton) tables are derived from the kernels' saved tensors and
+are checked by the `gpu`-marked test only where a GPU runs it.
 Not counted: allocator fragmentation, the CUDA context, cuBLAS / NCCL workspaces (a GPU target adds
 the fixed GPU_RUNTIME_ALLOWANCE_GIB for those), Python/host memory, checkpoint-save staging, EMA
 (`--ema-decay` adds one fp32 copy of the trainable shard: pass --ema).
