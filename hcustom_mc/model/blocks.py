@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from hcustom_mc.model import ops
 from hcustom_mc.model.attention import JointAttention, masked_attention
-from hcustom_mc.model.layers import Modulation, RMSNorm
+from hcustom_mc.model.layers import Modulation, RMSNorm, affine_layer_norm
 from hcustom_mc.model.recompute import consume
 from hcustom_mc.model.spec import LinearSubmodules, build_column, build_row
 from hcustom_mc.parallel.sharding import mark_tp_split
@@ -142,10 +142,10 @@ class RefinerBlock(nn.Module):
         super().__init__()
         H, D, M = cfg.hidden_size, cfg.head_dim, cfg.mlp_hidden
         self.head_dim = D
-        self.norm1 = nn.LayerNorm(H, eps=cfg.norm_eps)
+        self.norm1 = affine_layer_norm(H, eps=cfg.norm_eps)
         self.self_attn_qkv = _column(sub, H, 3 * H, config, [H, H, H])
         self.self_attn_proj = _row(sub, H, H, config, [H])
-        self.norm2 = nn.LayerNorm(H, eps=cfg.norm_eps)
+        self.norm2 = affine_layer_norm(H, eps=cfg.norm_eps)
         self.mlp = MLP(H, M, config, sub, F.silu)
         modulation = build_column(sub.modulation, H, 2 * H, config, gather=True)
         mark_tp_split(modulation.weight, 0, [2 * H])

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
+from einops import rearrange
 
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
@@ -326,10 +327,10 @@ class HunyuanCustomDiT(MegatronModule):
         _, hh, ww = ctx.grid
         f = len(ctx.video_frames)
         video = x[ctx.image_len - f * hh * ww : ctx.image_len]
-        out = self.final_layer(video, vec).transpose(0, 1)  # [B, f*H'*W', C*pt*ph*pw]
+        out = self.final_layer(video, vec)  # [f*H'*W', B, C*pt*ph*pw]
         pt, ph, pw = self.cfg.patch_size
-        out = out.reshape(ctx.batch, f, hh, ww, self.cfg.out_channels, pt, ph, pw)
-        return out.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(ctx.batch, self.cfg.out_channels, f * pt, hh * ph, ww * pw)
+        # unpatchify: each token's channels hold its pt x ph x pw patch of every output channel
+        return rearrange(out, "(f h w) b (c pt ph pw) -> b c (f pt) (h ph) (w pw)", f=f, h=hh, w=ww, pt=pt, ph=ph, pw=pw)
 
     def forward(self, latents, timestep, text_states, text_mask, text_pooled, guidance=None,
                 identity_latents=None, audio_features=None, video_condition=None, hidden=None) -> torch.Tensor:

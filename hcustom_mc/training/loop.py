@@ -25,7 +25,7 @@ from hcustom_mc.parallel.state import current_parallel_info, destroy_parallel, i
 from hcustom_mc.training import checkpoint as ckpt
 from hcustom_mc.training.config import TrainConfig, config_json
 from hcustom_mc.training.ema import WeightEMA
-from hcustom_mc.training.step import NonFiniteError, build_scheduler, micro_batch_losses, optimizer_step, schedule_changes
+from hcustom_mc.training.step import NonFiniteError, adam_implementation, build_scheduler, micro_batch_losses, optimizer_step, schedule_changes
 from hcustom_mc.model.config import ConfigError
 from hcustom_mc.training.batches import BatchMaker
 from hcustom_mc.training.objective import flow_matching_loss_sum
@@ -265,6 +265,7 @@ def train(cfg: TrainConfig) -> dict:
                                  params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
                                  **overlap.optimizer)
     optimizer = get_megatron_optimizer(opt_config, model)
+    log.info("optimizer: %s", adam_implementation())
     scheduler = build_scheduler(cfg, optimizer, override=cfg.checkpoint.override_schedule)
     ema = WeightEMA(optimizer, model, cfg.ema_decay) if cfg.ema_decay else None
     for c in chunks:  # what megatron's schedules read from the model config
