@@ -21,8 +21,6 @@ from tests.torchrun import REPO, run_python
 TRAIN = ["pretrain_custom.py", "--config", "examples/tiny_3d.yaml", "--set", "zero_init=false"]
 
 
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """iter_0000001..3 of a tiny run, every step saved."""

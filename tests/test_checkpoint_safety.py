@@ -15,7 +15,6 @@ import torch
 from tests.torchrun import REPO, run_python
 
 
-
 class _Payload:
     """Unpickling this creates `marker`: proof that code from the file ran."""
 
@@ -24,8 +23,6 @@ class _Payload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
-
-
 
 
 @pytest.fixture(scope="module")
