@@ -57,9 +57,11 @@ def build_model_chunks(cfg: TrainConfig, model_cfg, cp_mode: str, device: torch.
                        initialize: bool = True, config_overrides: dict | None = None) -> list[HunyuanCustomDiT]:
     """This rank's model chunks (one per VPP stage), every parameter on `device` (default: the compute device).
     `initialize=False` leaves the weights for a checkpoint to fill (resume, pretrained); `config_overrides` are
-    megatron TransformerConfig fields (overlap / fusion, training/overlap.py)."""
+    megatron TransformerConfig fields (overlap / fusion, training/overlap.py); sequence_parallel comes from
+    cfg.parallel."""
     from megatron.core import parallel_state as ps
 
+    config_overrides = {**(config_overrides or {}), "sequence_parallel": cfg.parallel.sequence_parallel}
     device = resolve_device(device)
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
@@ -253,7 +255,7 @@ def train(cfg: TrainConfig) -> dict:
     overlap = ddp_and_optimizer_overlap(cfg, info)  # exact overlap / fusion defaults (training/overlap.py)
     chunks = build_model_chunks(cfg, model_cfg, cfg.parallel.cp_mode, device,
                                 initialize=(resume is None or adapter_resume) and not pretrained,
-                                config_overrides={**overlap.model, "sequence_parallel": cfg.parallel.sequence_parallel})
+                                config_overrides=overlap.model)
     if pretrained:
         init_from_pretrained(cfg, chunks, model_cfg)
     check_placement(chunks, device)

@@ -28,8 +28,16 @@ def main():
     loss = (out.float() ** 2).mean()
     loss.backward()
     grads = full_state_dict(model, grads=True)
+    # what ran: the blocks' linears' SP flags and the hidden state's layout (parallel/sequence.py)
+    blocks = [m for n, m in model.named_modules() if n.startswith(("double_blocks", "single_blocks"))
+              and hasattr(m, "sequence_parallel") and not n.endswith(("_mod.linear", "modulation.linear"))]
+    _, ctx = model.conditioning(*(inputs.get(k) for k in ("latents", "timestep", "text_mask", "text_pooled",
+                                                           "guidance", "identity_latents", "audio_features")))
+    seq = ctx.layout
     if info.rank == 0:
-        torch.save({"out": out.detach(), "loss": loss.detach(), "grads": grads}, out_path)
+        torch.save({"out": out.detach(), "loss": loss.detach(), "grads": grads,
+                    "sp_linears": [bool(m.sequence_parallel) for m in blocks],
+                    "layout": [seq.image_len, seq.text_len, seq.tp, seq.padded]}, out_path)
     destroy_parallel()
 
 
