@@ -108,6 +108,8 @@ LAYOUTS = {
     "tp2_sp_cp2_ring": (4, [*SP, "--context-parallel-size", 2, "--cp-comm-type", "ring"]),
     "tp2_sp_cp2_ulysses": (4, [*SP, "--context-parallel-size", 2, "--cp-comm-type", "ulysses"]),
     "tp2_sp_pp2": (4, [*SP, "--pipeline-model-parallel-size", 2]),  # stages pass this rank's SP rows
+    # selective recompute frees and refills the SP linears' local inputs (and the interleaved linear2 input)
+    "tp2_sp_selective": (2, [*SP, "--recompute-granularity", "selective"]),
 }
 
 
