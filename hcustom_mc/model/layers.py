@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hcustom_mc.model.spec import LinearSubmodules, build_column
+from hcustom_mc.parallel.sequence import NO_SP, SequenceLayout
 from hcustom_mc.parallel.sharding import mark_tp_split
 
 
@@ -126,7 +127,10 @@ class PatchEmbed(nn.Module):
 
 
 class Modulation(nn.Module):
-    """SiLU -> Linear(hidden, factor*hidden), TP-sharded by output and gathered; key `linear`."""
+    """SiLU -> Linear(hidden, factor*hidden), TP-sharded by output and gathered; key `linear`.
+
+    Under sequence parallelism the vectors modulate only this rank's tokens: `seq.replicated` sums
+    their gradient over TP in backward (parallel/sequence.py)."""
 
     def __init__(self, hidden: int, factor: int, config, submodules: LinearSubmodules):
         super().__init__()
@@ -135,9 +139,9 @@ class Modulation(nn.Module):
         mark_tp_split(self.linear.weight, 0, [factor * hidden])
         mark_tp_split(self.linear.bias, 0, [factor * hidden])
 
-    def forward(self, vec: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, vec: torch.Tensor, seq: SequenceLayout = NO_SP) -> list[torch.Tensor]:
         out, _ = self.linear(F.silu(vec))
-        return list(out.chunk(self.factor, dim=-1))
+        return list(seq.replicated(out).chunk(self.factor, dim=-1))
 
 
 class FinalLayer(nn.Module):
