@@ -28,8 +28,8 @@ setup(
         "torch>=2.4",
         "megatron-core>=0.16",
         "triton>=3.0; platform_system == 'Linux'",
-        "einops>=0.7",
-        # the MLflow client; sqlalchemy + alembic give it the embedded sqlite store (`pip install mlflow` adds the UI)
+        "einops>=0.7",  # patchify / unpatchify and frame layouts (hcustom_mc/model/layers.py, inference)
+        # the MLflow client; sqlalchemy + alembic give it the embedded sqlite store (`.[ui]` adds the web UI)
         "mlflow-skinny>=2.10",
         "sqlalchemy>=2.0",
         "alembic>=1.12",
@@ -40,10 +40,24 @@ setup(
         "av>=12",  # PyAV: h264 decoding on CPU, audio decoding, mp4 writing (no system ffmpeg needed)
         "Pillow>=9",
         "tqdm",  # preprocessing progress bars
+        # run time, not only tests: the text/audio encoders (LLaVA, CLIP, whisper) for sampling, preprocessing
+        # and online data; from_pretrained(dtype=...) needs 4.56
+        "transformers>=4.56",
+        # the 3D VAE (AutoencoderKLHunyuanVideo, added in 0.32); the tiling attributes we set are checked at
+        # load time (hcustom_mc/encoders/vae.py check_vae_api) with a clear error on an incompatible release
+        "diffusers>=0.32",
     ],
     extras_require={
-        "gpu": ["transformer-engine[pytorch]>=1.12", "flash-attn>=2.6", "nvidia-dali-cuda130>=2.0"],
-        # diffusers/transformers build the reference models and the tiny encoders; DALI's CPU path is tested
-        "dev": ["pytest>=8", "diffusers>=0.32", "transformers>=4.45", "nvidia-dali-cuda130>=2.0"],
+        # GPU accelerators, each imported lazily with a logged fallback. Pick the extra of your CUDA major
+        # version (torch's CUDA build decides it). flash-attn builds from source against the installed torch
+        # (`pip install --no-build-isolation`). FlashAttention-3 (Hopper) and NVIDIA apex have no PyPI wheels:
+        # build them from source (README, "GPU install"); megatron-core picks up apex's FusedAdam and we
+        # pick up its fused norms when it is importable.
+        "gpu-cu12": ["transformer-engine[pytorch_cu12]>=2.11", "flash-attn>=2.6", "nvidia-dali-cuda120>=1.40"],
+        "gpu-cu13": ["transformer-engine[pytorch_cu13]>=2.11", "flash-attn>=2.6", "nvidia-dali-cuda130>=2.0"],
+        # the MLflow web UI (`mlflow ui`; mlflow-skinny has the client only)
+        "ui": ["mlflow>=2.10"],
+        # tests: the diffusers/peft reference models and LoRA loader, DALI's CPU path
+        "dev": ["pytest>=8", "peft>=0.14", "nvidia-dali-cuda130>=2.0"],
     },
 )

@@ -22,7 +22,6 @@ import argparse
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import write_report  # noqa: E402
+from bench.report import median_seconds, write_report  # noqa: E402
 from hcustom_mc.model import attention  # noqa: E402
 from hcustom_mc.model.attention import Segments  # noqa: E402
 from hcustom_mc.parallel import blockwise  # noqa: E402
@@ -38,23 +37,8 @@ from hcustom_mc.parallel import blockwise  # noqa: E402
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def timed(fn, warmup: int, iters: int) -> float:
-    """Median seconds per call."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return median_seconds(fn, warmup, iters, torch.cuda.is_available())
 
 
 def forward_flops(B: int, H: int, S: int, D: int) -> float:

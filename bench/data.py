@@ -24,7 +24,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import write_report  # noqa: E402
+from bench.report import median_seconds, write_report  # noqa: E402
 
 from hcustom_mc.data.buckets import bucket_for  # noqa: E402
 from hcustom_mc.data.tiny_dataset import write_video  # noqa: E402
@@ -58,24 +57,13 @@ def make_clip(path: Path, height: int, width: int, frames: int, fps: int = 25) -
     return path
 
 
-def _sync() -> None:
-    if uses_cuda():
-        torch.cuda.synchronize()
-
-
 def measure_frames_per_s(backend: str, path: str | os.PathLike, clip_frames: int, size: tuple[int, int],
                          stride: int = 1, decoder: str = "auto", warmup: int = 1, iters: int = 3) -> float:
     """Decoded-and-resized frames per second of `read_clip` with one backend (median of `iters` clips)."""
-    for _ in range(warmup):  # builds and caches the DALI pipeline, warms the probe cache
-        read_clip(path, clip_frames, stride, size, start=0, backend=backend, decoder=decoder)
-    _sync()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        read_clip(path, clip_frames, stride, size, start=0, backend=backend, decoder=decoder)
-        _sync()
-        times.append(time.perf_counter() - start)
-    return clip_frames / sorted(times)[len(times) // 2]
+    # the warm-up builds and caches the DALI pipeline and warms the probe cache
+    seconds = median_seconds(lambda: read_clip(path, clip_frames, stride, size, start=0, backend=backend,
+                                               decoder=decoder), warmup, iters, uses_cuda())
+    return clip_frames / seconds
 
 
 def rows_for(clips: dict[str, Path]) -> list[tuple[str, str, str, Path]]:

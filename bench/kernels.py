@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ CUDA = uses_cuda()  # False on a CPU host and under HCUSTOM_DIST_BACKEND=gloo: t
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-from bench.report import write_report  # noqa: E402
+from bench.report import median_seconds, write_report  # noqa: E402
 
 HBM_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}
 SHAPES = {  # frames, H', W', identity images, text tokens
@@ -39,23 +38,8 @@ SHAPES = {  # frames, H', W', identity images, text tokens
 }
 
 
-def sync():
-    if CUDA:
-        torch.cuda.synchronize()
-
-
 def timed(fn, warmup: int, iters: int) -> float:
-    """Median seconds per call."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return median_seconds(fn, warmup, iters, CUDA)
 
 
 def make_cases(shape: dict, device, dtype):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 
@@ -14,3 +15,21 @@ def write_report(out: Path | None, title: str, text: str, argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     out.write_text(f"# {title}\n\ncommand: `{cmd}`\n\n{text}\n")
+
+
+def median_seconds(fn, warmup: int, iters: int, cuda: bool) -> float:
+    """Median wall seconds of `fn()` over `iters` calls after `warmup` calls; `cuda`: the work is on a GPU, so
+    wait for it before reading the clock."""
+    import torch
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]

@@ -16,26 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.torchrun import REPO
+from tests.torchrun import REPO, run_python
 
-ENV = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO)}
 TRAIN = ["pretrain_custom.py", "--config", "examples/tiny_3d.yaml", "--set", "zero_init=false"]
-
-
-def _run(*args, expect_ok=True, env=None, timeout=300) -> str:
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env={**ENV, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
-    out = proc.stdout + proc.stderr
-    assert (proc.returncode == 0) == expect_ok, f"exit {proc.returncode}\n{out[-5000:]}"
-    return out
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """iter_0000001..3 of a tiny run, every step saved."""
     root = tmp_path_factory.mktemp("integrity")
-    _run(*TRAIN, "--train-iters", 3, "--save-interval", 1, "--keep-last", 3, "--save", root / "ck",
-         "--run-dir", root / "run")
+    run_python(*TRAIN, "--train-iters", 3, "--save-interval", 1, "--keep-last", 3, "--save", root / "ck",
+               "--run-dir", root / "run")
     return root / "ck"
 
 
@@ -87,20 +78,20 @@ def test_truncation_detected_by_size(ck):
 
 def test_bit_flip_training_falls_back_or_refuses_explicit(ck, tmp_path):
     _flip_bit(ck / "iter_0000003" / "__0_0.distcp")
-    out = _run(*TRAIN, "--train-iters", 4, "--override-schedule", "--load", ck, "--verify-checkpoint", "full", "--run-dir", tmp_path / "a")
+    out = run_python(*TRAIN, "--train-iters", 4, "--override-schedule", "--load", ck, "--verify-checkpoint", "full", "--run-dir", tmp_path / "a")
     assert "loading " + str(ck / "iter_0000002") + " instead of `latest`" in out, out[-3000:]
     assert "iter_0000003, which is unusable" in out and "sha256 mismatch" in out
     assert "loaded checkpoint " + str(ck / "iter_0000002") in out
     # an explicitly named iteration never falls back
-    out = _run(*TRAIN, "--train-iters", 4, "--override-schedule", "--load", ck / "iter_0000003", "--verify-checkpoint", "full",
-               "--run-dir", tmp_path / "b", expect_ok=False)
+    out = run_python(*TRAIN, "--train-iters", 4, "--override-schedule", "--load", ck / "iter_0000003", "--verify-checkpoint", "full",
+                     "--run-dir", tmp_path / "b", expect_ok=False)
     assert "fails verification" in out and "never replaced by another" in out and "Traceback" not in out
 
 
 def test_converter_verifies_fully_by_default(ck, tmp_path):
     _flip_bit(ck / "iter_0000003" / "common.pt", offset=200)
-    out = _run("-m", "hcustom_mc.checkpoint.convert", "--src", ck / "iter_0000003", "--src-format", "mcore", "--dst",
-               tmp_path / "out", "--dst-format", "release", "--model-config", "tiny", "--variant", "audio",
+    out = run_python("-m", "hcustom_mc.checkpoint.convert", "--src", ck / "iter_0000003", "--src-format", "mcore", "--dst",
+                     tmp_path / "out", "--dst-format", "release", "--model-config", "tiny", "--variant", "audio",
                expect_ok=False)
     assert "common.pt: sha256 mismatch" in out, out[-3000:]
 
@@ -245,7 +236,7 @@ def test_save_folder_checked_up_front(tmp_path, monkeypatch):
 
 def test_save_that_is_a_file_fails_at_start(tmp_path):
     (tmp_path / "file").write_text("x")
-    out = _run(*TRAIN, "--train-iters", 2, "--save", tmp_path / "file", "--run-dir", tmp_path / "run", expect_ok=False)
+    out = run_python(*TRAIN, "--train-iters", 2, "--save", tmp_path / "file", "--run-dir", tmp_path / "run", expect_ok=False)
     assert f"--save {tmp_path / 'file'} is a file, not a folder" in out and "step 1/" not in out
 
 

@@ -7,16 +7,12 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.torchrun import REPO
-
-ENV = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO)}
+from tests.torchrun import REPO, run_python
 
 
 class _Payload:
@@ -29,14 +25,6 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def _run(*args, expect_ok=False, timeout=300) -> str:
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
-    out = proc.stdout + proc.stderr
-    assert (proc.returncode == 0) == expect_ok, f"exit {proc.returncode}\n{out[-5000:]}"
-    return out
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A 2-step training checkpoint (model + optimizer), tiny encoders, and a tiny diffusers folder."""
@@ -44,10 +32,10 @@ def setup(tmp_path_factory):
     from hcustom_mc.model.config import get_model_config
 
     root = tmp_path_factory.mktemp("safety")
-    _run("pretrain_custom.py", "--config", "examples/tiny_3d.yaml", "--train-iters", 2, "--save", root / "ck",
-         "--run-dir", root / "run", expect_ok=True)
+    run_python("pretrain_custom.py", "--config", "examples/tiny_3d.yaml", "--train-iters", 2, "--save", root / "ck",
+               "--run-dir", root / "run", expect_ok=True)
     save_tiny_encoders(root / "enc", get_model_config("tiny", "audio"))
-    _run("examples/make_tiny_diffusers.py", root / "diffusers", "--seed", 3, expect_ok=True)
+    run_python("examples/make_tiny_diffusers.py", root / "diffusers", "--seed", 3, expect_ok=True)
     return root
 
 
@@ -93,7 +81,7 @@ ENTRY_POINTS = {
 def test_malicious_checkpoint_runs_no_code(setup, tmp_path, entry, which):
     # verification off: the unpickler itself must refuse (with the manifest, the changed size is caught first)
     ck, marker = _poisoned(setup, tmp_path, which)
-    out = _run(*ENTRY_POINTS[entry](setup, ck, tmp_path))
+    out = run_python(*ENTRY_POINTS[entry](setup, ck, tmp_path), expect_ok=False)
     assert not marker.exists(), f"{entry}: code in {which} ran"
     assert f"refusing to load {ck / 'iter_0000002' / which}" in out, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
@@ -101,8 +89,8 @@ def test_malicious_checkpoint_runs_no_code(setup, tmp_path, entry, which):
 
 def test_malicious_metadata_caught_by_the_manifest_first(setup, tmp_path):
     ck, marker = _poisoned(setup, tmp_path, ".metadata")
-    out = _run("-m", "hcustom_mc.checkpoint.convert", "--src", ck / "iter_0000002", "--src-format", "mcore",
-               "--dst", tmp_path / "out", "--dst-format", "release", "--model-config", "tiny", "--variant", "audio")
+    out = run_python("-m", "hcustom_mc.checkpoint.convert", "--src", ck / "iter_0000002", "--src-format", "mcore",
+                     "--dst", tmp_path / "out", "--dst-format", "release", "--model-config", "tiny", "--variant", "audio", expect_ok=False)
     assert not marker.exists()
     assert "fails verification" in out and ".metadata has" in out, out[-3000:]
 
@@ -173,7 +161,7 @@ def test_damaged_training_checkpoint_is_named_on_load(setup, tmp_path):
     ck = tmp_path / "ck"
     shutil.copytree(setup / "ck", ck)
     (ck / "iter_0000002" / "train_state.json").write_text('{"step": 2, ')
-    out = _run("pretrain_custom.py", "--config", "examples/tiny_3d.yaml", "--train-iters", 3, "--override-schedule", "--load",
-               ck / "iter_0000002", "--verify-checkpoint", "off", "--run-dir", tmp_path / "run")
+    out = run_python("pretrain_custom.py", "--config", "examples/tiny_3d.yaml", "--train-iters", 3, "--override-schedule", "--load",
+                     ck / "iter_0000002", "--verify-checkpoint", "off", "--run-dir", tmp_path / "run", expect_ok=False)
     assert f"cannot read {ck / 'iter_0000002' / 'train_state.json'} (JSONDecodeError" in out, out[-3000:]
     assert "Traceback" not in out

@@ -32,6 +32,10 @@ def test_dist_checkpoint_save_load_and_reshard(tmp_path):
     assert "checkpoint OK" in torchrun(2, SCRIPT, "checkpoint", tmp_path, env=GLOO)
 
 
+def test_sequence_parallel_collectives_and_linears_on_gloo():
+    assert "sequence OK" in torchrun(2, SCRIPT, "sequence", env=GLOO)
+
+
 def test_noop_when_cuda_is_available():
     code = """
 import importlib, torch

@@ -131,3 +131,56 @@ def test_two_ranks_under_gloo_override_keep_everything_on_cpu(tmp_path):
         assert r["cuda_initialized"] is False, "a gloo rank initialised CUDA"
         assert len(r["losses"]) == 2 and all(l == l for l in r["losses"])
     assert reports[0]["losses"] == reports[1]["losses"]  # data-parallel replicas agree
+
+
+@pytest.fixture
+def fake_apex(monkeypatch):
+    """An importable `apex.normalization.FusedLayerNorm` (apex is not installable here); the choice is cached."""
+    import types
+
+    from hcustom_mc.model import layers
+
+    class FusedLayerNorm(torch.nn.LayerNorm):
+        pass
+
+    apex, normalization = types.ModuleType("apex"), types.ModuleType("apex.normalization")
+    normalization.FusedLayerNorm = FusedLayerNorm
+    apex.normalization = normalization
+    monkeypatch.setitem(sys.modules, "apex", apex)
+    monkeypatch.setitem(sys.modules, "apex.normalization", normalization)
+    layers._apex_fused_layer_norm.cache_clear()
+    yield FusedLayerNorm
+    layers._apex_fused_layer_norm.cache_clear()
+
+
+def test_affine_norms_take_apex_on_cuda_only(fake_apex):
+    from hcustom_mc.model.layers import affine_layer_norm
+
+    on_cuda, on_cpu = affine_layer_norm(8, eps=1e-6, device="cuda"), affine_layer_norm(8, eps=1e-6, device="cpu")
+    assert type(on_cuda) is fake_apex and on_cuda.eps == 1e-6
+    assert type(on_cpu) is torch.nn.LayerNorm
+    assert on_cuda.state_dict().keys() == on_cpu.state_dict().keys() == {"weight", "bias"}
+    with torch.device("meta"):  # the build device is read from the context the model is built under
+        assert type(affine_layer_norm(8)) is torch.nn.LayerNorm
+
+
+def test_affine_norms_without_apex_are_torch_on_every_device():
+    from hcustom_mc.model import layers
+
+    layers._apex_fused_layer_norm.cache_clear()
+    if layers._apex_fused_layer_norm() is not None:
+        pytest.skip("apex is installed on this host")
+    assert type(layers.affine_layer_norm(8, device="cuda")) is torch.nn.LayerNorm
+
+
+@pytest.mark.parametrize("module, expected", [("apex.optimizers.fused_adam", "apex FusedAdam"),
+                                              ("transformer_engine.pytorch.optimizers", "transformer-engine FusedAdam"),
+                                              ("torch.optim.adamw", "torch AdamW")])
+def test_optimizer_implementation_is_named(monkeypatch, module, expected):
+    from megatron.core import optimizer as megatron_optimizer
+
+    from hcustom_mc.training.step import adam_implementation
+
+    cls = type("AdamW" if module.startswith("torch") else "FusedAdam", (), {"__module__": module})
+    monkeypatch.setattr(megatron_optimizer, "Adam", cls)
+    assert adam_implementation().startswith(expected)

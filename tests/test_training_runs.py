@@ -100,8 +100,7 @@ BAD = {
                "8 pipeline stages (PP 2 x VPP 4) exceed the 4 transformer blocks"),
     "batch": (2, ["--global-batch-size", 3], "global_batch_size 3 is not divisible by micro_batch_size 1 x data parallel 2"),
     "checkpoint": (2, ["--load", "/nonexistent/ckpt"], "--load /nonexistent/ckpt does not exist"),
-    "sequence parallel": (2, ["--tensor-model-parallel-size", 2, "--sequence-parallel"],
-                          "--sequence-parallel is not available"),
+    "sequence parallel": (2, ["--sequence-parallel"], "sequence_parallel needs tensor_parallel > 1"),
 }
 
 

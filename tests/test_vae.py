@@ -157,3 +157,21 @@ def test_decode_split_across_ranks_equals_the_single_rank_decode(tmp_path, nproc
     save_tiny_vae(tmp_path / "vae")
     out = torchrun(nproc, REPO / "tests" / "dist_scripts" / "vae_decode_check.py", tmp_path / "vae")
     assert "decode OK (1, 3, 21, 24, 40)" in out
+
+
+def test_incompatible_diffusers_vae_api_is_refused_by_name(folders, monkeypatch):
+    """The tiling switches we set are checked on the built model: a release without them fails with one message."""
+    from hcustom_mc.encoders.vae import check_vae_api
+
+    model = VideoVAE.from_pretrained(folders[0], tiling=False).model  # its own copy: this test breaks it
+    check_vae_api(model)  # the installed diffusers has them
+    monkeypatch.delattr(type(model), "enable_tiling")
+
+    def enable_tiling(self, tile_sample_min_height=None):  # an older signature
+        pass
+
+    monkeypatch.setattr(type(model), "enable_tiling", enable_tiling)
+    del model.use_framewise_decoding
+    with pytest.raises(RuntimeError, match=r"diffusers .*lacks use_framewise_decoding, "
+                                           r"enable_tiling\(tile_sample_min_width=\)"):
+        VideoVAE(model)

@@ -60,3 +60,14 @@ def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 600, e
     if proc.returncode != 0:
         raise AssertionError(f"torchrun {script} exited {proc.returncode}\n{out[-8000:]}")
     return out
+
+
+def run_python(*args, expect_ok: bool = True, env: dict | None = None, timeout: float = 300) -> str:
+    """`python ARGS` in the repository with a minimal environment (the tree on PYTHONPATH, one OpenMP thread);
+    asserts the exit status is zero or not as `expect_ok` says and returns stdout + stderr."""
+    base = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env={**base, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert (proc.returncode == 0) == expect_ok, f"exit {proc.returncode}\n{out[-5000:]}"
+    return out

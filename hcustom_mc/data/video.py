@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from hcustom_mc.data.buckets import BUCKET_RATIOS, bucket_for, center_anchor, cover_size, fit_size  # noqa: F401 (re-exported)
 from hcustom_mc.data.errors import DataError
@@ -204,7 +205,7 @@ def torch_resize_crop(frames: torch.Tensor, size: tuple[int, int], nearest: bool
     uint8 levels as DALI's uint8 resize output is; "nearest" samples pixel centres like DALI's NN.
     """
     H, W = size
-    x = frames.permute(0, 3, 1, 2).float()
+    x = rearrange(frames, "f h w c -> f c h w").float()
     h, w = x.shape[-2:]
     rh, rw = cover_size(h, w, H, W)
     if (rh, rw) != (h, w):
@@ -215,7 +216,7 @@ def torch_resize_crop(frames: torch.Tensor, size: tuple[int, int], nearest: bool
             x = x.round().clamp(0, 255)
     top, left = center_anchor(rh, H), center_anchor(rw, W)
     x = x[..., top:top + H, left:left + W]
-    return _normalise(x).permute(1, 0, 2, 3).contiguous()
+    return rearrange(_normalise(x), "f c h w -> c f h w").contiguous()
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
@@ -449,7 +450,7 @@ def read_image(path: str | os.PathLike, size: tuple[int, int], fit: str = "pad",
         return torch_resize_crop(x, size)[:, 0]
     h, w = rgb.shape[:2]
     rh, rw = fit_size(h, w, H, W)
-    img = x.permute(0, 3, 1, 2).float()
+    img = rearrange(x, "1 h w c -> 1 c h w").float()
     if (rh, rw) != (h, w):
         img = F.interpolate(img, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False).round().clamp(0, 255)
     out = torch.full((3, H, W), float(pad_value))

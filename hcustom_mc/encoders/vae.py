@@ -111,10 +111,36 @@ def _resolve(path: Path) -> tuple[str, Path, Path]:
     raise FileNotFoundError(f"no VAE at {path}: expected a diffusers folder or {RELEASE_WEIGHTS} + config.json")
 
 
+# What set_tiling relies on beyond diffusers' public API: the framewise switches (instance attributes) and
+# the keyword names of enable_tiling. Checked on the built model, so a diffusers release that renames them
+# fails here with one clear message instead of tiling silently doing something else.
+FRAMEWISE_ATTRS = ("use_framewise_encoding", "use_framewise_decoding")
+TILING_KWARGS = ("tile_sample_min_height", "tile_sample_min_width", "tile_sample_min_num_frames",
+                 "tile_sample_stride_height", "tile_sample_stride_width", "tile_sample_stride_num_frames")
+
+
+def check_vae_api(model) -> None:
+    import inspect
+
+    missing = [a for a in FRAMEWISE_ATTRS if not hasattr(model, a)]
+    params = inspect.signature(model.enable_tiling).parameters
+    missing += [f"enable_tiling({k}=)" for k in TILING_KWARGS if k not in params]
+    if missing:
+        try:
+            from importlib.metadata import version
+
+            found = version("diffusers")
+        except Exception:  # a source tree without metadata
+            found = "unknown"
+        raise RuntimeError(f"diffusers {found}: AutoencoderKLHunyuanVideo lacks {', '.join(missing)}, which the VAE "
+                           "tiling uses; install a diffusers release that has them (tested: 0.42)")
+
+
 class VideoVAE:
     """encode/decode in the DiT's latent convention (scaled), with optional spatial+temporal tiling."""
 
     def __init__(self, model, tiling: bool = True, tile_sizes: dict | None = None):
+        check_vae_api(model)
         self.model = model.eval().requires_grad_(False)
         self.scaling_factor = float(model.config.scaling_factor)
         self.spatial = int(model.config.spatial_compression_ratio)

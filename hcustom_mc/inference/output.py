@@ -17,6 +17,7 @@ from typing import Optional, TextIO
 
 import numpy as np
 import torch
+from einops import rearrange
 
 __all__ = [
     "to_uint8_frames",
@@ -38,7 +39,7 @@ def to_uint8_frames(video) -> np.ndarray:
         raise ValueError(f"expected a [3, F, H, W] video, got shape {tuple(v.shape)}")
     # Round rather than truncate (the release truncates): truncation biases every pixel down by 0.5.
     v = ((v + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return v.permute(1, 2, 3, 0).contiguous().numpy()
+    return rearrange(v, "c f h w -> f h w c").contiguous().numpy()
 
 
 def _as_fraction(fps) -> Fraction:

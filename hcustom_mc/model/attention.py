@@ -30,6 +30,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from hcustom_mc.parallel.sequence import SequenceLayout
+
 log = logging.getLogger("hcustom_mc")
 BACKENDS = ("auto", "fa3", "cudnn", "flash", "te", "sdpa")
 VARLEN = ("fa3", "flash", "te")  # the backends that take packed [B*S] tokens + cu_seqlens
@@ -99,6 +101,8 @@ class JointAttention:
 
     segments: Segments  # of the whole (global) sequence
     image_len: int  # image tokens on this rank
+    # the hidden state's sequence-parallel layout; q, k, v arrive as [image (padded) ; text (padded)]
+    layout: SequenceLayout
     cp: ContextParallel | None = None
     # selective recomputation in the blocks around this attention (norms, modulation, MLP activation,
     # QK norm + RoPE; see model/recompute.py). The attention core itself is never recomputed.
@@ -106,7 +110,9 @@ class JointAttention:
     cache: dict = field(default_factory=dict, repr=False)  # per-forward descriptors of the CP paths
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self._attend(q, k, v)
+        # sequence parallel pads each stream to a multiple of TP: attention sees only the real tokens
+        seq = self.layout
+        return seq.pad(self._attend(seq.unpad(q), seq.unpad(k), seq.unpad(v)))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.cp is None:

@@ -4,7 +4,9 @@ All blocks work on sequence-first tensors [S, B, C] (megatron's layout). The tra
 is one tensor [image tokens ; text tokens]; double blocks split it into their two streams and
 join them again, so every block has the same interface (what pipeline stages pass along).
 Heads and MLP width are sharded over tensor parallel ranks; the TPSplit marks tell loaders how
-full release-layout weights map onto a rank.
+full release-layout weights map onto a rank. Under sequence parallelism x holds this rank's rows of
+each stream; `attend.layout` (parallel/sequence.py) says where they are, and is the identity split
+without it, so the maths reads the same either way.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 
 from hcustom_mc.model import ops
 from hcustom_mc.model.attention import JointAttention, masked_attention
-from hcustom_mc.model.layers import Modulation, RMSNorm
+from hcustom_mc.model.layers import Modulation, RMSNorm, affine_layer_norm
 from hcustom_mc.model.recompute import consume
 from hcustom_mc.model.spec import LinearSubmodules, build_column, build_row
 from hcustom_mc.parallel.sharding import mark_tp_split
@@ -92,18 +94,19 @@ class DoubleStreamBlock(nn.Module):
         return split_heads(out, 3, self.head_dim)
 
     def forward(self, x, vec, rotary: ops.Rotary, attend: JointAttention):
-        image_len, sel = attend.image_len, attend.selective
-        img, txt = x[:image_len], x[image_len:]
-        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
-        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
+        image_len, sel, seq = attend.image_len, attend.selective, attend.layout
+        img, txt = seq.split(x)
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec, seq)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec, seq)
+        # the column linears return each whole stream (SP: all-gathered, with pad rows at its end)
         iq, ik, iv = self._qkv("img", img, i_shift1, i_scale1, sel)
         iq, ik = norm_and_rotate(sel, rotary, iq, ik, self.img_attn_q_norm, self.img_attn_k_norm, image_len)
         tq, tk, tv = self._qkv("txt", txt, t_shift1, t_scale1, sel)
         tq, tk = norm_and_rotate(sel, rotary, tq, tk, self.txt_attn_q_norm, self.txt_attn_k_norm, 0)
         attn = attend(torch.cat([iq, tq]), torch.cat([ik, tk]), torch.cat([iv, tv]))
-        img = ops.gated_residual(img, i_gate1, self.img_attn_proj(attn[:image_len])[0])
+        img = ops.gated_residual(img, i_gate1, self.img_attn_proj(attn[: seq.image_pad])[0])
         img = ops.gated_residual(img, i_gate2, norm_linear(sel, self.img_mlp, img, i_shift2, i_scale2, self.eps))
-        txt = ops.gated_residual(txt, t_gate1, self.txt_attn_proj(attn[image_len:])[0])
+        txt = ops.gated_residual(txt, t_gate1, self.txt_attn_proj(attn[seq.image_pad :])[0])
         txt = ops.gated_residual(txt, t_gate2, norm_linear(sel, self.txt_mlp, txt, t_shift2, t_scale2, self.eps))
         return torch.cat([img, txt])
 
@@ -123,15 +126,18 @@ class SingleStreamBlock(nn.Module):
         self.modulation = Modulation(H, 3, config, sub)
 
     def forward(self, x, vec, rotary: ops.Rotary, attend: JointAttention):
-        image_len, sel = attend.image_len, attend.selective
-        shift, scale, gate = self.modulation(vec)
-        out = norm_linear(sel, self.linear1, x, shift, scale, self.eps)
+        image_len, sel, seq = attend.image_len, attend.selective, attend.layout
+        shift, scale, gate = self.modulation(vec, seq)
+        # SP: linear1 all-gathers both streams' local rows at once; `streams` puts them in sequence order
+        out = seq.streams(norm_linear(sel, self.linear1, x, shift, scale, self.eps))
         qkv, mlp = out[..., : self.qkv_local], out[..., self.qkv_local :]
         q, k, v = split_heads(qkv, 3, self.head_dim)
         q, k = norm_and_rotate(sel, rotary, q, k, self.q_norm, self.k_norm, image_len)
         attn = attend(q, k, v)
-        # selective: linear2's [attn ; gelu(mlp)] input (H + 4H wide) is freed and rebuilt in backward
-        fused = consume(sel, lambda a, m: torch.cat([a, gelu_tanh(m)], dim=-1), (attn, mlp), lambda h: self.linear2(h)[0])
+        # selective: linear2's [attn ; gelu(mlp)] input (H + 4H wide) is freed and rebuilt in backward;
+        # SP: `interleave` orders it so that linear2's reduce-scatter hands each rank its own rows
+        fused = consume(sel, lambda a, m: seq.interleave(torch.cat([a, gelu_tanh(m)], dim=-1)), (attn, mlp),
+                        lambda h: self.linear2(h)[0])
         return ops.gated_residual(x, gate, fused)
 
 
@@ -142,10 +148,10 @@ class RefinerBlock(nn.Module):
         super().__init__()
         H, D, M = cfg.hidden_size, cfg.head_dim, cfg.mlp_hidden
         self.head_dim = D
-        self.norm1 = nn.LayerNorm(H, eps=cfg.norm_eps)
+        self.norm1 = affine_layer_norm(H, eps=cfg.norm_eps)
         self.self_attn_qkv = _column(sub, H, 3 * H, config, [H, H, H])
         self.self_attn_proj = _row(sub, H, H, config, [H])
-        self.norm2 = nn.LayerNorm(H, eps=cfg.norm_eps)
+        self.norm2 = affine_layer_norm(H, eps=cfg.norm_eps)
         self.mlp = MLP(H, M, config, sub, F.silu)
         modulation = build_column(sub.modulation, H, 2 * H, config, gather=True)
         mark_tp_split(modulation.weight, 0, [2 * H])

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hcustom_mc.model import ops
+from hcustom_mc.model.layers import affine_layer_norm
 
 
 
@@ -38,7 +39,7 @@ class AudioProjection(nn.Module):
         self.proj1 = nn.Linear(cfg.audio_input_dim, cfg.audio_proj_dim)
         self.proj2 = nn.Linear(cfg.audio_proj_dim, cfg.audio_proj_dim)
         self.proj3 = nn.Linear(cfg.audio_proj_dim, self.tokens * self.hidden)
-        self.norm = nn.LayerNorm(self.hidden)
+        self.norm = affine_layer_norm(self.hidden)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.proj1(feats.flatten(2)))
@@ -79,8 +80,8 @@ class AudioCrossAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         H, A = cfg.hidden_size, cfg.audio_head_dim
-        self.norm1 = nn.LayerNorm(H)  # audio tokens (keys/values)
-        self.norm2 = nn.LayerNorm(H)  # video tokens (queries)
+        self.norm1 = affine_layer_norm(H)  # audio tokens (keys/values)
+        self.norm2 = affine_layer_norm(H)  # video tokens (queries)
         self.to_q = nn.Linear(H, A, bias=False)
         self.to_kv = nn.Linear(H, 2 * A, bias=False)
         self.to_out = nn.Linear(A, H, bias=False)

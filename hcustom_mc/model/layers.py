@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import torch
@@ -9,7 +11,35 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hcustom_mc.model.spec import LinearSubmodules, build_column
+from hcustom_mc.parallel.sequence import NO_SP, SequenceLayout
 from hcustom_mc.parallel.sharding import mark_tp_split
+
+
+log = logging.getLogger("hcustom_mc")
+
+
+@functools.lru_cache(maxsize=None)
+def _apex_fused_layer_norm():
+    try:
+        from apex.normalization import FusedLayerNorm
+    except Exception:  # not installed, or built without its CUDA extension
+        return None
+    return FusedLayerNorm
+
+
+def affine_layer_norm(hidden: int, eps: float = 1e-5, device: torch.device | str | None = None) -> nn.Module:
+    """An affine LayerNorm (token refiner, AudioNet): apex's FusedLayerNorm on CUDA when apex is importable,
+    else nn.LayerNorm. Both keep `weight` and `bias`, so checkpoints do not care which one was built.
+    `device` defaults to the one the model is being built under (`with torch.device(...)`)."""
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    fused = _apex_fused_layer_norm() if device.type == "cuda" else None
+    _log_norm_choice("apex FusedLayerNorm" if fused else "torch nn.LayerNorm")
+    return fused(hidden, eps=eps) if fused else nn.LayerNorm(hidden, eps=eps)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_norm_choice(name: str) -> None:
+    log.info("affine LayerNorms: %s", name)
 
 
 def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -97,7 +127,10 @@ class PatchEmbed(nn.Module):
 
 
 class Modulation(nn.Module):
-    """SiLU -> Linear(hidden, factor*hidden), TP-sharded by output and gathered; key `linear`."""
+    """SiLU -> Linear(hidden, factor*hidden), TP-sharded by output and gathered; key `linear`.
+
+    Under sequence parallelism the vectors modulate only this rank's tokens: `seq.replicated` sums
+    their gradient over TP in backward (parallel/sequence.py)."""
 
     def __init__(self, hidden: int, factor: int, config, submodules: LinearSubmodules):
         super().__init__()
@@ -106,9 +139,9 @@ class Modulation(nn.Module):
         mark_tp_split(self.linear.weight, 0, [factor * hidden])
         mark_tp_split(self.linear.bias, 0, [factor * hidden])
 
-    def forward(self, vec: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, vec: torch.Tensor, seq: SequenceLayout = NO_SP) -> list[torch.Tensor]:
         out, _ = self.linear(F.silu(vec))
-        return list(out.chunk(self.factor, dim=-1))
+        return list(seq.replicated(out).chunk(self.factor, dim=-1))
 
 
 class FinalLayer(nn.Module):

@@ -20,7 +20,14 @@ Sharding follows the base so TP adds no communication of its own (megatron local
   replicated, so B's gradient is a per-rank partial sum: `hc_tp_partial_grad`.
 transformer-engine linears (GPU) keep their fused forward; there the adapter runs beside the base
 and costs one extra all-reduce: of its input gradient ([S, B, in], column) or of its [S, B, r] partial
-output (row).
+output (row). B then sees the reduced (replicated) h, so its gradient is complete, not partial.
+
+Sequence parallel (the base's config.sequence_parallel, TP > 1): the input of a column base is this
+rank's rows of the sequence. The local wrapper all-gathers it once (backward: one reduce-scatter of
+the summed base + adapter input gradient) and runs the base without its own gather; a TE base gathers
+for itself and the adapter gathers again. A row base reduce-scatters instead of all-reducing: the
+adapter's partial joins before it (local), or its [S, B, r] partial is reduce-scattered (TE), so B
+then sees only this rank's rows and its gradient is a per-rank partial sum in both cases.
 
 Dropout masks are drawn from the default RNG: with dropout > 0 runs are not layout-invariant.
 A is seeded TP-invariantly by (seed, parameter name), like hcustom_mc.model.init; B starts at zero,
@@ -67,16 +74,28 @@ class _LoRAMixin:
         return F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.lora_scale
 
 
+def _tp_input(x: torch.Tensor, sequence_parallel: bool, group=None) -> torch.Tensor:
+    """A column layer's input as its GEMM sees it: replicated (backward all-reduce of the input gradient),
+    or under SP all-gathered along the sequence (backward reduce-scatter)."""
+    from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                        gather_from_sequence_parallel_region)
+
+    if _tp()[1] == 1:
+        return x
+    if sequence_parallel:
+        return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True, group=group)
+    return copy_to_tensor_model_parallel_region(x, group=group)
+
+
 class _ColumnLoRA(_LoRAMixin):
     def forward(self, input_, *args, **kwargs):
-        from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
-
-        if getattr(self, "_lora_shared_input", False):  # megatron local layer, own reduction switched off
-            x = copy_to_tensor_model_parallel_region(input_, group=self.tp_group) if _tp()[1] > 1 else input_
+        sp = self._lora_sequence_parallel
+        if getattr(self, "_lora_shared_input", False):  # megatron local layer, own gather / reduction switched off
+            x = _tp_input(input_, sp, self.tp_group)
             out, bias = super().forward(x, *args, **kwargs)
-        else:  # transformer-engine: the adapter's input gradient needs its own all-reduce
+        else:  # transformer-engine: the adapter's input gradient needs its own all-reduce / reduce-scatter
             out, bias = super().forward(input_, *args, **kwargs)
-            x = copy_to_tensor_model_parallel_region(input_) if _tp()[1] > 1 else input_
+            x = _tp_input(input_, sp)
         delta = self._lora(x)
         if getattr(self, "gather_output", False):
             from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
@@ -85,24 +104,33 @@ class _ColumnLoRA(_LoRAMixin):
         return out + delta.to(out.dtype), bias
 
 
+def _tp_output(partial: torch.Tensor, sequence_parallel: bool, group=None) -> torch.Tensor:
+    """A row layer's partial output summed over TP: all-reduced, or under SP reduce-scattered along the sequence."""
+    from megatron.core.tensor_parallel.mappings import (reduce_from_tensor_model_parallel_region,
+                                                        reduce_scatter_to_sequence_parallel_region)
+
+    if _tp()[1] == 1:
+        return partial
+    if sequence_parallel:
+        return reduce_scatter_to_sequence_parallel_region(partial, group=group)
+    return reduce_from_tensor_model_parallel_region(partial, group=group)
+
+
 class _RowLoRA(_LoRAMixin):
     def forward(self, input_):
-        from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
-
+        sp = self._lora_sequence_parallel
         if not getattr(self, "_lora_shared_input", False):  # transformer-engine: reduce the [S, B, r] partial
             out, bias = super().forward(input_)
-            h = F.linear(self.lora_dropout(input_), self.lora_A)
-            if _tp()[1] > 1:
-                h = reduce_from_tensor_model_parallel_region(h)
+            h = _tp_output(F.linear(self.lora_dropout(input_), self.lora_A), sp)
             return out + (F.linear(h, self.lora_B) * self.lora_scale).to(out.dtype), bias
-        # megatron's RowParallelLinear.forward (input_is_parallel, no SP, bias added after the reduce),
-        # with the adapter's partial output joining the base's before the one all-reduce
+        # megatron's RowParallelLinear.forward (input_is_parallel, bias added after the reduction), with
+        # the adapter's partial output joining the base's before the one all-reduce / reduce-scatter
         partial = self._forward_impl(input=input_, weight=self.weight, bias=None,
                                      gradient_accumulation_fusion=self.gradient_accumulation_fusion,
                                      allreduce_dgrad=False, sequence_parallel=False, tp_group=None,
                                      grad_output_buffer=None)
         partial = partial + self._lora(input_).to(partial.dtype)
-        out = reduce_from_tensor_model_parallel_region(partial, group=self.tp_group) if _tp()[1] > 1 else partial
+        out = _tp_output(partial, sp, self.tp_group)
         if self.skip_bias_add:
             return out, self.bias
         return (out + self.bias if self.bias is not None else out), None
@@ -160,6 +188,9 @@ def apply_lora(model: nn.Module, targets=DEFAULT_TARGETS, rank: int = 8, alpha: 
         if hasattr(module, "lora_A"):
             raise ValueError(f"{name} already has a LoRA adapter")
         kind = _kind(module)
+        local = _local_megatron(module)
+        config = getattr(module, "config", None)
+        sp = tp > 1 and bool(getattr(config, "sequence_parallel", False))
         weight = module.weight
         split = get_tp_split(weight)
         out_local, in_local = weight.shape
@@ -175,16 +206,20 @@ def apply_lora(model: nn.Module, targets=DEFAULT_TARGETS, rank: int = 8, alpha: 
             A = nn.Parameter(torch.empty(rank, in_local, **kw))
             B = nn.Parameter(torch.empty(out_local, rank, **kw))
             mark_tp_split(A, 1, split.segments if split is not None else [full_in])
-            B.hc_tp_partial_grad = True
+            # B's input is the partial A_local x (local), or after the reduction only this rank's rows (SP);
+            # only the TE path without SP hands it the whole reduced h, every rank the same gradient
+            B.hc_tp_partial_grad = local or sp
         module.lora_rank, module.lora_alpha, module.lora_scale = rank, alpha, alpha / rank
         module.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         module.register_parameter("lora_A", A)
         module.register_parameter("lora_B", B)
-        if _local_megatron(module):
+        module._lora_sequence_parallel = sp
+        if local:
             module._lora_shared_input = True
-            if kind == "column":  # the wrapper does the (one) input-gradient reduction for base and adapter
+            if kind == "column":  # the wrapper does the (one) gather / input-gradient reduction for base and adapter
                 module.allreduce_dgrad = False
                 module.disable_grad_reduce = True
+                module.sequence_parallel = False
         module.__class__ = _lora_class(type(module), kind)
         if not weight.is_meta:
             with torch.no_grad():

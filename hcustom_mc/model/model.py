@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
+from einops import rearrange
 
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
@@ -30,7 +31,8 @@ from hcustom_mc.model.config import ModelConfig, split_layers  # noqa: F401  (sp
 from hcustom_mc.model.layers import FinalLayer, MLPEmbedder, PatchEmbed, TimestepEmbedder
 from hcustom_mc.model.ops import Rotary
 from hcustom_mc.device import place_module, resolve_device
-from hcustom_mc.model.spec import LinearSubmodules, get_linear_submodules, megatron_config
+from hcustom_mc.model.spec import LinearSubmodules, get_linear_submodules, megatron_config, without_sequence_parallel
+from hcustom_mc.parallel.sequence import SequenceLayout
 
 
 class InputError(ValueError):
@@ -66,6 +68,11 @@ class ForwardContext:
     def tokens_per_frame(self) -> int:
         return self.grid[1] * self.grid[2]
 
+    @property
+    def layout(self) -> SequenceLayout:
+        """How the blocks' hidden state is held here (sequence parallel, parallel/sequence.py)."""
+        return self.attend.layout
+
 
 class HunyuanCustomDiT(MegatronModule):
     def __init__(self, cfg: ModelConfig, submodules: LinearSubmodules | None = None, params_dtype=torch.float32,
@@ -81,7 +88,8 @@ class HunyuanCustomDiT(MegatronModule):
         `cp_mode` picks the context-parallel attention (ulysses or ring) when CP > 1.
         Every parameter is created on `device` (default: `hcustom_mc.device.compute_device()`);
         `device="meta"` builds the structure without allocating anything (names and shapes).
-        `config_overrides`: megatron TransformerConfig fields set by training (gradient_accumulation_fusion).
+        `config_overrides`: megatron TransformerConfig fields set by training (gradient_accumulation_fusion,
+        sequence_parallel: the blocks then work on this rank's rows of the sequence, see parallel/sequence.py).
         """
         cfg.validate()
         device = resolve_device(device)
@@ -120,7 +128,8 @@ class HunyuanCustomDiT(MegatronModule):
 
         if self.pre_process:
             self.img_in = PatchEmbed(cfg.patch_size, cfg.in_channels, H)
-            self.txt_in = TokenRefiner(cfg, config, sub, tp)
+            # the refiner runs on the text alone, before the hidden state enters the SP region
+            self.txt_in = TokenRefiner(cfg, without_sequence_parallel(config), sub, tp)
             if cfg.video_condition:
                 self.bg_in = PatchEmbed(cfg.patch_size, cfg.video_condition_channels, H)
                 self.bg_proj = video_condition_projection(cfg)
@@ -254,7 +263,8 @@ class HunyuanCustomDiT(MegatronModule):
             first = K if cfg.mode == "release" else 0
             lo, hi = max(frames.start, first), max(frames.stop, first)
             audio, audio_start = audio[:, lo - first : hi - first], (lo - frames.start) * hw
-        attend = JointAttention(Segments.from_text_mask((K + grid[0]) * hw, text_mask), len(frames) * hw, cp,
+        layout = SequenceLayout.build(len(frames) * hw, text_mask.shape[1], self.config.sequence_parallel)
+        attend = JointAttention(Segments.from_text_mask((K + grid[0]) * hw, text_mask), len(frames) * hw, layout, cp,
                                 selective=self.recompute_granularity == "selective" and self.training)
         ctx = ForwardContext(batch=B, grid=grid, num_identity=K, frames=frames, image_len=len(frames) * hw, rotary=rotary,
                              attend=attend, audio=audio, audio_start=audio_start)
@@ -318,18 +328,20 @@ class HunyuanCustomDiT(MegatronModule):
             x = block(x, vec, ctx.rotary, ctx.attend)
             if i < D:
                 if ctx.audio is not None and ctx.audio.shape[1] and i in self.audio_slots:
-                    x = self.inject_audio(x, ctx, self.audio_slots[i])
+                    # per-frame cross-attention needs whole frames: leave the SP region around it
+                    x = ctx.layout.scatter(self.inject_audio(ctx.layout.gather(x), ctx, self.audio_slots[i]))
         return x
 
     def head(self, x, vec, ctx: ForwardContext) -> torch.Tensor:
         """Video tokens held here -> [B, C_out, F_here, H, W] (identity and text tokens dropped)."""
         _, hh, ww = ctx.grid
         f = len(ctx.video_frames)
+        x = ctx.layout.gather(x)  # the final layer is not tensor parallel: it runs on the whole sequence
         video = x[ctx.image_len - f * hh * ww : ctx.image_len]
-        out = self.final_layer(video, vec).transpose(0, 1)  # [B, f*H'*W', C*pt*ph*pw]
+        out = self.final_layer(video, vec)  # [f*H'*W', B, C*pt*ph*pw]
         pt, ph, pw = self.cfg.patch_size
-        out = out.reshape(ctx.batch, f, hh, ww, self.cfg.out_channels, pt, ph, pw)
-        return out.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(ctx.batch, self.cfg.out_channels, f * pt, hh * ph, ww * pw)
+        # unpatchify: each token's channels hold its pt x ph x pw patch of every output channel
+        return rearrange(out, "(f h w) b (c pt ph pw) -> b c (f pt) (h ph) (w pw)", f=f, h=hh, w=ww, pt=pt, ph=ph, pw=pw)
 
     def forward(self, latents, timestep, text_states, text_mask, text_pooled, guidance=None,
                 identity_latents=None, audio_features=None, video_condition=None, hidden=None) -> torch.Tensor:
@@ -339,7 +351,8 @@ class HunyuanCustomDiT(MegatronModule):
         text_pooled [B, pooled_text_dim] (CLIP); guidance [B] (x1000) for guidance-distilled models;
         identity_latents [B, C, K, H, W]; audio_features [B, N, window, layers, channels];
         video_condition [B, 32, F, H, W]. Audio or video condition left out skips that branch.
-        A pipeline stage after the first takes the previous stage's output as `hidden` [S, B, C]
+        A pipeline stage after the first takes the previous stage's output as `hidden` [S, B, C] (under
+        sequence parallelism this rank's rows, `ForwardContext.layout`)
         (or from megatron's schedule through set_input_tensor); a stage before the last returns its
         hidden state instead of the velocity. Under context parallelism the velocity covers this
         rank's video frames (`ForwardContext.video_frames`).
@@ -351,6 +364,7 @@ class HunyuanCustomDiT(MegatronModule):
             hidden = self.input_tensor
         if self.pre_process:
             x = self.embed_tokens(latents, timestep, text_states, text_mask, ctx, identity_latents, video_condition)
+            x = ctx.layout.scatter(x)  # sequence parallel: this rank's rows from here to the head
         elif hidden is None:
             raise InputError("a pipeline stage after the first needs the previous stage's hidden state")
         else:

@@ -9,6 +9,7 @@ their output (TE linears do not support `gather_output`).
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
@@ -62,7 +63,20 @@ def _no_init(weight: torch.Tensor) -> None:
     return None
 
 
+def without_sequence_parallel(config):
+    """`config` for layers outside the sequence-parallel region (the text refiner, which runs before
+    the hidden state is split, and the per-sample modulation linears whose input is [B, C], not a
+    sequence): megatron's SP layers would all-gather / reduce-scatter their dim 0."""
+    if not config.sequence_parallel:
+        return config
+    plain = copy.copy(config)
+    plain.sequence_parallel = False
+    return plain
+
+
 def build_column(spec: ModuleSpec, in_f: int, out_f: int, config, *, bias: bool = True, gather: bool = False):
+    if gather:  # gathered outputs are per-sample vectors here: never sequence parallel
+        config = without_sequence_parallel(config)
     return build_module(
         spec, in_f, out_f, config=config, init_method=_no_init, bias=bias, gather_output=gather,
         skip_bias_add=False, is_expert=False,
@@ -77,8 +91,11 @@ def build_row(spec: ModuleSpec, in_f: int, out_f: int, config, *, bias: bool = T
 
 
 def megatron_config(cfg, params_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                    gradient_accumulation_fusion: bool = False):
-    """The megatron TransformerConfig that parallel linear layers read (sizes, dtype, TP).
+                    gradient_accumulation_fusion: bool = False, sequence_parallel: bool = False):
+    """The megatron TransformerConfig that parallel linear layers read (sizes, dtype, TP, SP).
+
+    `sequence_parallel` (TP > 1 only): the blocks' column/row linears all-gather / reduce-scatter the
+    sequence (parallel/sequence.py has the layout), and finalize_model_grads sums the row biases' grads.
 
     megatron allocates its linears on `torch.cuda.current_device()` unless `use_cpu_initialization`;
     then it allocates on the default device, which the model sets to `device` (CPU, or meta for a
@@ -102,5 +119,5 @@ def megatron_config(cfg, params_dtype: torch.dtype = torch.float32, device: torc
         use_cpu_initialization=resolve_device(device).type != "cuda",
         perform_initialization=False,
         gradient_accumulation_fusion=gradient_accumulation_fusion,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel,
     )

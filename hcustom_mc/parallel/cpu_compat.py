@@ -17,6 +17,11 @@ megatron's ordered point-to-point path, because gloo would match them by posting
 write results through a spawned ``multiprocessing.Manager`` queue, which re-imports the launching
 script and hangs if that child fails; a plain in-process queue is used instead.
 
+Sequence parallelism needs no shim beyond the proxy (its gather buffers are allocated through the patched
+`mappings`, `layers` and `utils` modules): the collectives megatron's SP uses, `all_gather_into_tensor` and
+`reduce_scatter_tensor` (sync and async), are native in gloo on the torch this project pins (2.13), so nothing
+is emulated; tests/dist_scripts/cpu_compat_check.py `sequence` checks them against plain PyTorch.
+
 `install_cpu_compat()` does nothing (and returns False) when this process computes on CUDA
 (`hcustom_mc.device.uses_cuda()`), so GPU runs use megatron-core unchanged; with gloo on a CUDA host
 (`HCUSTOM_DIST_BACKEND=gloo`) it is installed, and the proxy reports no CUDA. Nothing outside megatron-core's own modules is touched.

@@ -103,7 +103,8 @@ def full_state_dict(model: torch.nn.Module, grads: bool = False) -> dict[str, to
     """All-gather TP shards into full release-layout tensors (same result on every TP rank).
 
     `grads=True` gathers the parameters' gradients instead (parity tests compare them); gradients
-    each TP rank holds only a part of (hc_tp_partial_grad) are summed.
+    each TP rank holds only a part of (hc_tp_partial_grad, and megatron's `sequence_parallel` mark:
+    row biases under sequence parallelism) are summed, as training's finalize step does.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -116,7 +117,7 @@ def full_state_dict(model: torch.nn.Module, grads: bool = False) -> dict[str, to
         if grads and param.grad is None:
             raise ValueError(f"{name} has no gradient")
         tensor = (param.grad if grads else param).detach()
-        if grads and tp > 1 and getattr(param, "hc_tp_partial_grad", False):
+        if grads and tp > 1 and (getattr(param, "hc_tp_partial_grad", False) or getattr(param, "sequence_parallel", False)):
             tensor = tensor.clone()
             dist.all_reduce(tensor, group=ps.get_tensor_model_parallel_group())
         split = get_tp_split(param)

@@ -204,11 +204,6 @@ class TrainConfig:
             errors.append("the editing task needs variant=editing")
         if "multi_identity" in wants and self.mode != "paper":
             errors.append("multi_identity (K > 1) needs mode=paper (the release supports one identity image)")
-        if self.parallel.sequence_parallel:
-            # megatron-core's sequence-parallel layers need CUDA/NCCL, and the DiT's SP path (token
-            # sequence split outside attention, norm-grad reduction) is not built yet: say so plainly
-            errors.append("--sequence-parallel is not available: the DiT has no sequence-parallel path yet (and "
-                          "megatron-core's SP layers need CUDA); use --context-parallel-size to split long sequences")
         if self.checkpoint.load and not Path(self.checkpoint.load).exists() and not self.checkpoint.pretrained:
             errors.append(f"--load {self.checkpoint.load} does not exist")
         ck = self.checkpoint
@@ -242,7 +237,7 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--context-parallel-size": ("parallel.context_parallel", int, "CP size (image tokens split by whole latent frames)"),
     "--cp-comm-type": ("parallel.cp_mode", str, "ulysses (all-to-all), ring (K/V around the ring) or usp (both)"),
     "--ulysses-degree": ("parallel.ulysses_degree", int, "usp: Ulysses group size inside the CP group"),
-    "--sequence-parallel": ("parallel.sequence_parallel", bool, "sequence parallel with TP (GPU only)"),
+    "--sequence-parallel": ("parallel.sequence_parallel", bool, "sequence parallel: split the tokens between TP regions over the TP group (needs TP > 1)"),
     "--micro-batch-size": ("micro_batch_size", int, "samples per micro batch"),
     "--global-batch-size": ("global_batch_size", int, "samples per optimizer step"),
     "--train-iters": ("train_steps", int, "optimizer steps"),

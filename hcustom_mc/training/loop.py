@@ -21,11 +21,12 @@ from hcustom_mc.model import HunyuanCustomDiT
 from hcustom_mc.model.init import initialize_weights
 from hcustom_mc.model.lora import apply_lora, is_lora_name
 from hcustom_mc.model.ops import set_kernel_backend
+from hcustom_mc.parallel.sequence import SequenceLayout
 from hcustom_mc.parallel.state import current_parallel_info, destroy_parallel, initialize_parallel
 from hcustom_mc.training import checkpoint as ckpt
 from hcustom_mc.training.config import TrainConfig, config_json
 from hcustom_mc.training.ema import WeightEMA
-from hcustom_mc.training.step import NonFiniteError, build_scheduler, micro_batch_losses, optimizer_step, schedule_changes
+from hcustom_mc.training.step import NonFiniteError, adam_implementation, build_scheduler, micro_batch_losses, optimizer_step, schedule_changes
 from hcustom_mc.model.config import ConfigError
 from hcustom_mc.training.batches import BatchMaker
 from hcustom_mc.training.objective import flow_matching_loss_sum
@@ -56,9 +57,11 @@ def build_model_chunks(cfg: TrainConfig, model_cfg, cp_mode: str, device: torch.
                        initialize: bool = True, config_overrides: dict | None = None) -> list[HunyuanCustomDiT]:
     """This rank's model chunks (one per VPP stage), every parameter on `device` (default: the compute device).
     `initialize=False` leaves the weights for a checkpoint to fill (resume, pretrained); `config_overrides` are
-    megatron TransformerConfig fields (overlap / fusion, training/overlap.py)."""
+    megatron TransformerConfig fields (overlap / fusion, training/overlap.py); sequence_parallel comes from
+    cfg.parallel."""
     from megatron.core import parallel_state as ps
 
+    config_overrides = {**(config_overrides or {}), "sequence_parallel": cfg.parallel.sequence_parallel}
     device = resolve_device(device)
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
@@ -184,11 +187,13 @@ def seq_length_arg(model_chunk, mb: dict) -> int:
     pt, ph, pw = dit.cfg.patch_size
     hw = (h // ph) * (w // pw)
     frames, _ = dit._context_parallel(K + f // pt, hw)
-    # megatron's schedules divide the length they are given by the CP size to get the per-rank
-    # shape; CP shards can differ by a frame, so hand over this rank's exact length times CP
+    # megatron's schedules divide the length they are given by the CP size (and under sequence
+    # parallelism by TP) to get the per-rank shape; CP shards can differ by a frame and SP pads each
+    # stream, so hand over this rank's exact rows times CP (x TP)
     from megatron.core import parallel_state as ps
 
-    return (len(frames) * hw + inputs["text_states"].shape[1]) * ps.get_context_parallel_world_size()
+    layout = SequenceLayout.build(len(frames) * hw, inputs["text_states"].shape[1], dit.config.sequence_parallel)
+    return layout.local_rows * layout.tp * ps.get_context_parallel_world_size()
 
 
 # ----------------------------------------------------------------------------- the job
@@ -265,6 +270,7 @@ def train(cfg: TrainConfig) -> dict:
                                  params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
                                  **overlap.optimizer)
     optimizer = get_megatron_optimizer(opt_config, model)
+    log.info("optimizer: %s", adam_implementation())
     scheduler = build_scheduler(cfg, optimizer, override=cfg.checkpoint.override_schedule)
     ema = WeightEMA(optimizer, model, cfg.ema_decay) if cfg.ema_decay else None
     for c in chunks:  # what megatron's schedules read from the model config
@@ -415,7 +421,9 @@ def _inject_fault(step: int, losses: list[dict], chunks) -> None:
 
 
 def allreduce_tp_partial_grads(model_chunks) -> None:
-    """Sum over TP the gradients of weights shared by heads that TP splits (QK norms)."""
+    """Sum over TP the gradients of weights shared by heads that TP splits (QK norms, LoRA factors).
+    (Sequence-parallel partial grads, the `sequence_parallel`-marked row biases, are summed by megatron's
+    finalize_model_grads; no parameter carries both marks.)"""
     from megatron.core import parallel_state as ps
 
     if ps.get_tensor_model_parallel_world_size() == 1:
@@ -457,7 +465,9 @@ def _metrics(cfg, model_cfg, mb, loss, grad_norm, optimizer, step_time, info, pe
 
 
 def _sp_status(cfg) -> str:
-    return "on" if cfg.parallel.sequence_parallel else "off (not available yet; see TrainConfig.validate)"
+    if not cfg.parallel.sequence_parallel:
+        return "off"
+    return f"on (tokens between TP regions split over TP {cfg.parallel.tensor_parallel}, each stream padded to a multiple of it)"
 
 
 def run(cfg: TrainConfig) -> dict:

@@ -95,3 +95,14 @@ def micro_batch_losses(losses: list[dict], num_micro: int, device) -> tuple[floa
     dist.all_reduce(value, group=ps.get_pipeline_model_parallel_group())  # other stages hold 0
     values = value.tolist()
     return values[num_micro], values[:num_micro]
+
+
+def adam_implementation() -> str:
+    """The Adam megatron-core picked when it was imported: transformer-engine's or apex's fused kernel when
+    one is installed, else torch's AdamW (megatron's own order)."""
+    from megatron.core import optimizer as megatron_optimizer
+
+    cls = megatron_optimizer.Adam
+    origin = cls.__module__.split(".")[0]
+    names = {"transformer_engine": "transformer-engine FusedAdam", "apex": "apex FusedAdam"}
+    return names.get(origin, f"torch {cls.__name__} (neither transformer-engine nor apex is installed)")

@@ -1,6 +1,6 @@
 """megatron-core machinery on CPU/gloo with the compatibility layer, checked against plain PyTorch.
 
-usage: torchrun --nproc_per_node 2 cpu_compat_check.py {pipeline,ddp,checkpoint} [TMPDIR]
+usage: torchrun --nproc_per_node 2 cpu_compat_check.py {pipeline,ddp,checkpoint,sequence} [TMPDIR]
 
 pipeline:   a 4-layer MLP on 2 stages with the 1F1B schedule and with 2 virtual stages per rank
             (interleaved): loss and every gradient equal a plain single-process autograd run.
@@ -8,6 +8,9 @@ ddp:        megatron DDP + DistributedOptimizer (ZeRO-1) on DP=2, 3 Adam steps w
             torch.optim.Adam on the full batch in one process.
 checkpoint: dist_checkpointing save of TP=2 ColumnParallelLinear weights plus distributed optimizer
             state, load back at TP=2 (model + optimizer equal) and at TP=1 x DP=2 (weights resharded).
+sequence:   megatron's sequence-parallel collectives at TP=2 (all_gather_into_tensor, reduce_scatter_tensor,
+            sync and async): the SP region mappings, and a ColumnParallelLinear -> RowParallelLinear pair
+            with sequence_parallel=True, forward and backward, vs the plain MLP on the whole sequence.
 """
 
 import sys
@@ -233,12 +236,61 @@ def check_checkpoint(tmp):
     return "checkpoint OK"
 
 
+def check_sequence():
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.tensor_parallel.mappings import (gather_from_sequence_parallel_region,
+                                                        reduce_scatter_to_sequence_parallel_region,
+                                                        scatter_to_sequence_parallel_region)
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    info = initialize_parallel(ParallelConfig(tensor_parallel=2, sequence_parallel=True))
+    r, S, B = info.tp_rank, 6, 2
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(S, B, WIDTH, generator=g)
+    w1, b1 = torch.randn(2 * WIDTH, WIDTH, generator=g), torch.randn(2 * WIDTH, generator=g)
+    w2, b2 = torch.randn(WIDTH, 2 * WIDTH, generator=g), torch.randn(WIDTH, generator=g)
+    rows = slice(r * S // 2, (r + 1) * S // 2)
+    # the region mappings: scatter / gather are inverse, reduce-scatter sums then splits
+    local = scatter_to_sequence_parallel_region(x)
+    assert torch.equal(local, x[rows])
+    assert torch.equal(gather_from_sequence_parallel_region(local), x)
+    assert torch.equal(reduce_scatter_to_sequence_parallel_region(x * (r + 1)), 3 * x[rows])
+    # column (all-gather in, sharded out) -> row (reduce-scatter out), as in a DiT block
+    config = TransformerConfig(num_layers=1, hidden_size=WIDTH, num_attention_heads=2, tensor_model_parallel_size=2,
+                               sequence_parallel=True, use_cpu_initialization=True)
+    fc1 = ColumnParallelLinear(WIDTH, 2 * WIDTH, config=config, init_method=lambda w: None, bias=True,
+                               gather_output=False)
+    fc2 = RowParallelLinear(2 * WIDTH, WIDTH, config=config, init_method=lambda w: None, bias=True,
+                            input_is_parallel=True, skip_bias_add=False)
+    cols = slice(r * WIDTH, (r + 1) * WIDTH)
+    with torch.no_grad():
+        fc1.weight.copy_(w1[cols]), fc1.bias.copy_(b1[cols]), fc2.weight.copy_(w2[:, cols]), fc2.bias.copy_(b2)
+    xl = x[rows].clone().requires_grad_(True)
+    out = fc2(torch.tanh(fc1(xl)[0]))[0]
+    (out ** 2).sum().backward()
+    xr = x.clone().requires_grad_(True)
+    ref_w = [t.clone().requires_grad_(True) for t in (w1, b1, w2, b2)]
+    ref = torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(xr, ref_w[0], ref_w[1])), ref_w[2], ref_w[3])
+    (ref ** 2).sum().backward()
+    torch.testing.assert_close(out, ref[rows].detach())
+    torch.testing.assert_close(xl.grad, xr.grad[rows])
+    torch.testing.assert_close(fc1.weight.grad, ref_w[0].grad[cols])
+    torch.testing.assert_close(fc2.weight.grad, ref_w[2].grad[:, cols])
+    assert fc2.bias.sequence_parallel  # the partial row-bias gradient: summed over TP by finalize_model_grads
+    bias_grad = fc2.bias.grad.clone()
+    dist.all_reduce(bias_grad)
+    torch.testing.assert_close(bias_grad, ref_w[3].grad)
+    return "sequence OK"
+
+
 def main():
     what = sys.argv[1]
     if what == "pipeline":
         msgs = [check_pipeline(None), check_pipeline(2)]
     elif what == "ddp":
         msgs = [check_ddp()]
+    elif what == "sequence":
+        msgs = [check_sequence()]
     else:
         msgs = [check_checkpoint(sys.argv[2])]
     if dist.get_rank() == 0:
