@@ -117,11 +117,14 @@ def measured_ranks(tmp_path, *layout: str) -> tuple[dict, float]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [("--pp", "2", "--global-batch-size", "4"), ("--cp", "2", "--cp-comm-type", "ring"),
-                                    ("--cp", "2", "--cp-comm-type", "ulysses")], ids=["pp2-1f1b", "cp2-ring", "cp2-ulysses"])
+                                    ("--cp", "2", "--cp-comm-type", "ulysses"), ("--tp", "2"),
+                                    ("--tp", "2", "--sequence-parallel")],
+                         ids=["pp2-1f1b", "cp2-ring", "cp2-ulysses", "tp2", "tp2-sp"])
 def test_two_rank_layout_peak_matches_measurement(layout, tmp_path):
     """Two ranks under torchrun. PP=2 with 4 micro batches of 1F1B: stage 0 holds two micro batches'
     activations (the planner's largest stage), stage 1 one. CP=2: each rank holds half the image frames and
-    all text tokens. The planner's peak is that of the largest rank."""
+    all text tokens. TP=2 (+SP: the norm / modulation / residual activations split over TP). The planner's
+    peak is that of the largest rank."""
     peaks, predicted = measured_ranks(tmp_path, *layout)
     assert sorted(peaks) == [0, 1]
     if "--pp" in layout:

@@ -16,8 +16,8 @@ What is counted, per rank (the largest pipeline stage decides the peak):
                (sqrt(exp_avg_sq)); on CPU the single-tensor AdamW two of the largest tensor. It runs
                after backward freed the activations, so the peak is static + max(activations, it).
 Measured against real training steps on CPU (tests/test_plan.py): within about 4% at TP=PP=CP=DP=1 in
-every recompute mode and at PP=2; CP=2 (ring, Ulysses) about 7.5% under (the CP attention's backward
-buffers are not itemised). The GPU (triton) tables are derived from the kernels' saved tensors and
+every recompute mode, at PP=2 and TP=2 (+SP: about 4% under); CP=2 (ring, Ulysses) about 7.5% under
+(the CP attention's backward buffers are not itemised). The GPU (triton) tables are derived from the kernels' saved tensors and
 are checked by the `gpu`-marked test only where a GPU runs it.
 Not counted: allocator fragmentation, the CUDA context, cuBLAS / NCCL workspaces (a GPU target adds
 the fixed GPU_RUNTIME_ALLOWANCE_GIB for those), Python/host memory, checkpoint-save staging, EMA

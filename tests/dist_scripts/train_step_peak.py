@@ -45,11 +45,14 @@ def main() -> None:
     p.add_argument("--pp", type=int, default=1, help="pipeline stages (run under torchrun with as many ranks)")
     p.add_argument("--cp", type=int, default=1, help="context parallel ranks (torchrun)")
     p.add_argument("--cp-comm-type", default="ulysses")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel ranks (torchrun)")
+    p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--global-batch-size", type=int, default=1)
     args = p.parse_args()
-    if args.pp > 1 or args.cp > 1 or args.global_batch_size > 1:  # the bench's training argv, then these (later win)
+    if args.pp > 1 or args.cp > 1 or args.tp > 1 or args.global_batch_size > 1:  # after the bench's argv (later win)
         extra = ["--pipeline-model-parallel-size", str(args.pp), "--global-batch-size", str(args.global_batch_size),
-                 "--context-parallel-size", str(args.cp), "--cp-comm-type", args.cp_comm_type]
+                 "--context-parallel-size", str(args.cp), "--cp-comm-type", args.cp_comm_type,
+                 "--tensor-model-parallel-size", str(args.tp)] + (["--sequence-parallel"] if args.sequence_parallel else [])
         base_argv = bench.train_argv
         bench.train_argv = lambda *a: base_argv(*a) + extra
     args.warmup, args.peak_tflops = 0, None
