@@ -52,3 +52,16 @@ def test_trainable_new_updates_only_new_modules(tmp_path):
     untouched = _release_weights(tmp_path / "b" / "iter_0000002", tmp_path / "wb")
     changed = {k for k in trained if not torch.equal(trained[k], untouched[k])}
     assert changed and all(k.startswith(("audio_proj.", "audio_models.")) for k in changed), sorted(changed)[:5]
+
+
+def test_yaml_exponent_floats_are_floats(tmp_path):
+    """`lr: 1e-5` (no dot) is a float in our configs, as users write it, not PyYAML's string '1e-5'."""
+    from hcustom_mc.model.config import load_yaml
+    from hcustom_mc.training.config import build_config
+
+    assert load_yaml("a: 1e-5\nb: -2E+3\nc: 1.5\nd: 7\ne: '1e-5'\nf: 1e5x") == {
+        "a": 1e-5, "b": -2000.0, "c": 1.5, "d": 7, "e": "1e-5", "f": "1e5x"}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim:\n  lr: 5e-06\n  min_lr: 1e-7\n")
+    cfg = build_config(["--config", str(recipe), "--set", "optim.weight_decay=1e-2"])
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay) == (5e-06, 1e-7, 1e-2)

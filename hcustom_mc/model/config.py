@@ -17,6 +17,21 @@ MODES = ("release", "paper")
 VARIANTS = ("base", "audio", "editing")
 
 
+def load_yaml(text: str):
+    """yaml.safe_load, except that `1e-5` is a float: YAML 1.1 (PyYAML) wants a dot (`1.0e-5`) and would
+    otherwise hand a learning rate over as the string '1e-5'."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass: no object construction)
+
+
 class ConfigError(ValueError):
     """A configuration that cannot describe a valid model or run."""
 
@@ -154,9 +169,7 @@ def get_model_config(name_or_path: str | Path, variant: str = "base", **override
         raise ConfigError(f"model config {name!r} is neither a preset {sorted(PRESETS)} nor a file")
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     else:
         data = json.loads(text)
     if not isinstance(data, dict):

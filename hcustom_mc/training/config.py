@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from hcustom_mc.model.config import ConfigError
+from hcustom_mc.model.config import ConfigError, load_yaml
 from hcustom_mc.parallel.config import ParallelConfig
 
 def _lora_default_targets():
@@ -347,12 +346,12 @@ def build_config(argv=None) -> TrainConfig:
     if args.config is not None:
         if not args.config.is_file():
             raise ConfigError(f"--config {args.config} does not exist")
-        _apply_mapping(cfg, yaml.safe_load(args.config.read_text()) or {})
+        _apply_mapping(cfg, load_yaml(args.config.read_text()) or {})
     for item in args.set:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        _set(cfg, key, yaml.safe_load(raw))
+        _set(cfg, key, load_yaml(raw))
     for flag, (dest, typ, _) in FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:

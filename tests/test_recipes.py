@@ -1,0 +1,70 @@
+"""examples/13b recipes: each loads and validates at the world size its header states, and is the layout the
+planner ranks first for its GPU count on 80 GB GPUs (and says fits), with the header's planner command."""
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.torchrun import REPO
+
+RECIPES = sorted((REPO / "examples" / "13b").glob("*.yaml"))
+
+
+def _header(path: Path) -> tuple[int, list[str]]:
+    text = path.read_text()
+    world = int(re.search(r"\(world (\d+)\)", text).group(1))
+    plan = next(line.lstrip("# ").strip() for line in text.splitlines() if "python -m hcustom_mc.plan" in line
+                and "--tp" in line)
+    return world, shlex.split(plan)[3:]  # drop "python -m hcustom_mc.plan"
+
+
+def _flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def test_there_are_recipes_for_every_kind_resolution_and_gpu_count():
+    names = {p.stem for p in RECIPES}
+    assert names == {f"{k}_{r}_{g}gpu" for k in ("full", "audio", "editing") for r in ("720p", "512p") for g in (8, 64)}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_validates_and_is_the_planners_first_choice(path, tmp_path):
+    from hcustom_mc.model.config import get_model_config
+    from hcustom_mc.training.config import build_config
+
+    world, plan_args = _header(path)
+    # the paths a user passes on the command line (validation checks that they exist)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "base.pt").write_bytes(b"")
+    cfg = build_config(["--config", str(path), "--data-path", str(tmp_path / "shards"),
+                        "--pretrained", str(tmp_path / "base.pt")])
+    cfg.validate(world)
+    cfg.parallel.validate(world, get_model_config(cfg.model, cfg.variant))
+    p = cfg.parallel
+    dp = p.data_parallel(world)
+    # the header's planner command describes this file
+    assert [int(_flag(plan_args, f)) for f in ("--tp", "--pp", "--cp", "--dp")] == [
+        p.tensor_parallel, p.pipeline_parallel, p.context_parallel, dp]
+    assert ("--sequence-parallel" in plan_args) == p.sequence_parallel
+    assert _flag(plan_args, "--variant") == cfg.variant and _flag(plan_args, "--trainable") == cfg.trainable
+    assert int(_flag(plan_args, "--global-batch-size")) == cfg.global_batch_size
+    assert int(_flag(plan_args, "--frames")) == cfg.data.frames
+    assert min(map(int, _flag(plan_args, "--size").split("x"))) == cfg.data.short_side
+    assert ("--ema" in plan_args) == bool(cfg.ema_decay) and cfg.bf16 and cfg.recompute_granularity == "full"
+    run = [sys.executable, "-m", "hcustom_mc.plan", *plan_args]
+    fits = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert fits.returncode == 0, fits.stdout + fits.stderr  # 0: fits in --gpu-memory
+    # and nothing ranks above it among the layouts of this many GPUs
+    search = [a for i, a in enumerate(plan_args) if a not in ("--tp", "--pp", "--cp", "--dp", "--cp-comm-type")
+              and plan_args[i - 1] not in ("--tp", "--pp", "--cp", "--dp", "--cp-comm-type")]
+    ranked = subprocess.run([sys.executable, "-m", "hcustom_mc.plan", *search, "--gpus", str(world), "--top", "1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    first = next(line for line in ranked.stdout.splitlines() if line.startswith("TP "))
+    mode = f" ({p.cp_mode})" if p.context_parallel > 1 else ""
+    expected = (f"TP {p.tensor_parallel}{' +SP' if p.sequence_parallel else ''} x PP {p.pipeline_parallel} x "
+                f"CP {p.context_parallel}{mode} x DP {dp}")
+    assert first.startswith(expected), ranked.stdout
