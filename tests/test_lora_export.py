@@ -47,14 +47,14 @@ def _ours(release):
     return model, sd
 
 
-def _pipeline(release_sd, cfg):
+def _pipeline(release_sd, cfg, copy=True):
     """diffusers' HunyuanVideo pipeline (only the transformer: LoRA loading needs nothing else) on our base."""
     from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
 
     from hcustom_mc.checkpoint.diffusers_format import diffusers_config_from_model_config, release_to_diffusers
 
     transformer = HunyuanVideoTransformer3DModel(**diffusers_config_from_model_config(cfg)).eval()
-    transformer.load_state_dict(release_to_diffusers(release_sd), strict=True)
+    transformer.load_state_dict(release_to_diffusers(release_sd, copy=copy), strict=True)
     return HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=None,
                                 scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=None, tokenizer_2=None)
 
@@ -187,17 +187,17 @@ def test_sampler_lora_flag_merges_and_checks(single_process, run):
 @pytest.mark.slow
 def test_original_export_at_hidden_3072_through_diffusers(single_process, tmp_path):
     """At the 13B width (diffusers' converter hard-codes 3072 for linear1) the original layout, fused qkv and
-    linear1 adapters included, loads in diffusers and equals ours: 1 double + 1 single block, mlp ratio 1."""
+    linear1 adapters included, loads in diffusers and equals ours: 1 double + 1 single + 1 refiner block."""
     from safetensors.torch import save_file
 
     from hcustom_mc.checkpoint.lora import Adapters, to_original
     from hcustom_mc.model import HunyuanCustomDiT, get_model_config, initialize_weights
 
     cfg = get_model_config("13b", "base", num_double_blocks=1, num_single_blocks=1, num_refiner_blocks=1,
-                           mlp_ratio=1.0, in_channels=4, out_channels=4, text_dim=32, pooled_text_dim=16)
+                           in_channels=4, out_channels=4, text_dim=32, pooled_text_dim=16)
     ours = HunyuanCustomDiT(cfg).eval()
     initialize_weights(ours, seed=1, zero_init=False)
-    sd = {k: v.detach().clone() for k, v in ours.state_dict().items() if not k.endswith("_extra_state")}
+    sd = {k: v.detach() for k, v in ours.state_dict().items() if not k.endswith("_extra_state")}
     g = torch.Generator().manual_seed(0)
     names = ["double_blocks.0.img_attn_qkv", "double_blocks.0.txt_attn_qkv", "single_blocks.0.linear1",
              "single_blocks.0.linear2", "double_blocks.0.img_mlp.fc2"]
@@ -211,7 +211,7 @@ def test_original_export_at_hidden_3072_through_diffusers(single_process, tmp_pa
     inputs = random_inputs(cfg, batch=1, frames=1, height=4, width=4, text_len=4, seed=1, device="cpu")
     with torch.no_grad():
         base_out = ours(**inputs)
-    pipe = _pipeline(sd, cfg)
+    pipe = _pipeline(sd, cfg, copy=False)  # (load_state_dict copies: no third copy of the weights)
     del sd
     pipe.load_lora_weights(str(file))
     assert sum(1 for n, _ in pipe.transformer.named_modules() if n.endswith("lora_A")) == 3 + 3 + 4 + 1 + 1
