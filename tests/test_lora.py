@@ -179,3 +179,38 @@ def test_lora_flags():
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout) == (4, 8.0, 0.1)
     assert cfg.lora_targets == ["single_blocks.*.linear1", "double_blocks.*.img_attn_qkv"]
     assert build_config([]).lora_rank == 0 and build_config([]).lora_targets == list(DEFAULT_TARGETS)
+
+
+def test_merge_at_tp2_equals_live_adapters_and_single_process(single_process, tmp_path):
+    """TP2: merge_lora (per shard) == merge_into_model (full adapters, sharded) == live adapters == the same
+    adapters live in one process (B seeded by name on its full shape, A seeded TP-invariantly)."""
+    import importlib.util
+
+    from hcustom_mc.model import HunyuanCustomDiT, get_model_config, initialize_weights
+    from hcustom_mc.model.lora import apply_lora, lora_modules
+    from hcustom_mc.parallel.sharding import full_state_dict
+    from tests.torchrun import REPO, torchrun
+
+    cfg = get_model_config("tiny", "base")
+    model = HunyuanCustomDiT(cfg).eval()
+    initialize_weights(model, seed=4, zero_init=False)
+    torch.save(full_state_dict(model), tmp_path / "w.pt")
+    inputs = tiny_inputs(cfg, seed=5)
+    torch.save(inputs, tmp_path / "in.pt")
+    script = REPO / "tests" / "dist_scripts" / "lora_merge_check.py"
+    torchrun(2, script, tmp_path / "w.pt", tmp_path / "in.pt", tmp_path / "out.pt", 2)
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    with torch.no_grad():
+        base = model(**inputs)
+    spec = importlib.util.spec_from_file_location("lora_merge_check", script)
+    helper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helper)
+    apply_lora(model, rank=4, alpha=8.0, seed=0)
+    with torch.no_grad():
+        for name, m in lora_modules(model):
+            m.lora_B.copy_(helper.seeded_b(name, m.lora_B.shape))
+            torch.testing.assert_close(got["adapters"][name][0], m.lora_A, rtol=0, atol=0)
+        ref = model(**inputs)
+    assert (ref - base).abs().max() > 1e-3  # the adapters matter
+    for key in ("live", "merged", "merged_full"):
+        torch.testing.assert_close(got[key], ref, rtol=1e-5, atol=1e-5, msg=key)
