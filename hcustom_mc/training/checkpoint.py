@@ -108,8 +108,8 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
     flat_model_sd = {f"{k}.{n}": v for k, sd in model_sd.items() for n, v in sd.items()}
     if optimizer is not None:
         state["optimizer"] = _optimizer_sd(optimizer, flat_model_sd, is_loading=False)
-    if ema is not None:
-        state.update(ema.sharded_state_dict())
+    if ema is not None:  # a LoRA checkpoint: the adapters' EMA only
+        state.update(ema.sharded_state_dict(trainable_only=adapter_base is not None))
     _refuse_nonfinite(state, step, root)
     with integrity.write_errors_explained(tmp):
         dist_checkpointing.save(state, str(tmp))
@@ -201,7 +201,7 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler, load_o
         if not meta.get("ema"):
             raise CheckpointError(f"{path} has no EMA weights (saved without --ema-decay); resume without --ema-decay "
                                   "or start the EMA fresh from --pretrained")
-        state.update(ema.sharded_state_dict())
+        state.update(ema.sharded_state_dict(trainable_only=bool(meta.get("adapter_only"))))
     loaded, missing, unexpected = dist_load(state, path, strict="return_all")
     # EMA weights of a run that had --ema-decay may be left behind by a run without it
     unexpected = [k for k in unexpected if not k.startswith("ema.")]
