@@ -220,3 +220,30 @@ def test_original_export_at_hidden_3072_through_diffusers(single_process, tmp_pa
         got, expected = ours(**inputs), reference_output(pipe.transformer, inputs)
     assert (expected - base_out).abs().max() > 1e-2
     assert (got - expected).abs().max().item() < 1e-4 * max(1.0, expected.abs().max().item())
+
+
+@pytest.mark.slow
+def test_sampler_with_lora_equals_sampling_the_merged_checkpoint(run, tmp_path):
+    """End to end: `sample --lora FILE:0.8` on the base == `sample` of `convert --merge-lora FILE:0.8`, and differs
+    from the base alone (t2v, tiny random encoders)."""
+    import numpy as np
+
+    from hcustom_mc.encoders.tiny import save_tiny_encoders
+    from hcustom_mc.inference.output import read_mp4
+    from hcustom_mc.model import get_model_config
+
+    root, release = run
+    file = root / "orig_for_sampler.safetensors"
+    _cli("-m", "hcustom_mc.checkpoint.lora", "export", "--ckpt", root / "ck", "--format", "original", "--out", file,
+         "--overwrite")
+    _cli("-m", "hcustom_mc.checkpoint.convert", "--src", release, "--src-format", "release", "--dst", tmp_path / "m",
+         "--dst-format", "release", "--model-config", "tiny", "--merge-lora", f"{file}:0.8")
+    save_tiny_encoders(tmp_path / "enc", get_model_config("tiny", "base"))
+    job = ["--model-config", "tiny", "--encoders-dir", tmp_path / "enc", "--task", "t2v", "--prompt", "A red ball.",
+           "--height", 32, "--width", 48, "--frames", 9, "--steps", 2, "--text-len", 256, "--seed", 3, "--no-progress"]
+    _cli("-m", "hcustom_mc.sample", "--checkpoint", release, "--lora", f"{file}:0.8", *job, "--out", tmp_path / "live")
+    _cli("-m", "hcustom_mc.sample", "--checkpoint", tmp_path / "m", *job, "--out", tmp_path / "merged")
+    _cli("-m", "hcustom_mc.sample", "--checkpoint", release, *job, "--out", tmp_path / "base")
+    frames = {k: read_mp4(tmp_path / k / "000_t2v.mp4")[0].astype(np.int32) for k in ("live", "merged", "base")}
+    assert np.array_equal(frames["live"], frames["merged"])
+    assert np.abs(frames["live"] - frames["base"]).max() > 0
