@@ -99,7 +99,7 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", [pytest.param(k, marks=pytest.mark.slow) if k == "cp2_ring" else k for k in LAYOUTS])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_lora_layout_equals_single_process(lora_reference, tmp_path, layout):
     nproc, args = LAYOUTS[layout]
     got = train(nproc, tmp_path, *LORA, *args)
