@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# LoRA fine-tuning on CPU (about a minute on 2 cores), synthetic latents:
+# LoRA fine-tuning on CPU (about two minutes on 2 cores), synthetic latents:
 #   1. a tiny random audio DiT written as a released checkpoint (the stand-in for the release)
 #   2. LoRA (rank 4) on the frozen base at TP 2 for 3 of 6 steps, saving an adapter-only checkpoint
 #   3. resume: the base is rebuilt from --pretrained, the adapters and their optimizer state from the checkpoint
+#   4. export the adapters and sample a t2v clip from the base with --lora (merged at load; tiny random encoders:
+#      the pictures are meaningless)
 #   bash examples/lora_tiny.sh [ROOT]     (ROOT default runs/lora_tiny; must not exist yet)
 set -euo pipefail
 ROOT=$(realpath -m "${1:-runs/lora_tiny}")
@@ -18,5 +20,13 @@ ARGS=(--config examples/tiny_3d.yaml --pretrained "$ROOT/release" --lora-rank 4 
       --lr-warmup-iters 1 --tensor-model-parallel-size 2 --save "$ROOT/checkpoints")
 torchrun --nproc-per-node 2 --master-port "$PORT" pretrain_custom.py "${ARGS[@]}" --exit-after-iters 3 --run-dir "$ROOT/train"
 torchrun --nproc-per-node 2 --master-port "$PORT" pretrain_custom.py "${ARGS[@]}" --load "$ROOT/checkpoints" --run-dir "$ROOT/resume"
+python -m hcustom_mc.checkpoint.lora export --ckpt "$ROOT/checkpoints" --format original --out "$ROOT/lora.safetensors"
+# also: --format diffusers (for diffusers pipelines); python -m hcustom_mc.checkpoint.convert ... --merge-lora FILE:0.8
+python -c "import sys; from hcustom_mc.encoders.tiny import save_tiny_encoders; from hcustom_mc.model import get_model_config
+save_tiny_encoders(sys.argv[1], get_model_config('tiny', 'audio'))" "$ROOT/encoders"
+python -m hcustom_mc.sample --checkpoint "$ROOT/release" --model-config tiny --variant audio --lora "$ROOT/lora.safetensors:0.8" \
+    --encoders-dir "$ROOT/encoders" --task t2v --prompt "A red ball rolls." --height 32 --width 48 --frames 9 --steps 3 \
+    --text-len 256 --out "$ROOT/samples" --no-progress
 du -sh "$ROOT/release" "$ROOT/checkpoints/$(cat "$ROOT/checkpoints/latest")"
 echo "adapter-only checkpoint: $ROOT/checkpoints/$(cat "$ROOT/checkpoints/latest") (base: $ROOT/release)"
+echo "exported adapters: $ROOT/lora.safetensors; sample: $ROOT/samples"

@@ -40,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--checkpoint-format", default="auto", choices=("auto", "mcore", "release", "diffusers"))
     m.add_argument("--load-key", default="module", choices=("module", "ema"),
                    help="module (the trained weights) or ema (their moving average, from --ema-decay or a release file)")
+    m.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="LoRA adapters merged into the DiT weights after loading, times SCALE (default 1); repeat for "
+                        "several: an `hcustom_mc.checkpoint.lora export --format original` file or a training checkpoint")
     m.add_argument("--verify-checkpoint", default="size", choices=("full", "size", "off"),
                    help="mcore checkpoints: check the files against the manifest (full: sizes and sha256)")
     m.add_argument("--model-config", default=None, help="tiny | 13b | file; for checkpoints without a config")
@@ -215,6 +218,9 @@ def run(args) -> int:
 
     info = initialize_parallel(ParallelConfig(tensor_parallel=args.tp, context_parallel=args.cp, cp_mode=args.cp_mode),
                                model_cfg)
+    from hcustom_mc.checkpoint.lora import load_specs, merge_into_model
+
+    loras = load_specs(args.lora, args.checkpoint)  # bad FILE:SCALE, another base: fail before the model loads
     rank0 = info.rank == 0
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
     from hcustom_mc.inference.memory import check_jobs_fit
@@ -223,6 +229,10 @@ def run(args) -> int:
     check_jobs_fit(jobs, model_cfg, dtype, info.device, args.tp, args.cp, args.cfg_parallel, paths, world, args.text_len)
     t_load = time.time()
     model = load_model(ckpt, fmt, model_cfg, dtype, args.cp_mode, args.load_key)
+    for adapters, scale in loras:  # merged: no cost per step; W + sum of scale_i * B_i A_i, added in fp32
+        merge_into_model(model, adapters, scale)
+        if rank0:
+            log.info("merged LoRA %s x %g (%d modules)", adapters.source, scale, len(adapters.tensors))
     encoders = EncoderSet.from_paths(paths, needs_audio=any(j.task == "audio" for j in jobs), device=info.device,
                                      dtype=torch.float32 if info.device.type == "cpu" else torch.float16,
                                      mode=model_cfg.mode, max_subjects=model_cfg.max_identity_images,

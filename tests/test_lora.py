@@ -94,6 +94,8 @@ LAYOUTS = {
     "pp2": (2, ["--pipeline-model-parallel-size", 2]),
     "cp2": (2, ["--context-parallel-size", 2, "--cp-comm-type", "ulysses"]),
     "tp2_pp2": (4, ["--tensor-model-parallel-size", 2, "--pipeline-model-parallel-size", 2]),
+    "pp2_vpp2": (2, ["--pipeline-model-parallel-size", 2, "--virtual-pipeline-model-parallel-size", 2]),
+    "cp2_ring": (2, ["--context-parallel-size", 2, "--cp-comm-type", "ring"]),
 }
 
 
@@ -179,3 +181,70 @@ def test_lora_flags():
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout) == (4, 8.0, 0.1)
     assert cfg.lora_targets == ["single_blocks.*.linear1", "double_blocks.*.img_attn_qkv"]
     assert build_config([]).lora_rank == 0 and build_config([]).lora_targets == list(DEFAULT_TARGETS)
+
+
+def test_merge_at_tp2_equals_live_adapters_and_single_process(single_process, tmp_path):
+    """TP2: merge_lora (per shard) == merge_into_model (full adapters, sharded) == live adapters == the same
+    adapters live in one process (B seeded by name on its full shape, A seeded TP-invariantly)."""
+    import importlib.util
+
+    from hcustom_mc.model import HunyuanCustomDiT, get_model_config, initialize_weights
+    from hcustom_mc.model.lora import apply_lora, lora_modules
+    from hcustom_mc.parallel.sharding import full_state_dict
+    from tests.torchrun import REPO, torchrun
+
+    cfg = get_model_config("tiny", "base")
+    model = HunyuanCustomDiT(cfg).eval()
+    initialize_weights(model, seed=4, zero_init=False)
+    torch.save(full_state_dict(model), tmp_path / "w.pt")
+    inputs = tiny_inputs(cfg, seed=5)
+    torch.save(inputs, tmp_path / "in.pt")
+    script = REPO / "tests" / "dist_scripts" / "lora_merge_check.py"
+    torchrun(2, script, tmp_path / "w.pt", tmp_path / "in.pt", tmp_path / "out.pt", 2)
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    with torch.no_grad():
+        base = model(**inputs)
+    spec = importlib.util.spec_from_file_location("lora_merge_check", script)
+    helper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helper)
+    apply_lora(model, rank=4, alpha=8.0, seed=0)
+    with torch.no_grad():
+        for name, m in lora_modules(model):
+            m.lora_B.copy_(helper.seeded_b(name, m.lora_B.shape))
+            torch.testing.assert_close(got["adapters"][name][0], m.lora_A, rtol=0, atol=0)
+        ref = model(**inputs)
+    assert (ref - base).abs().max() > 1e-3  # the adapters matter
+    for key in ("live", "merged", "merged_full"):
+        torch.testing.assert_close(got[key], ref, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_bf16_lora_with_ema_resumes_exactly_and_ema_holds_only_adapters(tmp_path):
+    """bf16 + --ema-decay: 2 + 2 resumed steps == 4 steps; the EMA (saved, exported) covers only the adapters."""
+    import subprocess
+    import sys
+
+    from hcustom_mc.checkpoint.safe_load import dist_load_tensors_metadata
+    from tests.torchrun import REPO
+
+    common = [*LORA, "--bf16", "--ema-decay", "0.5", "--train-iters", 4]
+    whole = train(1, tmp_path / "whole", *common)
+    first = train(1, tmp_path / "a", *common, "--exit-after-iters", 2, "--save", tmp_path / "ck")
+    second = train(1, tmp_path / "b", *common, "--load", tmp_path / "ck", "--save", tmp_path / "ck")
+    assert first["losses"] + second["losses"] == whole["losses"]
+    keys = dist_load_tensors_metadata(tmp_path / "ck" / "iter_0000004")
+    ema = sorted(k for k in keys if k.startswith("ema."))
+    model = sorted(k for k in keys if k.startswith("model."))
+    assert ema and [k[4:] for k in ema] == [k[6:] for k in model]  # the same tensors: the adapters, nothing else
+    assert all(k.split("#")[0].endswith(("lora_A", "lora_B")) for k in ema)
+    assert keys[model[0]].dtype == torch.bfloat16 and keys[ema[0]].dtype == torch.float32
+    outs = {}
+    for flag in ([], ["--ema"]):
+        out = tmp_path / f"x{len(flag)}.safetensors"
+        subprocess.run([sys.executable, "-m", "hcustom_mc.checkpoint.lora", "export", "--ckpt", str(tmp_path / "ck"),
+                        "--format", "original", "--out", str(out), *flag], cwd=REPO, check=True, capture_output=True,
+                       env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+        from safetensors.torch import load_file
+
+        outs[len(flag)] = load_file(str(out))
+    assert outs[0].keys() == outs[1].keys()
+    assert any((outs[0][k].float() - outs[1][k]).abs().max() > 0 for k in outs[0] if "lora_B" in k)

@@ -3,6 +3,7 @@
   python -m hcustom_mc.checkpoint.convert --src PATH --src-format {release,diffusers,mcore} \
       --dst PATH --dst-format {release,diffusers,mcore} --model-config {tiny,13b,FILE} \
       [--variant base|audio|editing] [--mode release|paper] [--guidance-embed] [--tp N] [--pp N]
+      [--merge-lora FILE[:SCALE] ...]
 
 release   : `*_model_states.pt` with the weights under `module` (`_fp8.pt` + `_fp8_map.pt` are dequantised)
 diffusers : a HunyuanVideoTransformer3DModel folder (safetensors + config.json)
@@ -113,6 +114,9 @@ def parse_args(argv=None):
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size of the run (mcore conversions)")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size of the run (mcore conversions)")
     p.add_argument("--load-key", default="module", help="key holding the weights in a release file (module or ema)")
+    p.add_argument("--merge-lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge LoRA adapters into the output weights, times SCALE (default 1); repeatable. FILE: an "
+                        "`hcustom_mc.checkpoint.lora export --format original` file or a training checkpoint folder")
     p.add_argument("--overwrite", action="store_true", help="allow writing into an existing, non-empty --dst")
     p.add_argument("--verify-checkpoint", default="full", choices=("full", "size", "off"),
                    help="mcore source: check every file against its manifest (full: sizes and sha256; size: sizes)")
@@ -142,6 +146,11 @@ def main(argv=None) -> int:
     try:
         if src_sd is not None:
             check_keys(cfg, src_sd)
+        from hcustom_mc.checkpoint.lora import load_specs, merge_into_model, merge_into_state_dict, weight_shapes
+
+        loras = load_specs(args.merge_lora, args.src)
+        for adapters, scale in loras if src_sd is not None else ():
+            merge_into_state_dict(src_sd, adapters, scale)
         if "mcore" not in (args.src_format, args.dst_format):
             if info.rank == 0:
                 write_full_state_dict(src_sd, args.dst, args.dst_format, cfg, args.load_key)
@@ -159,12 +168,18 @@ def main(argv=None) -> int:
                 load_full_state_dict(model, src_sd, strict=args.pp == 1)  # a stage holds a subset
             else:
                 load_mcore_checkpoint(model, src, verify="off")
+                shapes = weight_shapes(build_model(cfg, dtype, meta=True, layers=range(cfg.num_double_blocks
+                                                                                      + cfg.num_single_blocks)))
+                for adapters, scale in loras:  # this rank's shards of the layers it holds
+                    merge_into_model(model, adapters, scale, full_shapes=shapes)
             if args.dst_format == "mcore":
                 save_mcore_checkpoint(model, args.dst, cfg)
             else:
                 sd = gather_pipeline_state_dict(full_state_dict(model))
                 ema = None
                 if src_sd is None and args.dst_format == "release" and has_mcore_prefix(src, "ema."):
+                    if loras and info.rank == 0:
+                        log.warning("--merge-lora: the adapters are merged into `module`, not into the `ema` entry")
                     # a training run's EMA weights (fp32) become the release file's `ema` entry
                     ema_model = build_model(cfg, torch.float32)
                     load_mcore_checkpoint(ema_model, src, prefix="ema.", verify="off")

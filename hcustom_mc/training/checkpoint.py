@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from hcustom_mc.checkpoint import integrity
+from hcustom_mc.checkpoint.lora import base_fingerprint  # noqa: F401  (re-exported: the training loop uses it)
 from hcustom_mc.checkpoint.mcore import CONFIG_FILE, model_sharded_state_dict
 from hcustom_mc.checkpoint.safe_load import dist_load, read_json, weights_only_load
 from hcustom_mc.device import compute_device, uses_cuda
@@ -54,23 +55,6 @@ def _chunks_state_dict(model_chunks, trainable_only: bool = False) -> dict:
         return {n for n, p in unwrap(m).named_parameters() if p.requires_grad} if trainable_only else None
 
     return {f"model{i}": model_sharded_state_dict(unwrap(m), names=names(m)) for i, m in enumerate(model_chunks)}
-
-
-def base_fingerprint(pretrained: str | None, init_seed: int) -> dict:
-    """What an adapter-only checkpoint's frozen base is: the --pretrained source (path, size and a sha256 of its
-    first 4 MiB per file, cheap even for 13B files) or the seeded fresh init."""
-    import hashlib
-
-    if not pretrained:
-        return {"init_seed": init_seed}
-    root = Path(pretrained)
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f"{f.relative_to(root) if root.is_dir() else f.name}:{f.stat().st_size}".encode())
-        with open(f, "rb") as fh:
-            digest.update(fh.read(4 << 20))
-    return {"pretrained": str(root.resolve()), "sha256_head": digest.hexdigest()}
 
 
 def unwrap(module):
@@ -124,8 +108,8 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
     flat_model_sd = {f"{k}.{n}": v for k, sd in model_sd.items() for n, v in sd.items()}
     if optimizer is not None:
         state["optimizer"] = _optimizer_sd(optimizer, flat_model_sd, is_loading=False)
-    if ema is not None:
-        state.update(ema.sharded_state_dict())
+    if ema is not None:  # a LoRA checkpoint: the adapters' EMA only
+        state.update(ema.sharded_state_dict(trainable_only=adapter_base is not None))
     _refuse_nonfinite(state, step, root)
     with integrity.write_errors_explained(tmp):
         dist_checkpointing.save(state, str(tmp))
@@ -217,7 +201,7 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler, load_o
         if not meta.get("ema"):
             raise CheckpointError(f"{path} has no EMA weights (saved without --ema-decay); resume without --ema-decay "
                                   "or start the EMA fresh from --pretrained")
-        state.update(ema.sharded_state_dict())
+        state.update(ema.sharded_state_dict(trainable_only=bool(meta.get("adapter_only"))))
     loaded, missing, unexpected = dist_load(state, path, strict="return_all")
     # EMA weights of a run that had --ema-decay may be left behind by a run without it
     unexpected = [k for k in unexpected if not k.startswith("ema.")]

@@ -77,17 +77,19 @@ class WeightEMA:
 
     # ------------------------------------------------------------------ checkpoints
     @torch.no_grad()
-    def full_tensors(self) -> list[dict[str, torch.Tensor]]:
+    def full_tensors(self, trainable_only: bool = False) -> list[dict[str, torch.Tensor]]:
         """Per model chunk: parameter name -> EMA shaped like the (TP/PP-local) parameter. Collective over the
         distributed optimizer's group: a rank holds shards of only some parameters, so every rank walks every
-        parameter in model order and the shards are summed into place."""
+        parameter in model order and the shards are summed into place. `trainable_only` (LoRA adapter-only
+        checkpoints): leave out the frozen weights, whose average is the base itself."""
         by_param = {id(e.param): e for e in self.entries}
         out: list[dict[str, torch.Tensor]] = [{} for _ in self.chunks]
         for i, chunk in enumerate(self.chunks):
             for name, param in chunk.named_parameters():
                 e = by_param.get(id(param))
                 if not param.requires_grad:  # frozen weights never change: their average is themselves
-                    out[i][name] = param.detach().float().clone()
+                    if not trainable_only:
+                        out[i][name] = param.detach().float().clone()
                 elif self.group is not None:
                     flat = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
                     if e is not None:
@@ -98,11 +100,11 @@ class WeightEMA:
                     out[i][name] = e.shadow.view(param.shape).clone()
         return out
 
-    def sharded_state_dict(self) -> dict:
+    def sharded_state_dict(self, trainable_only: bool = False) -> dict:
         from hcustom_mc.checkpoint.mcore import model_sharded_state_dict
 
         return {f"ema{i}": model_sharded_state_dict(chunk, prefix=PREFIX, tensors=tensors)
-                for i, (chunk, tensors) in enumerate(zip(self.chunks, self.full_tensors()))}
+                for i, (chunk, tensors) in enumerate(zip(self.chunks, self.full_tensors(trainable_only)))}
 
     @torch.no_grad()
     def load_full_tensors(self, loaded: dict) -> None:
@@ -110,7 +112,8 @@ class WeightEMA:
         for e in self.entries:
             i, name = self.names[id(e.param)]
             full = loaded[f"ema{i}"][name].float().reshape(-1)
-            e.shadow.copy_(full if e.start is None else full[e.start : e.end])
+            # whole (no distributed optimizer): the shadow has the parameter's shape; a shard: flat
+            e.shadow.copy_(full.view(e.shadow.shape) if e.start is None else full[e.start : e.end])
 
 
 def _unwrap(module):

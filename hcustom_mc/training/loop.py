@@ -365,7 +365,10 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.checkpoint.save and (stopping or step == cfg.train_steps or (interval and step % interval == 0)):
             ckpt.save_checkpoint(cfg.checkpoint.save, step, model, optimizer, scheduler,
                                  {"mlflow_run_id": tracker.run_id, "consumed_samples": step * cfg.global_batch_size,
-                                  "data": batches.state_dict(), "skipped_nonfinite_steps": skipped},
+                                  "data": batches.state_dict(), "skipped_nonfinite_steps": skipped,
+                                  # what `python -m hcustom_mc.checkpoint.lora export` needs besides the tensors
+                                  "lora": {"rank": cfg.lora_rank, "alpha": float(cfg.lora_rank if cfg.lora_alpha is None else cfg.lora_alpha),
+                                           "targets": list(cfg.lora_targets)} if cfg.lora_rank else None},
                                  model_cfg, cfg.checkpoint.keep_last, ema=ema, adapter_base=adapter_base)
         if stopping:
             if info.rank == 0:
