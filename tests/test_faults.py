@@ -224,3 +224,33 @@ def test_second_job_on_the_same_save_folder_is_refused(tmp_path):
                          text=True, timeout=300)
     assert out.returncode == 0 and "taking over the stale lock" in out.stdout + out.stderr, out.stderr[-3000:]
     assert not (ck / ".writer.lock").exists()
+
+
+FORKING_PARENT = """
+import os, sys, time
+from hcustom_mc.parallel.orphans import install_orphan_guard
+install_orphan_guard()
+pid = os.fork()
+if pid == 0:  # a forked helper (like megatron's checkpoint writer) that would wait forever
+    time.sleep(300)
+    os._exit(0)
+print(pid, flush=True)
+time.sleep(300)
+"""
+
+
+def test_children_a_process_forks_die_with_it(tmp_path):
+    """A SIGKILLed worker takes the processes it forked with it (they lose PDEATHSIG at fork otherwise)."""
+    proc = subprocess.Popen([sys.executable, "-c", FORKING_PARENT], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(proc.stdout.readline())
+        assert alive(child)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert not wait_gone([child], timeout=10), f"forked child {child} outlived its parent"
+    finally:
+        for pid in [proc.pid] + children(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
