@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hcustom_mc.model import ConfigError, HunyuanCustomDiT, InputError, get_model_config, initialize_weights
 from hcustom_mc.parallel.config import ParallelConfig
@@ -121,3 +122,39 @@ def test_hidden_and_mlp_divisibility():
     with pytest.raises(ConfigError) as err:
         ParallelConfig(tensor_parallel=4).validate(4, cfg)
     assert "MLP width 306 is not divisible by tensor_parallel 4" in str(err.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_patch_embed_is_the_release_conv3d_with_finite_bf16_gradients(dtype):
+    """PatchEmbed (patchify + matmul on the Conv3d weight) equals nn.Conv3d forward and backward, and its
+    bf16 weight gradients are finite on one thread, where torch's CPU Conv3d backward gives NaN."""
+    from hcustom_mc.model.layers import PatchEmbed
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        embed = PatchEmbed((1, 2, 2), 16, 512).to(dtype)
+        x = torch.randn(1, 16, 3, 48, 48, dtype=dtype, requires_grad=True)
+        out = embed(x)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        ref_w = embed.proj.weight.detach().float().requires_grad_()
+        ref_b = embed.proj.bias.detach().float().requires_grad_()
+        ref_x = x.detach().float().requires_grad_()
+        ref = F.conv3d(ref_x, ref_w, ref_b, stride=(1, 2, 2)).flatten(2).transpose(1, 2)
+        ref.backward(grad.float())
+        tol = dict(rtol=0, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=0.5)
+        assert embed.proj.weight.grad.isfinite().all() and embed.proj.bias.grad.isfinite().all()
+        torch.testing.assert_close(out.float(), ref, **tol)
+        torch.testing.assert_close(embed.proj.weight.grad.float(), ref_w.grad, **tol)
+        torch.testing.assert_close(x.grad.float(), ref_x.grad, **tol)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_patch_embed_refuses_partial_patches():
+    from hcustom_mc.model.layers import PatchEmbed
+
+    with pytest.raises(ValueError, match=r"not a whole number of \(1, 2, 2\) patches"):
+        PatchEmbed((1, 2, 2), 4, 8)(torch.zeros(1, 4, 2, 5, 6))

@@ -48,10 +48,7 @@ def measured_peak(model: str, size: str, frames: int, text_len: int, recompute: 
            "--frames", str(frames), "--text-len", str(text_len), "--recompute", recompute,
            "--double-blocks", "2", "--single-blocks", "2"] + (["--bf16"] if bf16 else [])
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          # 2 threads, not conftest's 1: with OMP_NUM_THREADS=1 the mid-size bf16 run's first
-                          # step has a NaN gradient norm on CPU (seen 2026-12-02, not yet explained), so
-                          # the step and its Adam state would be skipped and the peak would not be the steady one
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"})
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     found = re.search(r"^RESULT (.*)$", proc.stdout, re.M)
     assert proc.returncode == 0 and found, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(found.group(1))["peak_bytes"]

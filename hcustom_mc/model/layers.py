@@ -9,6 +9,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from hcustom_mc.model.spec import LinearSubmodules, build_column
 from hcustom_mc.parallel.sequence import NO_SP, SequenceLayout
@@ -116,14 +117,24 @@ class TextProjection(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Conv3d with kernel = stride = patch; [B, C, F, H, W] -> [B, F*H'*W', hidden]."""
+    """The release's Conv3d with kernel = stride = patch; [B, C, F, H, W] -> [B, F*H'*W', hidden].
+
+    With kernel = stride the convolution is a linear map of each patch, so it runs as patchify + matmul on the
+    Conv3d's own weight (same keys and shapes as the release). That is the plain GEMM on every device, and it
+    avoids torch's CPU bf16 Conv3d backward, which returns NaN weight gradients on one thread (torch 2.13,
+    tests/test_model_inputs.py)."""
 
     def __init__(self, patch: tuple[int, int, int], in_channels: int, hidden: int):
         super().__init__()
+        self.patch = tuple(patch)
         self.proj = nn.Conv3d(in_channels, hidden, kernel_size=patch, stride=patch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        pt, ph, pw = self.patch
+        if x.shape[2] % pt or x.shape[3] % ph or x.shape[4] % pw:
+            raise ValueError(f"latents {tuple(x.shape[2:])} are not a whole number of {self.patch} patches")
+        patches = rearrange(x, "b c (f pt) (h ph) (w pw) -> b (f h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
 
 
 class Modulation(nn.Module):
