@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -88,7 +89,13 @@ def preprocess(cfg, manifest: str | Path, out: str | Path, shard_size: int = 64,
     world = dist.get_world_size() if dist.is_initialized() else 1
     tasks = sorted(t for t, w in cfg.data.task_weights.items() if w > 0)
     # only the tasks this config trains on (others may not even be encodable, e.g. K > 1 in release mode)
-    entries = [(pos, e) for pos, e in enumerate(load_manifest(manifest)) if e.task in tasks]
+    everything = load_manifest(manifest)
+    entries = [(pos, e) for pos, e in enumerate(everything) if e.task in tasks]
+    left_out = Counter(e.task for e in everything if e.task not in tasks)
+    if left_out and rank == 0:  # said, never silent: a sample the config does not train on is not encoded
+        log.warning("%d of %d manifest samples left out: their task is not trained by this config (task_weights %s): %s",
+                    sum(left_out.values()), len(everything), cfg.data.task_weights,
+                    ", ".join(f"{t} {n}" for t, n in sorted(left_out.items())))
     num_shards = (len(entries) + shard_size - 1) // shard_size
     out.mkdir(parents=True, exist_ok=True)
     _claim_settings(out, settings_of(cfg, manifest, shard_size, dtype), rank)
@@ -138,17 +145,13 @@ def preprocess(cfg, manifest: str | Path, out: str | Path, shard_size: int = 64,
 
 
 def main(argv=None) -> int:
+    from hcustom_mc import console
+    from hcustom_mc.data.preprocess_args import parse_args
     from hcustom_mc.model.config import ConfigError
     from hcustom_mc.training.config import build_config
 
-    p = argparse.ArgumentParser(description="Encode a manifest into training shards (run under torchrun for many ranks). "
-                                "Other arguments are training-config arguments (--config, --set, --data-path ...).")
-    p.add_argument("--out", required=True, help="shard folder (created; re-running resumes)")
-    p.add_argument("--shard-size", type=int, default=64, help="samples per shard file")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="stored tensor dtype")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args, rest = p.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    console.setup(console.verbose_requested(argv))
+    args, rest = parse_args(argv)
     try:
         cfg = build_config(rest)
         if not cfg.data.path:
@@ -156,7 +159,7 @@ def main(argv=None) -> int:
         if args.shard_size < 1:
             raise ConfigError(f"--shard-size must be >= 1, got {args.shard_size}")
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        console.report_error(f"error: {exc}")
         return 2
     if uses_cuda():  # one GPU per rank (DALI and the encoders use the current device)
         torch.cuda.set_device(local_cuda_index())
@@ -165,7 +168,7 @@ def main(argv=None) -> int:
     try:
         preprocess(cfg, cfg.data.path, args.out, args.shard_size, args.dtype, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        console.report_error(f"error: {exc}")
         return 2
     finally:
         if dist.is_initialized():
