@@ -45,5 +45,7 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=1.12", "flash-attn>=2.6", "nvidia-dali-cuda130>=2.0"],
         # diffusers/transformers build the reference models and the tiny encoders; DALI's CPU path is tested
         "dev": ["pytest>=8", "diffusers>=0.32", "transformers>=4.45", "nvidia-dali-cuda130>=2.0"],
+        # `mlflow ui` (the training summary prints the command): the full package, with its server (flask)
+        "ui": ["mlflow>=3.0"],
     },
 )

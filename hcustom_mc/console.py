@@ -64,13 +64,18 @@ def setup(verbose: bool = False) -> None:
     main_rank = rank() == 0
     logging.basicConfig(level=logging.INFO if main_rank else (logging.WARNING if verbose else logging.ERROR),
                         format=LOG_FORMAT, datefmt="%H:%M:%S", force=True)
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    quiet_third_party_loggers()
     for handler in logging.getLogger().handlers:
         handler.addFilter(_known_record)
     warnings.showwarning = _showwarning
     if not verbose:
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10's own warnings, for workers started later
+
+
+def quiet_third_party_loggers() -> None:
+    """QUIET_LOGGERS at WARNING (INFO with --verbose); again after importing a library that sets its own level."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if _verbose else logging.WARNING)
 
 
 def hidden_warnings() -> int:

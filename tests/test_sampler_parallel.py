@@ -109,7 +109,8 @@ def test_bad_inputs_fail_before_the_model_loads(setup, tmp_path, extra, message)
 
 def test_bad_layout_fails_on_every_rank(setup, tmp_path):
     out = _sample(setup, 2, tmp_path, "--cfg-parallel", 3, expect=1)
-    assert out.count("cfg_parallel must be 1 or the number of guidance branches") >= 2 and "loaded" not in out
+    # every rank finds it; said once
+    assert out.count("cfg_parallel must be 1 or the number of guidance branches") == 1 and "loaded" not in out
 
 
 def test_sampler_benchmark_runs_and_reports_scaling(tmp_path):
@@ -128,7 +129,7 @@ def test_infer_parallel_script_trains_the_demo_model_and_writes_videos(tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (root / "checkpoints" / "latest").is_file()
     for name in ("000_t2v", "001_identity", "002_audio"):
-        frames, fps, audio, _ = read_mp4(root / "samples" / f"{name}.mp4")
+        frames, fps, audio, _ = read_mp4(root / "samples" / "latest" / f"{name}.mp4")  # a new folder per run
         assert frames.shape == (9, 32, 48, 3) and fps == 25
         assert (audio is not None) == (name == "002_audio")
 

@@ -110,7 +110,7 @@ def test_bad_config_fails_fast_on_every_rank(tmp_path, case):
     nproc, args, message = BAD[case]
     start = time.time()
     out = run(nproc, *args, "--run-dir", tmp_path, expect_ok=False, timeout=120)
-    assert out.count(message) == nproc, out[-4000:]
+    assert out.count(message) == 1, out[-4000:]  # every rank fails (exit 2); the message is said once
     assert time.time() - start < 90
 
 

@@ -7,14 +7,10 @@ Re-running the same command after a crash skips finished shards. Then train with
 `--data-type shards --data-path shards/`. See hcustom_mc/data/preprocess.py.
 """
 
-import sys
-
 if __name__ == "__main__":
-    if "-h" in sys.argv[1:] or "--help" in sys.argv[1:]:  # without loading torch (the encoders' module needs it)
-        from hcustom_mc.data.preprocess_args import parse_args
+    from hcustom_mc.data.preprocess_cli import main
 
-        parse_args()
-    from hcustom_mc.data.preprocess import main
+    code = main()  # first: importing parallel.state loads torch, which --help does without
     from hcustom_mc.parallel.state import exit_process
 
-    exit_process(main())
+    exit_process(code)

@@ -11,7 +11,6 @@ Samples whose files are broken are recorded in their shard (kind, path, reason) 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from hcustom_mc.data.encode import SampleEncoder, group_key, sample_shape
 from hcustom_mc.data.errors import DataError
 from hcustom_mc.data.manifest import load_manifest
 from hcustom_mc.data.nulls import NULLS_FILE, encode_null_conditions, latent_sizes_of_groups
-from hcustom_mc.device import compute_device, local_cuda_index, uses_cuda
+from hcustom_mc.device import compute_device
 
 log = logging.getLogger("hcustom_mc.preprocess")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -142,35 +141,3 @@ def preprocess(cfg, manifest: str | Path, out: str | Path, shard_size: int = 64,
     log.info("preprocess done: %d samples usable, %d skipped (%s)", len(index["samples"]), len(index["skipped"]),
              ", ".join(f"{r['id']}: {r['error']['kind']}" for r in index["skipped"]) or "none")
     return index
-
-
-def main(argv=None) -> int:
-    from hcustom_mc import console
-    from hcustom_mc.data.preprocess_args import parse_args
-    from hcustom_mc.model.config import ConfigError
-    from hcustom_mc.training.config import build_config
-
-    console.setup(console.verbose_requested(argv))
-    args, rest = parse_args(argv)
-    try:
-        cfg = build_config(rest)
-        if not cfg.data.path:
-            raise ConfigError("--data-path (the manifest.jsonl) is required")
-        if args.shard_size < 1:
-            raise ConfigError(f"--shard-size must be >= 1, got {args.shard_size}")
-    except ConfigError as exc:
-        console.report_error(f"error: {exc}")
-        return 2
-    if uses_cuda():  # one GPU per rank (DALI and the encoders use the current device)
-        torch.cuda.set_device(local_cuda_index())
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("gloo")  # only barriers: encoders run independently on each rank
-    try:
-        preprocess(cfg, cfg.data.path, args.out, args.shard_size, args.dtype, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as exc:
-        console.report_error(f"error: {exc}")
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0

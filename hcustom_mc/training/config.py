@@ -352,12 +352,13 @@ def _default_text(dotted: str, typ) -> str:
     return f"default: {value}"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def training_parser(prog: str = "pretrain_custom.py", description: str | None = None) -> argparse.ArgumentParser:
+    """The training-config flags in their --help groups (tools/preprocess.py adds its own to the same parser)."""
     from hcustom_mc.console import ArgumentParser
 
-    p = ArgumentParser(prog="pretrain_custom.py", usage="torchrun ... %(prog)s [--config FILE] [--set KEY=VALUE] "
-                       "[flags below]", description="Train HunyuanCustom with megatron-core (TP, PP, CP, "
-                       "DP); launch it with torchrun or `python -m hcustom_mc.launch` (torchrun's flags, short console). "
+    p = ArgumentParser(prog=prog, usage="torchrun ... %(prog)s [--config FILE] [--set KEY=VALUE] [flags below]",
+                       description=description or "Train HunyuanCustom with megatron-core (TP, PP, CP, DP); launch it "
+                       "with torchrun or `python -m hcustom_mc.launch` (torchrun's flags, short console). "
                        "Precedence: defaults < --config < --set < flags.")
     groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
     groups["model"].add_argument("--config", type=Path, help="YAML file of TrainConfig fields (nested sections "
@@ -377,7 +378,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             group.add_argument(flag, nargs="+", default=None, metavar="PREFIX", help=help_)
         else:
             group.add_argument(flag, type=typ, default=None, metavar=dest.split(".")[-1].upper(), help=help_)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return training_parser().parse_args(argv)
 
 
 def _set(cfg, dotted: str, value) -> None:
@@ -411,8 +416,9 @@ def _apply_mapping(cfg, data: dict, prefix: str = "") -> None:
             _set(cfg, name, value)
 
 
-def build_config(argv=None) -> TrainConfig:
-    args = parse_args(argv)
+def build_config(argv=None, args: argparse.Namespace | None = None) -> TrainConfig:
+    """From the command line (`argv`), or from flags already parsed by training_parser() (`args`)."""
+    args = parse_args(argv) if args is None else args
     cfg = TrainConfig()
     if args.config is not None:
         if not args.config.is_file():

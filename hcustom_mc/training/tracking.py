@@ -74,6 +74,9 @@ class Tracker:
             return
         import mlflow
 
+        from hcustom_mc import console
+
+        console.quiet_third_party_loggers()  # mlflow sets its own logger's level when imported
         run_path = Path(run_dir).resolve()
         run_path.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = tracking_uri or f"sqlite:///{run_path / 'mlflow.db'}"
