@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,3 +142,18 @@ def test_ip_cfg_three_branches_over_cfg_parallel_3(setup, tmp_path):
     torch.testing.assert_close(torch.load(tmp_path / "three" / "000_audio.latents.pt"), want, rtol=1e-4, atol=2e-5)
     sidecar = json.loads((tmp_path / "three" / "000_audio.json").read_text())
     assert sidecar["job"]["ip_cfg_scale"] == 2.0 and sidecar["layout"]["cfg_parallel"] == 3
+
+
+def test_a_second_run_into_the_same_folder_is_refused_unless_overwrite(tmp_path):
+    from hcustom_mc.model.config import ConfigError
+    from hcustom_mc.sample import build_jobs, parse_args
+
+    args = parse_args(["--checkpoint", "ck", "--task", "t2v", "--prompt", "a", "--out", str(tmp_path)])
+    (job,) = build_jobs(args)  # nothing there yet
+    first = tmp_path / (Path(job.output).name + ".png")
+    first.write_bytes(b"an earlier run's contact sheet")
+    with pytest.raises(ConfigError, match="exists \\(an earlier run's output\\); pass another --out or --overwrite"):
+        build_jobs(args)
+    assert first.read_bytes() == b"an earlier run's contact sheet"
+    args.overwrite = True
+    assert len(build_jobs(args)) == 1
