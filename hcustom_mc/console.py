@@ -30,6 +30,7 @@ KNOWN_WARNINGS = tuple(re.compile(p) for p in (
     r"full scope is deprecated",
     r"tp_group is None",
     r"`torch\.distributed\.\w+` is deprecated",  # megatron still calls the old collective names
+    r"`load_state_dict` is deprecated and will be removed",  # megatron's dist-checkpoint loader (torch dcp)
     r"The \.grad attribute of a Tensor that is not a leaf Tensor",  # megatron's optimizer probes main_grad
     r"torch\.cuda\.amp\.\w+\(args\.\.\.\)` is deprecated",
     r"TypedStorage is deprecated",
@@ -70,6 +71,9 @@ def setup(verbose: bool = False) -> None:
     warnings.showwarning = _showwarning
     if not verbose:
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10's own warnings, for workers started later
+        # transformers / huggingface_hub progress bars ("Loading weights", "Writing model shards") on every rank
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def quiet_third_party_loggers() -> None:

@@ -429,7 +429,8 @@ def build_config(argv=None, args: argparse.Namespace | None = None) -> TrainConf
         if not sep:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         _set(cfg, key, yaml.safe_load(raw))
-    cfg.logging.verbose = args.verbose
+    if getattr(args, "verbose", False):  # (the console itself is set up from argv, before this runs)
+        cfg.logging.verbose = True
     for flag, (dest, typ, _) in FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
