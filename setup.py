@@ -55,8 +55,9 @@ setup(
         # pick up its fused norms when it is importable.
         "gpu-cu12": ["transformer-engine[pytorch_cu12]>=2.11", "flash-attn>=2.6", "nvidia-dali-cuda120>=1.40"],
         "gpu-cu13": ["transformer-engine[pytorch_cu13]>=2.11", "flash-attn>=2.6", "nvidia-dali-cuda130>=2.0"],
-        # the MLflow web UI (`mlflow ui`; mlflow-skinny has the client only)
-        "ui": ["mlflow>=2.10"],
+        # `mlflow ui` (the training summary prints the command): the full package, with its server (flask);
+        # mlflow-skinny has the client only
+        "ui": ["mlflow>=3.0"],
         # tests: the diffusers/peft reference models and LoRA loader, DALI's CPU path
         "dev": ["pytest>=8", "peft>=0.14", "nvidia-dali-cuda130>=2.0"],
     },

@@ -1,33 +1,44 @@
 #!/usr/bin/env bash
-# Parallel sampling with the sharded training model: world = TP x CP x CFG processes.
-#   bash examples/infer_parallel.sh                     # tiny demo on CPU: TP 2 x CFG 2 = 4 processes
+# Parallel sampling with the sharded training model: world = TP x CP x CFG-parallel processes.
+#   bash examples/infer_parallel.sh [extra sampler flags]   # tiny demo on CPU: TP 2 x CFG-parallel 2 = 4 processes
 #   TP=1 CP=2 CP_MODE=ring CFG=2 bash examples/infer_parallel.sh
-# Without CHECKPOINT it samples the tiny real-data model under ROOT (default runs/tiny_data), training it
-# first with examples/train_tiny_data.sh when missing (about 30 s on 2 cores), with the jobs of
-# examples/tiny_jobs.yaml (text-to-video, identity, audio with the tone muxed into the mp4) into $OUT.
+# Without CHECKPOINT it samples the tiny real-data model under ROOT (default: the newest runs/tiny_data run),
+# trained first with examples/train_tiny_data.sh when ROOT has none (about a minute on 2 cores), with the jobs
+# of examples/tiny_jobs.yaml (text-to-video, identity, audio with the tone muxed into the mp4). Each invocation
+# writes into a new folder OUT (default ROOT/samples/<time>); the sampler refuses to replace existing outputs.
 # For the 13B model on 8 GPUs, see the README.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+source "$(dirname "$0")/_common.sh"
 TP=${TP:-2}
 CP=${CP:-1}
 CP_MODE=${CP_MODE:-ulysses}
 CFG=${CFG:-2}
-ROOT=${ROOT:-runs/tiny_data}
-OUT=${OUT:-$ROOT/samples}
 EXTRA=${EXTRA:---height 32 --width 48 --frames 9 --steps 8 --text-len 256}
-
+GIVEN_OUT=${OUT:-}
 if [ -z "${CHECKPOINT:-}" ]; then
+    if [ -n "${ROOT:-}" ]; then
+        ROOT=$(realpath -m "$ROOT")
+        [ -e "$ROOT/checkpoints/latest" ] || bash "$HC_REPO/examples/train_tiny_data.sh" "$ROOT"
+    else
+        [ -e "$HC_RUNS/tiny_data/latest/checkpoints/latest" ] || bash "$HC_REPO/examples/train_tiny_data.sh"
+        ROOT=$(realpath "$HC_RUNS/tiny_data/latest")
+    fi
+    [ -e "$ROOT/checkpoints/latest" ] || { echo "error: $ROOT has no trained checkpoint (checkpoints/latest)" >&2; exit 2; }
     CHECKPOINT=$ROOT/checkpoints
     ENCODERS=$ROOT/dataset/encoders
-    [ -e "$CHECKPOINT/latest" ] || bash examples/train_tiny_data.sh "$ROOT"
-    mkdir -p "$OUT"
-    sed "s#runs/tiny_data#$ROOT#g" examples/tiny_jobs.yaml > "$OUT/jobs.yaml"  # the jobs' paths, under ROOT
+    OUT=$(new_root "$GIVEN_OUT" "$ROOT/samples")
+    sed "s#runs/tiny_data#$ROOT#g" "$HC_REPO/examples/tiny_jobs.yaml" > "$OUT/jobs.yaml"  # the jobs' paths, under ROOT
     JOBS=${JOBS:-$OUT/jobs.yaml}
+else
+    OUT=$(new_root "$GIVEN_OUT" samples)
 fi
 : "${ENCODERS:?set ENCODERS (folder with llava/ clip/ whisper/ vae/) with CHECKPOINT}"
 : "${JOBS:?set JOBS (a YAML list of jobs) with CHECKPOINT}"
-torchrun --nproc-per-node $((TP * CP * CFG)) --master-port ${MASTER_PORT:-29500} -m hcustom_mc.sample \
+cd "$HC_REPO"
+# shellcheck disable=SC2086  # EXTRA is a list of flags
+hc_torchrun $((TP * CP * CFG)) -m hcustom_mc.sample \
     --checkpoint "$CHECKPOINT" --encoders-dir "$ENCODERS" --jobs "$JOBS" --out "$OUT" \
-    --tp "$TP" --cp "$CP" --cp-mode "$CP_MODE" --cfg-parallel "$CFG" $EXTRA
-ls -l "$OUT"
+    --tp "$TP" --cp "$CP" --cp-mode "$CP_MODE" --cfg-parallel "$CFG" $EXTRA "$@"
+echo "samples: $OUT (per job NAME.mp4, NAME.png contact sheet, NAME.json settings)"
+echo "note: the tiny demo's encoders and DiT are random and trained for seconds, so the pictures are meaningless;"
+echo "      the demo shows the parallel pipeline end to end, not image quality"

@@ -17,6 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hcustom_mc import console  # noqa: E402
+
+console.setup(console.verbose_requested())  # before the import below loads megatron (its import-time warnings)
 from hcustom_mc.data.tiny_dataset import make_tiny_dataset  # noqa: E402
 
 

@@ -5,8 +5,11 @@ usage: python examples/make_tiny_diffusers.py OUT_DIR [--guidance] [--seed N]
 
 import argparse
 
-import torch
-from diffusers import HunyuanVideoTransformer3DModel
+from hcustom_mc import console
+
+console.setup()  # quiet progress bars and known warnings of the libraries imported below
+import torch  # noqa: E402
+from diffusers import HunyuanVideoTransformer3DModel  # noqa: E402
 
 
 def main():

@@ -17,7 +17,9 @@ def main() -> None:
     p.add_argument("--variant", default="base", choices=("base", "audio", "editing"))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    from hcustom_mc import console
 
+    console.setup()  # before megatron is imported (its import-time warnings)
     from hcustom_mc.checkpoint.release import save_release_state_dict
     from hcustom_mc.model import HunyuanCustomDiT, get_model_config
     from hcustom_mc.model.init import initialize_weights

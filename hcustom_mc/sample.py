@@ -22,8 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
+from hcustom_mc import console
 from hcustom_mc.model.config import ConfigError
 
 log = logging.getLogger("hcustom_mc")
@@ -33,54 +32,84 @@ JOB_FLAGS = ("task", "prompt", "negative_prompt", "audio", "source_video", "mask
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m hcustom_mc.sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from hcustom_mc.console import ArgumentParser
+
+    p = ArgumentParser(prog="python -m hcustom_mc.sample", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model")
-    m.add_argument("--checkpoint", required=True, type=Path)
-    m.add_argument("--checkpoint-format", default="auto", choices=("auto", "mcore", "release", "diffusers"))
+    m.add_argument("--checkpoint", required=True, type=Path, help="training run folder (its `latest`), megatron-core "
+                   "checkpoint, released *_model_states.pt or diffusers folder (required)")
+    m.add_argument("--checkpoint-format", default="auto", choices=("auto", "mcore", "release", "diffusers"),
+                   help="format of --checkpoint; auto tells them apart by their files (default: auto)")
     m.add_argument("--load-key", default="module", choices=("module", "ema"),
-                   help="module (the trained weights) or ema (their moving average, from --ema-decay or a release file)")
+                   help="module (the trained weights) or ema (their moving average, from --ema-decay or a release "
+                   "file) (default: module)")
     m.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="LoRA adapters merged into the DiT weights after loading, times SCALE (default 1); repeat for "
-                        "several: an `hcustom_mc.checkpoint.lora export --format original` file or a training checkpoint")
+                   help="LoRA adapters merged into the DiT weights after loading, times SCALE (default scale 1); repeat "
+                        "for several: an `hcustom_mc.checkpoint.lora export --format original` file or a training "
+                        "checkpoint (default: none)")
     m.add_argument("--verify-checkpoint", default="size", choices=("full", "size", "off"),
-                   help="mcore checkpoints: check the files against the manifest (full: sizes and sha256)")
-    m.add_argument("--model-config", default=None, help="tiny | 13b | file; for checkpoints without a config")
-    m.add_argument("--variant", default="base", choices=("base", "audio", "editing"))
-    m.add_argument("--mode", default="release", choices=("release", "paper"))
-    m.add_argument("--dtype", default=None, choices=("bfloat16", "float32"), help="default bf16 on GPU, fp32 on CPU")
+                   help="mcore checkpoints: check the files against the manifest (full: sizes and sha256) (default: size)")
+    m.add_argument("--model-config", default=None, help="tiny | 13b | file; for checkpoints without a config "
+                   "(default: not set: the checkpoint's own config)")
+    m.add_argument("--variant", default="base", choices=("base", "audio", "editing"),
+                   help="model variant, with --model-config (default: base)")
+    m.add_argument("--mode", default="release", choices=("release", "paper"),
+                   help="release or paper conditioning, with --model-config (default: release)")
+    m.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
+                   help="DiT dtype (default: not set: bfloat16 on GPU, float32 on CPU)")
     e = p.add_argument_group("encoders (local folders; nothing is downloaded)")
-    e.add_argument("--encoders-dir", type=Path, help="folder holding llava/ clip/ whisper/ vae/")
+    e.add_argument("--encoders-dir", type=Path, help="folder holding llava/ clip/ whisper/ vae/ (default: not set: "
+                   "give each folder below)")
     for name in ("llava", "clip", "whisper", "vae"):
-        e.add_argument(f"--{name}", type=Path, help=f"{name} folder (overrides --encoders-dir)")
-    e.add_argument("--text-len", type=int, default=256, help="LLaVA prompt tokens (256 in the release)")
-    lay = p.add_argument_group("parallel layout (world = TP x CP x CFG)")
-    lay.add_argument("--tp", type=int, default=1)
-    lay.add_argument("--cp", type=int, default=1)
-    lay.add_argument("--cp-mode", default="ulysses", choices=("ulysses", "ring"))
-    lay.add_argument("--cfg-parallel", type=int, default=1, help="1, or the number of guidance branches")
-    j = p.add_argument_group("job (defaults for every --jobs entry; unset values take the task defaults)")
-    j.add_argument("--jobs", type=Path, help="YAML/JSON list of jobs")
-    j.add_argument("--task", default=None, choices=("t2v", "identity", "multi_identity", "audio", "editing"))
-    j.add_argument("--prompt")
-    j.add_argument("--negative-prompt")
-    j.add_argument("--image", action="append", default=[], metavar="NAME=PATH", help="identity image (repeat for K > 1)")
-    j.add_argument("--audio", type=Path)
-    j.add_argument("--source-video", type=Path)
-    j.add_argument("--mask-video", type=Path)
-    j.add_argument("--edit-mode", choices=("replace", "insert"))
-    j.add_argument("--mask-dilation", type=int)
-    for flag in ("height", "width", "frames", "seed", "steps"):
-        j.add_argument(f"--{flag}", type=int)
-    for flag in ("shift", "cfg-scale", "embedded-guidance", "ip-cfg-scale", "audio-strength", "fps"):
-        j.add_argument(f"--{flag}", type=float)
-    p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder")
-    p.add_argument("--no-progress", action="store_true")
+        e.add_argument(f"--{name}", type=Path, help=f"{name} folder (default: --encoders-dir/{name})")
+    e.add_argument("--text-len", type=int, default=256, help="LLaVA prompt tokens (default: 256, as the release)")
+    lay = p.add_argument_group("parallel layout (world = TP x CP x CFG-parallel)")
+    lay.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default: 1)")
+    lay.add_argument("--cp", type=int, default=1, help="context-parallel size: the video tokens split by latent "
+                     "frames (default: 1)")
+    lay.add_argument("--cp-mode", default="ulysses", choices=("ulysses", "ring"),
+                     help="context-parallel attention: ulysses (all-to-all) or ring (default: ulysses)")
+    lay.add_argument("--cfg-parallel", type=int, default=1,
+                     help="guidance branches run side by side: 1, or the number of branches (default: 1)")
+    j = p.add_argument_group("job", "Defaults for every --jobs entry. Unset values take the task's defaults "
+                             "(TASK_DEFAULTS in hcustom_mc/inference/scheduler.py: 30 steps, shift 13, cfg 7.5, 25 fps; "
+                             "editing: 50 steps, shift 5).")
+    j.add_argument("--jobs", type=Path, help="YAML/JSON list of jobs (SampleJob fields) (default: not set: one job "
+                   "from the flags below)")
+    j.add_argument("--task", default=None, choices=("t2v", "identity", "multi_identity", "audio", "editing"),
+                   help="what to generate (default: identity with --image, else t2v)")
+    j.add_argument("--prompt", help="the caption (default: not set: empty)")
+    j.add_argument("--negative-prompt", help="the unconditional branch's prompt (default: the release's negative prompt)")
+    j.add_argument("--image", action="append", default=[], metavar="NAME=PATH",
+                   help="identity image, NAME as in the prompt (repeat for K > 1) (default: none)")
+    j.add_argument("--audio", type=Path, help="audio task: the driving audio file (default: not set)")
+    j.add_argument("--source-video", type=Path, help="editing task: the video to edit (default: not set)")
+    j.add_argument("--mask-video", type=Path, help="editing task: the mask of the region to edit (default: not set)")
+    j.add_argument("--edit-mode", choices=("replace", "insert"), help="editing task (default: replace)")
+    j.add_argument("--mask-dilation", type=int, help="editing: mask dilation in output pixels (default: the edit mode's)")
+    sizes = {"height": "pixels, a multiple of 16", "width": "pixels, a multiple of 16", "frames": "4k+1",
+             "seed": "noise seed (default: 0)", "steps": "denoising steps"}
+    for flag, what in sizes.items():
+        j.add_argument(f"--{flag}", type=int, help=what if flag == "seed" else f"{what} (default: the task's)")
+    floats = {"shift": "flow shift", "cfg-scale": "classifier-free guidance scale (1 = off)",
+              "embedded-guidance": "guidance-distilled checkpoints only", "ip-cfg-scale": "> 0 adds the identity "
+              "guidance branch", "audio-strength": "audio task: lambda_A (default: the model config's)",
+              "fps": "frame rate of the mp4"}
+    for flag, what in floats.items():
+        j.add_argument(f"--{flag}", type=float, help=what if "default" in what else f"{what} (default: the task's)")
+    o = p.add_argument_group("output and console")
+    o.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
+    o.add_argument("--overwrite", action="store_true", help="replace existing output files (switch; default: off: "
+                   "a job whose files exist is refused before anything runs)")
+    o.add_argument("--no-progress", action="store_true", help="no per-step progress line (switch; default: off)")
+    o.add_argument("--verbose", action="store_true", help="show known third-party warnings and every rank's "
+                   "warnings (switch; default: off)")
     return p.parse_args(argv)
 
 
 def build_jobs(args) -> list:
-    import yaml
+    from hcustom_mc.model.config import load_yaml
 
     from hcustom_mc.inference.inputs import SampleJob
 
@@ -98,7 +127,7 @@ def build_jobs(args) -> list:
     if args.jobs is not None:
         if not args.jobs.is_file():
             raise ConfigError(f"--jobs {args.jobs} does not exist")
-        entries = yaml.safe_load(args.jobs.read_text())  # JSON is YAML
+        entries = load_yaml(args.jobs.read_text())  # JSON is YAML
         if not isinstance(entries, list) or not entries or not all(isinstance(x, dict) for x in entries):
             raise ConfigError(f"--jobs {args.jobs} must hold a non-empty list of mappings")
     jobs, outputs = [], {}
@@ -111,6 +140,9 @@ def build_jobs(args) -> list:
                 raise ConfigError(f"job {n}: output {merged['output']} writes {written}, which job {outputs[written]} "
                                   f"also writes; give each job its own output")
             outputs[written] = n
+            if Path(written).exists() and not args.overwrite:  # never replace an earlier run's results silently
+                raise ConfigError(f"job {n}: {written} exists (an earlier run's output); pass another --out or "
+                                  f"--overwrite")
         try:
             jobs.append(SampleJob.from_dict(merged))
         except (TypeError, ValueError) as exc:
@@ -146,6 +178,8 @@ def encoder_paths(args):
 
 
 def _write_outputs(job, n, video, latents, ckpt, fmt, model_cfg, layout, world, dtype, timing, decode_s, t0) -> None:
+    import torch
+
     from hcustom_mc.inference.output import to_uint8_frames, write_contact_sheet, write_mp4, write_sidecar
 
     frames = to_uint8_frames(video)
@@ -190,6 +224,8 @@ def check_prompts(jobs, llava_path, model_cfg, text_len: int) -> None:
 
 
 def run(args) -> int:
+    import torch  # here, not at the top: `--help` returns without loading torch
+
     from hcustom_mc.inference.decode import decode_across_ranks
     from hcustom_mc.inference.inputs import EncoderSet, prepare_conditions, resolve_job, validate_job
     from hcustom_mc.inference.output import StepProgress
@@ -217,7 +253,7 @@ def run(args) -> int:
     check_prompts(jobs, paths.llava, model_cfg, args.text_len)
 
     info = initialize_parallel(ParallelConfig(tensor_parallel=args.tp, context_parallel=args.cp, cp_mode=args.cp_mode),
-                               model_cfg)
+                               model_cfg, dp_name="CFG-parallel")  # the data-parallel factor runs the CFG branches
     from hcustom_mc.checkpoint.lora import load_specs, merge_into_model
 
     loras = load_specs(args.lora, args.checkpoint)  # bad FILE:SCALE, another base: fail before the model loads
@@ -238,7 +274,7 @@ def run(args) -> int:
                                      mode=model_cfg.mode, max_subjects=model_cfg.max_identity_images,
                                      text_len=args.text_len)
     if rank0:
-        log.info("loaded %s (%s) and encoders in %.1fs; layout TP %d x CP %d (%s) x CFG %d; DiT dtype %s",
+        log.info("loaded %s (%s) and encoders in %.1fs; layout TP %d x CP %d (%s) x CFG-parallel %d; DiT dtype %s",
                  ckpt, fmt, time.time() - t_load, args.tp, args.cp, args.cp_mode, args.cfg_parallel, dtype)
     sampler = ParallelSampler(model, layout)
     for n, job in enumerate(jobs):
@@ -276,26 +312,27 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)
+    console.setup(console.verbose_requested(argv))  # before torch and megatron are imported
+    args = parse_args(argv)
     from hcustom_mc.checkpoint.release import CheckpointFormatError
     from hcustom_mc.data.errors import DataError
     from hcustom_mc.inference.pipeline import NonFiniteError
     from hcustom_mc.model.model import InputError
-    from hcustom_mc.parallel.state import destroy_parallel, wait_for_all_ranks_on_error
+    from hcustom_mc.parallel.state import destroy_parallel
 
     try:
-        return run(parse_args(argv))
+        return run(args)
     except (ConfigError, InputError, FileNotFoundError, DataError, CheckpointFormatError, NonFiniteError) as exc:
-        # CheckpointFormatError includes CheckpointReadError: a damaged or unsafe checkpoint file, named
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        wait_for_all_ranks_on_error()
+        # CheckpointFormatError includes CheckpointReadError: a damaged or unsafe checkpoint file, named.
+        # Every rank checks the same jobs: said once, unless a rank's message differs.
+        console.report_error(f"error: {exc}")
         return 2
     finally:
         destroy_parallel()
 
 
 if __name__ == "__main__":
+    code = main()  # first: importing parallel.state loads torch, which --help does without
     from hcustom_mc.parallel.state import exit_process
 
-    exit_process(main())
+    exit_process(code)

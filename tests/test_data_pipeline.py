@@ -218,3 +218,19 @@ def test_editing_source_of_another_length_is_bad_data(tiny, tmp_path):
     with pytest.raises(DataError, match="9 frames of 48x64") as info:
         enc.encode(dataclasses.replace(entry, source_video=short), 4)
     assert info.value.kind == "mismatch" and info.value.path == str(short)
+
+
+def test_preprocess_says_which_samples_it_leaves_out_and_why(tiny, tmp_path):
+    from collections import Counter
+
+    from hcustom_mc.data.manifest import load_manifest
+
+    entries = load_manifest(tiny["root"] / "clean" / "manifest.jsonl")
+    others = Counter(e.task for e in entries if e.task != "t2v")
+    assert others, "the tiny manifest should hold more than t2v samples"
+    out = _run(1, "tools/preprocess.py", "--config", "examples/tiny_data.yaml", *tiny["sets"], "--set",
+               "data.task_weights={t2v: 1.0}", "--data-path", tiny["root"] / "clean" / "manifest.jsonl", "--out",
+               tmp_path / "shards", "--shard-size", 4, "--no-progress")
+    said = (f"{sum(others.values())} of {len(entries)} manifest samples left out: their task is not trained by this "
+            f"config")
+    assert said in out and ", ".join(f"{t} {n}" for t, n in sorted(others.items())) in out, out[-3000:]

@@ -3,6 +3,7 @@ configs failing fast on every rank, and the README demo with its MLflow run read
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -109,27 +110,52 @@ def test_bad_config_fails_fast_on_every_rank(tmp_path, case):
     nproc, args, message = BAD[case]
     start = time.time()
     out = run(nproc, *args, "--run-dir", tmp_path, expect_ok=False, timeout=120)
-    assert out.count(message) == nproc, out[-4000:]
+    assert out.count(message) == 1, out[-4000:]  # every rank fails (exit 2); the message is said once
     assert time.time() - start < 90
 
 
+def _demo(cwd, *args, env=None, timeout=600):
+    return subprocess.run(["bash", str(REPO / "examples" / "train_tiny_3d.sh"), *map(str, args)], cwd=cwd,
+                          env={**ENV, **backend_env(8), "MASTER_PORT": str(_free_port()), **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def test_readme_demo_trains_and_logs_to_mlflow(tmp_path):
-    proc = subprocess.run(["bash", "examples/train_tiny_3d.sh", str(tmp_path / "demo"), "--train-iters", "8",
-                           "--save-interval", "4"], cwd=REPO, env={**ENV, **backend_env(8), "MASTER_PORT": str(_free_port())},
-                          capture_output=True, text=True, timeout=600)
+    """The 3D demo from another directory: a short console (layout, a line per step, the summary), then a second
+    invocation into a new folder that leaves the first run as it was."""
+    runs = {"HC_RUNS": str(tmp_path / "runs")}
+    proc = _demo(tmp_path, "--train-iters", 8, "--save-interval", 4, env=runs)  # flags only: a new folder
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "MLflow run" in proc.stdout and "8 steps" in proc.stdout
+    (demo,) = [p for p in (tmp_path / "runs" / "tiny_3d").iterdir() if not p.is_symlink()]
+    lines = [re.sub(r"^\d\d:\d\d:\d\d ", "", line) for line in (proc.stdout + proc.stderr).splitlines()]
+    steps = [line for line in lines if line.startswith("step ")]
+    assert len(steps) == 8 and all("ETA" in line for line in steps)
+    assert len(lines) - len(steps) < 30, "\n".join(lines)  # the 60-step demo: 60 step lines + the same < 100
+    assert len(set(lines)) == len(lines), "repeated lines:\n" + "\n".join(sorted(line for line in lines if lines.count(line) > 1))
+    assert "Warning" not in proc.stderr and any(line.startswith("INFO layout: world 8 = TP 2 x PP 2") for line in lines)
+    tail = proc.stdout.strip().splitlines()[-6:]  # the closing summary
+    assert tail[0].startswith("done: 8 steps") and tail[1] == f"run folder: {demo}"
+    assert tail[2] == f"checkpoint: {demo / 'checkpoints' / 'iter_0000008'}"
+    assert tail[4].startswith(f"open it: mlflow ui --backend-store-uri sqlite:///{demo / 'mlflow.db'}")
+    before = {p: p.stat().st_mtime_ns for p in demo.rglob("*")}
+    again = _demo(tmp_path, "--train-iters", 1, env={**runs, "NPROC": "4"})  # (4 processes: DP 1, quicker)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert len([p for p in (tmp_path / "runs" / "tiny_3d").iterdir() if not p.is_symlink()]) == 2
+    assert {p: p.stat().st_mtime_ns for p in demo.rglob("*")} == before  # the first run untouched
+    refused = _demo(tmp_path, demo, env=runs, timeout=60)  # an existing run folder given: refused, not reused
+    assert refused.returncode == 2 and "exists and is not empty" in refused.stderr
+    assert {p: p.stat().st_mtime_ns for p in demo.rglob("*")} == before
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'demo' / 'mlflow.db').resolve()}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{demo / 'mlflow.db'}")
     (run_,) = client.search_runs([client.get_experiment_by_name("hcustom-mc").experiment_id])
     assert run_.data.params["parallel.tensor_parallel"] == "2"
     for key in ("loss", "grad_norm", "lr", "step_time_s", "tokens_per_s", "tflops_per_device", "peak_mem_gib"):
         assert len(client.get_metric_history(run_.info.run_id, key)) == 8, key
-    assert (tmp_path / "demo" / "checkpoints" / "latest").read_text().strip() == "iter_0000008"
+    assert (demo / "checkpoints" / "latest").read_text().strip() == "iter_0000008"
     # a training checkpoint converts to the release format like any megatron checkpoint
     proc = subprocess.run([sys.executable, "-m", "hcustom_mc.checkpoint.convert", "--src",
-                           str(tmp_path / "demo" / "checkpoints" / "iter_0000008"), "--src-format", "mcore", "--dst",
+                           str(demo / "checkpoints" / "iter_0000008"), "--src-format", "mcore", "--dst",
                            str(tmp_path / "release"), "--dst-format", "release", "--model-config", "tiny",
                            "--variant", "audio"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,13 +1,16 @@
 """Encode a dataset manifest into training shards (VAE latents, LLaVA/CLIP text states, Whisper features).
 
-    torchrun --nproc-per-node 8 tools/preprocess.py --config train.yaml --data-path data/manifest.jsonl --out shards/
+    python -m hcustom_mc.launch --nproc-per-node 8 tools/preprocess.py --config train.yaml \\
+        --data-path data/manifest.jsonl --out shards/
 
 Re-running the same command after a crash skips finished shards. Then train with
 `--data-type shards --data-path shards/`. See hcustom_mc/data/preprocess.py.
 """
 
 if __name__ == "__main__":
-    from hcustom_mc.data.preprocess import main
+    from hcustom_mc.data.preprocess_cli import main
+
+    code = main()  # first: importing parallel.state loads torch, which --help does without
     from hcustom_mc.parallel.state import exit_process
 
-    exit_process(main())
+    exit_process(code)

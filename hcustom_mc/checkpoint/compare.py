@@ -14,14 +14,14 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
+from hcustom_mc import console
 
-from hcustom_mc.device import uses_cuda
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # torch dtype names: torch is loaded after the flags are parsed
 
 
 def random_inputs(cfg, batch: int, frames: int, height: int, width: int, text_len: int, seed: int, device) -> dict:
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(batch, text_len, dtype=torch.long)
     mask[-1, text_len // 2 :] = 0  # padded text in the last sample
@@ -37,7 +37,7 @@ def random_inputs(cfg, batch: int, frames: int, height: int, width: int, text_le
     return {k: v.to(device) for k, v in inputs.items()}
 
 
-def reference_output(ref, inputs: dict) -> torch.Tensor:
+def reference_output(ref, inputs: dict) -> "torch.Tensor":
     return ref(
         hidden_states=inputs["latents"], timestep=inputs["timestep"], encoder_hidden_states=inputs["text_states"],
         encoder_attention_mask=inputs["text_mask"], pooled_projections=inputs["text_pooled"],
@@ -46,24 +46,31 @@ def reference_output(ref, inputs: dict) -> torch.Tensor:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m hcustom_mc.checkpoint.compare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reference-diffusers", required=True, type=Path, help="diffusers HunyuanVideoTransformer3DModel folder")
-    p.add_argument("--ckpt", required=True, type=Path)
-    p.add_argument("--ckpt-format", required=True, choices=("release", "mcore"))
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--tolerance", type=float, default=1e-5, help="max abs difference allowed (fp32 default 1e-5)")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--device", default="cuda" if uses_cuda() else "cpu")
-    p.add_argument("--latent-shape", type=int, nargs=3, default=(3, 8, 8), metavar=("F", "H", "W"))
-    p.add_argument("--text-len", type=int, default=12)
-    p.add_argument("--seed", type=int, default=0)
+    p = console.ArgumentParser(prog="python -m hcustom_mc.checkpoint.compare", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reference-diffusers", required=True, type=Path,
+                   help="diffusers HunyuanVideoTransformer3DModel folder (required)")
+    p.add_argument("--ckpt", required=True, type=Path, help="the checkpoint to check (required)")
+    p.add_argument("--ckpt-format", required=True, choices=("release", "mcore"), help="its format (required)")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size: run with that many processes (default: 1)")
+    p.add_argument("--tolerance", type=float, default=1e-5, help="max abs difference allowed (default: 1e-05, for fp32)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="compute dtype (default: fp32)")
+    p.add_argument("--device", default=None, help="device (default: cuda when available, else cpu)")
+    p.add_argument("--latent-shape", type=int, nargs=3, default=(3, 8, 8), metavar=("F", "H", "W"),
+                   help="random latent frames, height, width (default: 3 8 8)")
+    p.add_argument("--text-len", type=int, default=12, help="random text tokens (default: 12)")
+    p.add_argument("--seed", type=int, default=0, help="input seed (default: 0)")
     p.add_argument("--verify-checkpoint", default="full", choices=("full", "size", "off"),
-                   help="mcore --ckpt: check its files against the manifest first")
+                   help="mcore --ckpt: check its files against the manifest first (default: full)")
+    p.add_argument("--verbose", action="store_true", help="show known third-party warnings and every rank's "
+                   "warnings (switch; default: off)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
+    console.setup(console.verbose_requested(argv))
+    args = parse_args(argv)
+    import torch
     import torch.distributed as dist
     from diffusers import HunyuanVideoTransformer3DModel
 
@@ -73,14 +80,16 @@ def main(argv=None) -> int:
     from hcustom_mc.parallel.sharding import load_full_state_dict
     from hcustom_mc.parallel.state import destroy_parallel, initialize_parallel
 
-    args = parse_args(argv)
+    from hcustom_mc.device import uses_cuda
+
+    args.device = args.device or ("cuda" if uses_cuda() else "cpu")
     import json
 
     cfg_file = args.reference_diffusers / "config.json"
     if not cfg_file.is_file():
         raise SystemExit(f"error: {cfg_file} not found (--reference-diffusers must be a diffusers model folder)")
     cfg = model_config_from_diffusers_config(json.loads(cfg_file.read_text()))
-    dtype, device = DTYPES[args.dtype], torch.device(args.device)
+    dtype, device = getattr(torch, DTYPES[args.dtype]), torch.device(args.device)
     info = initialize_parallel(ParallelConfig(tensor_parallel=args.tp), cfg)
     try:
         model = build_model(cfg, dtype).to(device)
@@ -109,15 +118,17 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from hcustom_mc.parallel.state import exit_process
-
     try:
         code = main()
-    except SystemExit as exc:  # argparse and input checks
+    except SystemExit as exc:  # --help, argparse (already reported) and input checks
         if not isinstance(exc.code, int) and exc.code is not None:
-            print(exc.code, file=sys.stderr)
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            console.report_error(str(exc.code), key="hcustom_mc/compare_error")
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     except (ValueError, FileNotFoundError) as exc:  # incl. CheckpointReadError: a damaged or unsafe file, named
-        print(f"error: {exc}", file=sys.stderr)
+        console.report_error(f"error: {exc}", key="hcustom_mc/compare_error")
         code = 2
+    if "torch" not in sys.modules:  # --help and usage errors
+        sys.exit(code)
+    from hcustom_mc.parallel.state import exit_process
+
     exit_process(code)

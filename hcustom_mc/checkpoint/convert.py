@@ -24,8 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
+from hcustom_mc import console
 from hcustom_mc.model.config import ConfigError, ModelConfig, get_model_config
 
 log = logging.getLogger("hcustom_mc")
@@ -70,7 +69,7 @@ def resolve_model_config(args, src_cfg: ModelConfig | None) -> ModelConfig:
     return cfg
 
 
-def build_model(cfg: ModelConfig, dtype: torch.dtype, meta: bool = False, layers: range | None = None):
+def build_model(cfg: ModelConfig, dtype: "torch.dtype", meta: bool = False, layers: range | None = None):
     from hcustom_mc.model import HunyuanCustomDiT
 
     return HunyuanCustomDiT(cfg, params_dtype=dtype, layers=layers, device="meta" if meta else None)
@@ -83,6 +82,8 @@ def check_keys(cfg: ModelConfig, sd: dict) -> None:
     from hcustom_mc.parallel.sharding import get_tp_split
 
     # All layers (whatever this rank's pipeline stage), full shapes (whatever its TP rank).
+    import torch  # not at the top: --help returns without loading torch
+
     model = build_model(cfg, torch.float32, meta=True, layers=range(cfg.num_double_blocks + cfg.num_single_blocks))
     want = {}
     for k, v in model.state_dict(keep_vars=True).items():
@@ -101,30 +102,38 @@ def check_keys(cfg: ModelConfig, sd: dict) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m hcustom_mc.checkpoint.convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", required=True, type=Path)
-    p.add_argument("--src-format", required=True, choices=FORMATS)
-    p.add_argument("--dst", required=True, type=Path)
-    p.add_argument("--dst-format", required=True, choices=FORMATS)
-    p.add_argument("--model-config", required=True, help="tiny, 13b, or a JSON/YAML file of ModelConfig fields")
-    p.add_argument("--variant", default="base", choices=("base", "audio", "editing"))
-    p.add_argument("--mode", default="release", choices=("release", "paper"))
-    p.add_argument("--guidance-embed", action="store_true", help="the checkpoint has guidance_in (HunyuanVideo cfg-distilled)")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size of the run (mcore conversions)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size of the run (mcore conversions)")
-    p.add_argument("--load-key", default="module", help="key holding the weights in a release file (module or ema)")
+    p = console.ArgumentParser(prog="python -m hcustom_mc.checkpoint.convert", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", required=True, type=Path, help="the checkpoint to read (required)")
+    p.add_argument("--src-format", required=True, choices=FORMATS, help="its format (required)")
+    p.add_argument("--dst", required=True, type=Path, help="where to write; must not exist or be empty (required)")
+    p.add_argument("--dst-format", required=True, choices=FORMATS, help="the format to write (required)")
+    p.add_argument("--model-config", required=True, help="tiny, 13b, or a JSON/YAML file of ModelConfig fields (required)")
+    p.add_argument("--variant", default="base", choices=("base", "audio", "editing"), help="model variant (default: base)")
+    p.add_argument("--mode", default="release", choices=("release", "paper"),
+                   help="conditioning mode of the model config (default: release)")
+    p.add_argument("--guidance-embed", action="store_true",
+                   help="the checkpoint has guidance_in (HunyuanVideo cfg-distilled) (switch; default: off)")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size of the run (mcore conversions) (default: 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size of the run (mcore conversions) (default: 1)")
+    p.add_argument("--load-key", default="module",
+                   help="key holding the weights in a release file: module or ema (default: module)")
     p.add_argument("--merge-lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="merge LoRA adapters into the output weights, times SCALE (default 1); repeatable. FILE: an "
-                        "`hcustom_mc.checkpoint.lora export --format original` file or a training checkpoint folder")
-    p.add_argument("--overwrite", action="store_true", help="allow writing into an existing, non-empty --dst")
+                   help="merge LoRA adapters into the output weights, times SCALE (default scale 1); repeatable. FILE: "
+                        "an `hcustom_mc.checkpoint.lora export --format original` file or a training checkpoint folder "
+                        "(default: none)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow writing into an existing, non-empty --dst (switch; default: off)")
     p.add_argument("--verify-checkpoint", default="full", choices=("full", "size", "off"),
-                   help="mcore source: check every file against its manifest (full: sizes and sha256; size: sizes)")
+                   help="mcore source: check every file against its manifest (full: sizes and sha256; size: sizes) "
+                   "(default: full)")
+    p.add_argument("--verbose", action="store_true", help="show known third-party warnings and every rank's "
+                   "warnings (switch; default: off)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    console.setup(console.verbose_requested(argv))
     args = parse_args(argv)
     if not args.src.exists():
         raise SystemExit(f"error: --src {args.src} does not exist")
@@ -135,6 +144,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --tp {args.tp} x --pp {args.pp} needs that many processes, this run has {world}: "
                          f"torchrun --nproc-per-node {args.tp * args.pp} -m hcustom_mc.checkpoint.convert ...")
     start = time.time()
+    import torch
+
     from hcustom_mc.parallel.config import ParallelConfig
     from hcustom_mc.parallel.state import destroy_parallel, initialize_parallel
 
@@ -194,7 +205,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _mcore_dtype(path: Path) -> torch.dtype:
+def _mcore_dtype(path: Path) -> "torch.dtype":
     """The parameter dtype stored in an mcore checkpoint (all weights share one dtype here)."""
     from hcustom_mc.checkpoint.safe_load import dist_load_tensors_metadata
 
@@ -206,18 +217,23 @@ def _mcore_dtype(path: Path) -> torch.dtype:
 
 
 if __name__ == "__main__":
-    from hcustom_mc.checkpoint.integrity import CheckpointWriteError
-    from hcustom_mc.parallel.state import exit_process
-
     try:
         code = main()
-    except SystemExit as exc:  # argparse and the early checks above
+    except SystemExit as exc:  # --help, argparse (already reported) and the early checks above
         if not isinstance(exc.code, int) and exc.code is not None:
-            print(exc.code, file=sys.stderr)
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except (ConfigError, KeyError, FileNotFoundError, ValueError, CheckpointWriteError) as exc:
+            console.report_error(str(exc.code), key="hcustom_mc/convert_error")
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except Exception as exc:
+        from hcustom_mc.checkpoint.integrity import CheckpointWriteError
+
         # ValueError includes CheckpointReadError (damaged or unsafe checkpoint files, named);
         # CheckpointWriteError: disk full, permissions, non-finite weights
-        print(f"error: {exc}", file=sys.stderr)
+        if not isinstance(exc, (ConfigError, KeyError, FileNotFoundError, ValueError, CheckpointWriteError)):
+            raise
+        console.report_error(f"error: {exc}", key="hcustom_mc/convert_error")
         code = 2
+    if "torch" not in sys.modules:  # --help and usage errors: nothing distributed ran
+        sys.exit(code)
+    from hcustom_mc.parallel.state import exit_process
+
     exit_process(code)

@@ -173,7 +173,7 @@ def seal_folder(folder: str | Path) -> dict:
         for d in sorted({p for p in folder.rglob("*") if p.is_dir()} | {folder}, reverse=True):
             fsync_dir(d)
         total = sum(v["size"] for v in manifest["files"].values())
-        log.info("checkpoint manifest: %d files, %.1f MB hashed (%s) + fsynced in %.2fs (slowest rank)",
+        log.debug("checkpoint manifest: %d files, %.1f MB hashed (%s) + fsynced in %.2fs (slowest rank)",
                  len(manifest["files"]), total / 1e6, ALGORITHM, max(e for _, e in pieces))
     return manifest
 

@@ -11,12 +11,12 @@ Samples whose files are broken are recorded in their shard (kind, path, reason) 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from hcustom_mc.data.encode import SampleEncoder, group_key, sample_shape
 from hcustom_mc.data.errors import DataError
 from hcustom_mc.data.manifest import load_manifest
 from hcustom_mc.data.nulls import NULLS_FILE, encode_null_conditions, latent_sizes_of_groups
-from hcustom_mc.device import compute_device, local_cuda_index, uses_cuda
+from hcustom_mc.device import compute_device
 
 log = logging.getLogger("hcustom_mc.preprocess")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -88,7 +88,13 @@ def preprocess(cfg, manifest: str | Path, out: str | Path, shard_size: int = 64,
     world = dist.get_world_size() if dist.is_initialized() else 1
     tasks = sorted(t for t, w in cfg.data.task_weights.items() if w > 0)
     # only the tasks this config trains on (others may not even be encodable, e.g. K > 1 in release mode)
-    entries = [(pos, e) for pos, e in enumerate(load_manifest(manifest)) if e.task in tasks]
+    everything = load_manifest(manifest)
+    entries = [(pos, e) for pos, e in enumerate(everything) if e.task in tasks]
+    left_out = Counter(e.task for e in everything if e.task not in tasks)
+    if left_out and rank == 0:  # said, never silent: a sample the config does not train on is not encoded
+        log.warning("%d of %d manifest samples left out: their task is not trained by this config (task_weights %s): %s",
+                    sum(left_out.values()), len(everything), cfg.data.task_weights,
+                    ", ".join(f"{t} {n}" for t, n in sorted(left_out.items())))
     num_shards = (len(entries) + shard_size - 1) // shard_size
     out.mkdir(parents=True, exist_ok=True)
     _claim_settings(out, settings_of(cfg, manifest, shard_size, dtype), rank)
@@ -135,39 +141,3 @@ def preprocess(cfg, manifest: str | Path, out: str | Path, shard_size: int = 64,
     log.info("preprocess done: %d samples usable, %d skipped (%s)", len(index["samples"]), len(index["skipped"]),
              ", ".join(f"{r['id']}: {r['error']['kind']}" for r in index["skipped"]) or "none")
     return index
-
-
-def main(argv=None) -> int:
-    from hcustom_mc.model.config import ConfigError
-    from hcustom_mc.training.config import build_config
-
-    p = argparse.ArgumentParser(description="Encode a manifest into training shards (run under torchrun for many ranks). "
-                                "Other arguments are training-config arguments (--config, --set, --data-path ...).")
-    p.add_argument("--out", required=True, help="shard folder (created; re-running resumes)")
-    p.add_argument("--shard-size", type=int, default=64, help="samples per shard file")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="stored tensor dtype")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args, rest = p.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        cfg = build_config(rest)
-        if not cfg.data.path:
-            raise ConfigError("--data-path (the manifest.jsonl) is required")
-        if args.shard_size < 1:
-            raise ConfigError(f"--shard-size must be >= 1, got {args.shard_size}")
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if uses_cuda():  # one GPU per rank (DALI and the encoders use the current device)
-        torch.cuda.set_device(local_cuda_index())
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("gloo")  # only barriers: encoders run independently on each rank
-    try:
-        preprocess(cfg, cfg.data.path, args.out, args.shard_size, args.dtype, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0

@@ -1,21 +1,20 @@
 """The HunyuanCustom DiT: config, blocks, conditions and the top-level model.
 
-The torch / megatron parts are imported on first use, so the pure config and FLOP arithmetic
-(`hcustom_mc.model.config`, `hcustom_mc.model.flops`) load without them (the planner's --help).
+The names are loaded on first use (PEP 562): `hcustom_mc.model.config` is imported by every command-line
+parser, and importing the model itself pulls in torch and megatron-core (seconds), which `--help` must not wait for;
+the planner's arithmetic (`config`, `flops`) needs neither.
 """
 
-from hcustom_mc.model.config import ConfigError, ModelConfig, get_model_config
+from importlib import import_module
 
-_LAZY = {"initialize_weights": "hcustom_mc.model.init", "HunyuanCustomDiT": "hcustom_mc.model.model",
-         "InputError": "hcustom_mc.model.model"}
+_WHERE = {"ConfigError": "config", "ModelConfig": "config", "get_model_config": "config",
+          "initialize_weights": "init", "HunyuanCustomDiT": "model", "InputError": "model"}
+__all__ = sorted(_WHERE)
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["ConfigError", "HunyuanCustomDiT", "InputError", "ModelConfig", "get_model_config", "initialize_weights"]
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value

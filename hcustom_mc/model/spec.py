@@ -43,6 +43,11 @@ def transformer_engine_usable() -> bool:
     return True
 
 
+@lru_cache(maxsize=None)
+def _say_once(message: str) -> None:  # asked once per block kind and model chunk; said once per process
+    log.info(message)
+
+
 def get_linear_submodules(use_te: bool | None = None) -> LinearSubmodules:
     """`use_te=None` picks transformer-engine when it is usable."""
     if use_te is None:
@@ -50,10 +55,10 @@ def get_linear_submodules(use_te: bool | None = None) -> LinearSubmodules:
     if use_te:
         from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
 
-        log.info("linear layers: transformer-engine (TEColumnParallelLinear / TERowParallelLinear)")
+        _say_once("linear layers: transformer-engine (TEColumnParallelLinear / TERowParallelLinear)")
         column, row = ModuleSpec(module=TEColumnParallelLinear), ModuleSpec(module=TERowParallelLinear)
     else:
-        log.info("linear layers: megatron-core local (ColumnParallelLinear / RowParallelLinear)")
+        _say_once("linear layers: megatron-core local (ColumnParallelLinear / RowParallelLinear)")
         column, row = ModuleSpec(module=ColumnParallelLinear), ModuleSpec(module=RowParallelLinear)
     return LinearSubmodules(column=column, row=row, modulation=ModuleSpec(module=ColumnParallelLinear))
 

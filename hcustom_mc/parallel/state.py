@@ -55,9 +55,13 @@ def _init_process_group(timeout_s: float) -> None:
 
 
 def initialize_parallel(
-    pcfg: ParallelConfig, model: ModelConfig | None = None, seed: int = 1234, timeout_s: float = 600
+    pcfg: ParallelConfig, model: ModelConfig | None = None, seed: int = 1234, timeout_s: float = 600,
+    dp_name: str | None = "DP",
 ) -> ParallelInfo:
-    """Validate `pcfg` (on every rank, before any collective), then set up megatron parallel_state."""
+    """Validate `pcfg` (on every rank, before any collective), then set up megatron parallel_state.
+
+    `dp_name`: what the remaining (data-parallel) factor is called in the layout line, e.g. "CFG-parallel" for
+    the sampler; None: no layout line (the caller logs its own)."""
     from hcustom_mc.parallel.orphans import install_orphan_guard
 
     install_orphan_guard()  # under torchrun: die with the agent (entry points also call it first thing)
@@ -85,11 +89,11 @@ def initialize_parallel(
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     info = current_parallel_info()
-    if info.rank == 0:
+    if info.rank == 0 and dp_name is not None:
         log.info(
-            "parallel layout: world %d = TP %d x PP %d x CP %d (%s%s) x DP %d on %s (%s)",
+            "parallel layout: world %d = TP %d x PP %d x CP %d (%s%s) x %s %d on %s (%s)",
             info.world_size, info.tp_size, info.pp_size, info.cp_size, pcfg.cp_mode,
-            f" {pcfg.cp_sub_sizes()[0]} x {pcfg.cp_sub_sizes()[1]}" if pcfg.cp_sub_sizes() else "", info.dp_size,
+            f" {pcfg.cp_sub_sizes()[0]} x {pcfg.cp_sub_sizes()[1]}" if pcfg.cp_sub_sizes() else "", dp_name, info.dp_size,
             info.device.type, dist.get_backend(),
         )
     return info

@@ -109,6 +109,7 @@ class LoggingConfig:
     run_name: str | None = None
     run_dir: str = "runs/default"
     peak_tflops: float | None = None  # per device, for MFU; default: known GPUs only
+    verbose: bool = False  # --verbose: known third-party warnings, every rank's warnings, the full config
 
 
 @dataclass
@@ -277,36 +278,105 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
                             "--lr-warmup-iters/--train-iters: the new schedule continues from the resumed step"),
     "--ema-decay": ("ema_decay", float, "keep an EMA of the weights with this decay (saved, resumed, exportable)"),
     "--skip-nonfinite-steps": ("skip_nonfinite_steps", int, "skip up to N steps whose loss or grad norm is inf/NaN "
-                               "(default 0: stop at the first, before the optimizer step)"),
+                               "(0: stop at the first, before the optimizer step)"),
     "--lora-rank": ("lora_rank", int, "train LoRA adapters of this rank on the frozen base (0 = off)"),
-    "--lora-alpha": ("lora_alpha", float, "LoRA alpha (scale alpha/rank; default rank)"),
+    "--lora-alpha": ("lora_alpha", float, "LoRA alpha (scale alpha/rank)"),
     "--lora-dropout": ("lora_dropout", float, "dropout on the adapters' input"),
     "--lora-targets": ("lora_targets", list, "module-name patterns (fnmatch) given adapters"),
     "--save-interval": ("checkpoint.save_interval", int, "save every N steps"),
     "--keep-last": ("checkpoint.keep_last", int, "checkpoints kept"),
     "--verify-checkpoint": ("checkpoint.verify", str, "check --load's files against the manifest: full | size | off"),
     "--log-interval": ("logging.log_interval", int, "console/MLflow logging every N steps"),
-    "--mlflow-tracking-uri": ("logging.mlflow_tracking_uri", str, "MLflow server (default: sqlite in the run folder)"),
+    "--mlflow-tracking-uri": ("logging.mlflow_tracking_uri", str, "MLflow tracking URI: a server or a store"),
     "--run-dir": ("logging.run_dir", str, "run folder (logs, MLflow store)"),
     "--run-name": ("logging.run_name", str, "MLflow run name"),
     "--peak-tflops": ("logging.peak_tflops", float, "per-device peak TFLOP/s for MFU"),
 }
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="torchrun ... pretrain_custom.py", description="Train HunyuanCustom with "
-                                "megatron-core (TP, PP, CP, DP).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", type=Path, help="YAML file of TrainConfig fields (nested sections allowed)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any field by dotted name, value as YAML, e.g. data.task_weights='{t2v: 1}'")
-    for flag, (dest, typ, help_) in FLAGS.items():
-        if typ is bool or typ == "false":
-            p.add_argument(flag, action="store_true", default=None, help=help_)
-        elif typ is list:
-            p.add_argument(flag, nargs="+", default=None, metavar="PREFIX", help=help_)
+# --help groups: a flag's section, from its field's section (top-level fields listed here)
+TOP_LEVEL_GROUP = {"model": "model", "variant": "model", "mode": "model", "trainable": "model", "kernels": "model",
+                   "bf16": "model", "recompute_granularity": "model", "recompute_method": "model",
+                   "recompute_num_layers": "model", "init_seed": "model", "lora_rank": "model", "lora_alpha": "model",
+                   "lora_dropout": "model", "lora_targets": "model", "ema_decay": "optimizer",
+                   "micro_batch_size": "optimizer", "global_batch_size": "optimizer", "train_steps": "optimizer",
+                   "exit_after_steps": "optimizer", "skip_nonfinite_steps": "optimizer"}
+SECTION_GROUP = {"parallel": "parallel", "optim": "optimizer", "data": "data", "checkpoint": "checkpoint",
+                 "logging": "logging"}
+GROUPS = {"model": "model", "parallel": "parallel layout", "data": "data", "optimizer": "optimizer, batch and schedule",
+          "checkpoint": "checkpoint", "logging": "logging and console"}
+
+
+def field_default(dotted: str):
+    """The dataclass default of a dotted TrainConfig field, without building a TrainConfig (which would import
+    the LoRA module, and torch with it, before --help returns)."""
+    cls, value = TrainConfig, None
+    for part in dotted.split("."):
+        f = {f.name: f for f in dataclasses.fields(cls)}[part]
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif dotted == "lora_targets":  # its factory imports the LoRA module (and torch)
+            return "the attention and MLP projections (DEFAULT_TARGETS in hcustom_mc/model/lora.py)"
         else:
-            p.add_argument(flag, type=typ, default=None, help=help_)
-    return p.parse_args(argv)
+            value = f.default_factory()
+        cls = type(value)
+    return value
+
+
+# what an unset (None) field means, for --help
+UNSET_MEANS = {"checkpoint.save": "no checkpoints", "checkpoint.load": "a fresh start",
+               "checkpoint.pretrained": "random initialisation", "exit_after_steps": "run to --train-iters",
+               "parallel.virtual_pipeline_parallel": "no interleaving", "parallel.ulysses_degree": "usp: the whole CP group",
+               "recompute_granularity": "no recomputation", "recompute_method": "every block",
+               "recompute_num_layers": "the method's own", "ema_decay": "no EMA", "logging.run_name": "MLflow's generated name",
+               "data.path": "synthetic data needs none", "logging.peak_tflops": "known GPUs only, else no MFU",
+               "logging.mlflow_tracking_uri": "sqlite:///RUN_DIR/mlflow.db", "lora_alpha": "the rank (scale 1)"}
+
+
+def _default_text(dotted: str, typ) -> str:
+    value = field_default(dotted)
+    if typ is bool:
+        return "switch; default: off"
+    if typ == "false":
+        return "switch; default: on"
+    if value is None:
+        return f"default: not set: {UNSET_MEANS[dotted]}" if dotted in UNSET_MEANS else "default: not set"
+    if isinstance(value, list):
+        return f"default: {' '.join(map(str, value)) or 'none'}"
+    return f"default: {value}"
+
+
+def training_parser(prog: str = "pretrain_custom.py", description: str | None = None) -> argparse.ArgumentParser:
+    """The training-config flags in their --help groups (tools/preprocess.py adds its own to the same parser)."""
+    from hcustom_mc.console import ArgumentParser
+
+    p = ArgumentParser(prog=prog, usage="torchrun ... %(prog)s [--config FILE] [--set KEY=VALUE] [flags below]",
+                       description=description or "Train HunyuanCustom with megatron-core (TP, PP, CP, DP); launch it "
+                       "with torchrun or `python -m hcustom_mc.launch` (torchrun's flags, short console). "
+                       "Precedence: defaults < --config < --set < flags.")
+    groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
+    groups["model"].add_argument("--config", type=Path, help="YAML file of TrainConfig fields (nested sections "
+                                 "allowed), e.g. examples/tiny_3d.yaml (default: not set: the defaults below)")
+    groups["model"].add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                                 help="any field by dotted name, value as YAML, e.g. data.task_weights='{t2v: 1}' "
+                                 "(repeatable; default: none)")
+    groups["logging"].add_argument("--verbose", action="store_true", help="show the known third-party warnings, "
+                                   "every rank's warnings and the full config (switch; default: off)")
+    for flag, (dest, typ, help_) in FLAGS.items():
+        head = dest.split(".")[0]
+        group = groups[SECTION_GROUP.get(head) or TOP_LEVEL_GROUP[head]]
+        help_ = f"{help_} ({_default_text(dest, typ)})".replace("%", "%%")
+        if typ is bool or typ == "false":
+            group.add_argument(flag, action="store_true", default=None, help=help_)
+        elif typ is list:
+            group.add_argument(flag, nargs="+", default=None, metavar="PREFIX", help=help_)
+        else:
+            group.add_argument(flag, type=typ, default=None, metavar=dest.split(".")[-1].upper(), help=help_)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return training_parser().parse_args(argv)
 
 
 def _set(cfg, dotted: str, value) -> None:
@@ -340,8 +410,9 @@ def _apply_mapping(cfg, data: dict, prefix: str = "") -> None:
             _set(cfg, name, value)
 
 
-def build_config(argv=None) -> TrainConfig:
-    args = parse_args(argv)
+def build_config(argv=None, args: argparse.Namespace | None = None) -> TrainConfig:
+    """From the command line (`argv`), or from flags already parsed by training_parser() (`args`)."""
+    args = parse_args(argv) if args is None else args
     cfg = TrainConfig()
     if args.config is not None:
         if not args.config.is_file():
@@ -352,6 +423,8 @@ def build_config(argv=None) -> TrainConfig:
         if not sep:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         _set(cfg, key, load_yaml(raw))
+    if getattr(args, "verbose", False):  # (the console itself is set up from argv, before this runs)
+        cfg.logging.verbose = True
     for flag, (dest, typ, _) in FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:

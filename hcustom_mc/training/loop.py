@@ -224,7 +224,8 @@ def train(cfg: TrainConfig) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model_cfg = cfg.model_config()
     cfg.validate(world)
-    info = initialize_parallel(cfg.parallel, model_cfg, seed=cfg.init_seed)
+    t_start = time.time()
+    info = initialize_parallel(cfg.parallel, model_cfg, seed=cfg.init_seed, dp_name=None)  # layout said below
     set_kernel_backend(cfg.kernels)
     device = compute_device()
     prepare_save_folder(cfg, model_cfg)  # writable, room for a checkpoint, one writer (lock released by run)
@@ -232,7 +233,8 @@ def train(cfg: TrainConfig) -> dict:
         run_dir = Path(cfg.logging.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(config_json(cfg) + "\n")
-        log.info("config:\n%s", config_json(cfg))
+        if cfg.logging.verbose:  # else only in the run folder's config.json (a hundred lines)
+            log.info("config:\n%s", config_json(cfg))
         log.info("layout: world %d = TP %d x PP %d (VPP %s) x CP %d (%s) x DP %d on %s; sequence parallel: %s",
                  info.world_size, info.tp_size, info.pp_size, cfg.parallel.virtual_pipeline_parallel, info.cp_size,
                  cfg.parallel.cp_mode, info.dp_size, device, _sp_status(cfg))
@@ -376,6 +378,11 @@ def train(cfg: TrainConfig) -> dict:
                 log.warning("stopping after step %d on %s (checkpoint %s)", step, reason,
                             "saved" if cfg.checkpoint.save else "not requested: no --save")
             break
+    # what the closing summary (tracking.print_summary) names
+    history.update(run_dir=str(Path(cfg.logging.run_dir).resolve()), mlflow_run_id=tracker.run_id,
+                   tracking_uri=getattr(tracker, "tracking_uri", None), experiment=cfg.logging.mlflow_experiment,
+                   total_steps=cfg.train_steps, start_step=start_step, elapsed_s=time.time() - t_start,
+                   checkpoint=_latest_saved(cfg.checkpoint.save))
     tracker.finish()
     history["trainable_numel"] = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
     history["optimizer_state_numel"] = _optimizer_state_numel(optimizer)  # this rank's Adam moments
@@ -383,6 +390,11 @@ def train(cfg: TrainConfig) -> dict:
     if info.rank == 0:
         (Path(cfg.logging.run_dir) / "history.json").write_text(json.dumps(history) + "\n")
     return history
+
+
+def _latest_saved(save: str | None) -> str | None:
+    latest = Path(save) / "latest" if save else None
+    return str((latest.parent / latest.read_text().strip()).resolve()) if latest and latest.is_file() else None
 
 
 def _optimizer_state_numel(optimizer) -> int:

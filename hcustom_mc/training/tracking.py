@@ -53,6 +53,9 @@ class Tracker:
             return
         import mlflow
 
+        from hcustom_mc import console
+
+        console.quiet_third_party_loggers()  # mlflow sets its own logger's level when imported
         run_path = Path(run_dir).resolve()
         run_path.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = tracking_uri or f"sqlite:///{run_path / 'mlflow.db'}"
@@ -117,3 +120,40 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def mlflow_ui_command(tracking_uri: str | None) -> str | None:
+    """The command that shows a run's store in a browser; None for a store that is already a server."""
+    if not tracking_uri or tracking_uri.startswith(("http://", "https://", "databricks")):
+        return None
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+def summary_lines(history: dict) -> list[str]:
+    """The closing summary of a training run (rank 0): what ran, where it is, how to look at it."""
+    from hcustom_mc import console
+
+    losses, steps = history.get("losses", []), history.get("step", 0)
+    done = steps - history.get("start_step", 0)
+    head = f"done: {done} steps (to step {steps}/{history.get('total_steps', steps)}) in {_fmt_time(history.get('elapsed_s', 0))}"
+    if len(losses) >= 2:
+        k = min(5, len(losses) // 2)
+        head += f"; loss {sum(losses[:k]) / k:.4g} -> {sum(losses[-k:]) / k:.4g} (mean of the first / last {k})"
+    lines = [head, f"run folder: {history.get('run_dir')}",
+             f"checkpoint: {history.get('checkpoint') or 'none (no --save)'}"]
+    if history.get("mlflow_run_id"):
+        lines.append(f"MLflow run {history['mlflow_run_id']} (experiment {history.get('experiment')}) "
+                     f"in {history.get('tracking_uri')}")
+        command = mlflow_ui_command(history.get("tracking_uri"))
+        if command:
+            lines.append(f"open it: {command}   (needs full mlflow: pip install 'hcustom-mc[ui]')")
+    if history.get("skipped_steps"):
+        lines.append(f"skipped non-finite steps: {history['skipped_steps']}")
+    note = console.hidden_note()
+    if note:
+        lines.append(note)
+    return lines
+
+
+def print_summary(history: dict) -> None:
+    print("\n".join(summary_lines(history)), file=sys.stdout, flush=True)

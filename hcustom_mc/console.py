@@ -1,0 +1,164 @@
+"""What every entry point prints: rank 0 speaks, the other ranks report only their own errors.
+
+- `setup(verbose)`: logging (rank 0 at INFO, other ranks at ERROR) and a warnings hook that counts the known
+  third-party warnings (KNOWN_WARNINGS) instead of printing them; `--verbose` shows them, and every rank's.
+- `ArgumentParser`: a misspelt flag is one line (with the closest flag), printed once under torchrun.
+- `report_error(message)`: an error every rank hits in the same way is printed once (by rank 0); a rank whose
+  message differs prints its own. Every rank waits (bounded) for the others first, so torchrun does not stop a
+  rank before it has spoken.
+
+Nothing here imports torch at module level: the parsers use it before `--help` returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import difflib
+import logging
+import os
+import re
+import sys
+import time
+import warnings
+from collections import Counter
+
+# Warnings megatron-core, torch and mlflow give on every CPU / no-Apex / no-TE run; nothing the user can act on.
+KNOWN_WARNINGS = tuple(re.compile(p) for p in (
+    r"Transformer Engine and Apex are not installed",
+    r"Apex is not installed",
+    r"full scope is deprecated",
+    r"tp_group is None",
+    r"`torch\.distributed\.\w+` is deprecated",  # megatron still calls the old collective names
+    r"`load_state_dict` is deprecated and will be removed",  # megatron's dist-checkpoint loader (torch dcp)
+    r"The \.grad attribute of a Tensor that is not a leaf Tensor",  # megatron's optimizer probes main_grad
+    r"torch\.cuda\.amp\.\w+\(args\.\.\.\)` is deprecated",
+    r"TypedStorage is deprecated",
+    r"CUDA initialization|CUDA is not available",
+    r"No device id is provided via `init_process_group` or `barrier`",
+))
+# third-party loggers that report routine steps at INFO (mlflow's "Creating initial MLflow database tables")
+QUIET_LOGGERS = ("mlflow", "alembic", "megatron", "urllib3", "git")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+_hidden: Counter = Counter()
+_verbose = False
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def verbose_requested(argv=None) -> bool:
+    """`--verbose` in argv, looked at before the parsers run (the warnings hook goes in first)."""
+    return "--verbose" in (sys.argv[1:] if argv is None else argv)
+
+
+def setup(verbose: bool = False) -> None:
+    """Console of this process: call first thing in an entry point's main()."""
+    global _verbose
+    _verbose = verbose
+    main_rank = rank() == 0
+    logging.basicConfig(level=logging.INFO if main_rank else (logging.WARNING if verbose else logging.ERROR),
+                        format=LOG_FORMAT, datefmt="%H:%M:%S", force=True)
+    quiet_third_party_loggers()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_known_record)
+    warnings.showwarning = _showwarning
+    if not verbose:
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10's own warnings, for workers started later
+        # transformers / huggingface_hub progress bars ("Loading weights", "Writing model shards") on every rank
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def quiet_third_party_loggers() -> None:
+    """QUIET_LOGGERS at WARNING (INFO with --verbose); again after importing a library that sets its own level."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if _verbose else logging.WARNING)
+
+
+def hidden_warnings() -> int:
+    return sum(_hidden.values())
+
+
+def hidden_note() -> str | None:
+    """The summary's line about what was hidden, or None."""
+    n = hidden_warnings()
+    if not n:
+        return None
+    return f"{n} known third-party warning{'s' if n > 1 else ''} hidden on this rank (--verbose shows them)"
+
+
+def _is_known(text: str) -> bool:
+    return any(p.search(text) for p in KNOWN_WARNINGS)
+
+
+_show_original = warnings.showwarning
+
+
+def _showwarning(message, category, filename, lineno, file=None, line=None):
+    text = str(message)
+    if not _verbose and (_is_known(text) or rank() != 0):
+        _hidden[(category.__name__, text.splitlines()[0][:120] if text else "")] += 1
+        return
+    _show_original(message, category, filename, lineno, file, line)
+
+
+def _known_record(record: logging.LogRecord) -> bool:
+    """Logging filter: the same known warnings when a library logs them instead of warning."""
+    if _verbose or record.levelno >= logging.ERROR or not _is_known(record.getMessage()):
+        return True
+    _hidden[("log", record.getMessage()[:120])] += 1
+    return False
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error: `PROG: error: MESSAGE (did you mean --x?); see --help`, exit 2.
+
+    The stock parser prints the whole usage (dozens of lines here) on every rank."""
+
+    def error(self, message):
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown and unknown.group(1).startswith("--"):
+            flag = unknown.group(1).split("=")[0]
+            close = difflib.get_close_matches(flag, [o for a in self._actions for o in a.option_strings], n=1)
+            if close:
+                message += f" (did you mean {close[0]}?)"
+        report_error(f"{self.prog}: error: {message}; see --help", key="hcustom_mc/usage_error")
+        sys.exit(2)
+
+
+def report_error(message: str, key: str = "hcustom_mc/error", timeout_s: float = 30.0) -> None:
+    """Print `message` (an error this rank is about to exit on) once for all ranks that share it."""
+    if world_size() == 1 or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        print(message, file=sys.stderr, flush=True)
+        return
+    me, world = rank(), world_size()
+    try:
+        import torch.distributed as dist
+
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                              timeout=datetime.timedelta(seconds=10))
+        store.set(f"{key}/msg/{me}", message)
+        _arrive(store, f"{key}/arrived", world, timeout_s)
+        if me == 0:
+            print(message, file=sys.stderr, flush=True)
+        elif not store.check([f"{key}/msg/0"]) or store.get(f"{key}/msg/0").decode() != message:
+            print(f"rank {me}: {message}", file=sys.stderr, flush=True)
+        # nobody exits (and gets the others stopped by torchrun) before every rank has printed
+        _arrive(store, f"{key}/printed", world, timeout_s)
+    except Exception:  # the store is gone or unreachable: saying the error matters more than saying it once
+        print(f"rank {me}: {message}", file=sys.stderr, flush=True)
+
+
+def _arrive(store, key: str, world: int, timeout_s: float) -> None:
+    arrived = store.add(key, 1)
+    deadline = time.time() + timeout_s
+    while arrived < world and time.time() < deadline:
+        time.sleep(0.05)
+        arrived = store.add(key, 0)
