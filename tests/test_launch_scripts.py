@@ -26,7 +26,7 @@ def test_multinode_command_spells_out_the_rendezvous_from_any_directory(tmp_path
                  env={"DRY_RUN": "1", "NNODES": "4", "MASTER_ADDR": "node0", "MASTER_PORT": "29600"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [
-        "torchrun", "--nnodes", "4", "--nproc-per-node", "8", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+        "python", "-m", "hcustom_mc.launch", "--nnodes", "4", "--nproc-per-node", "8", "--rdzv-backend", "c10d", "--rdzv-endpoint",
         "node0:29600", "--rdzv-id", "hcustom-r", "--max-restarts", "0", str(REPO / "pretrain_custom.py"),
         "--config", str(recipe), "--train-iters", "5"]
 
@@ -57,7 +57,7 @@ def test_sbatch_runs_one_launcher_per_node_with_the_allocation(tmp_path):
     assert proc.returncode == 0, proc.stderr
     first, command = proc.stdout.splitlines()
     assert first == "srun --kill-on-bad-exit=1"
-    assert command.split()[:12] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "8", "--rdzv-backend", "c10d",
+    assert command.split()[:14] == ["python", "-m", "hcustom_mc.launch", "--nnodes", "2", "--nproc-per-node", "8", "--rdzv-backend", "c10d",
                                     "--rdzv-endpoint", "gpu-a17:29500", "--rdzv-id", "4711", "--max-restarts"]
     assert command.split()[-4:] == ["--config", str(REPO / "examples" / "tiny_3d.yaml"), "--lr", "1e-5"]
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Multi-node training with plain torchrun. Run the same command on every node (node ranks are assigned by
+# Multi-node training: torchrun's agent and flags through hcustom_mc.launch (the same elastic agent; a failed
+# rank prints one line instead of torchrun's traceback). Run the same command on every node (node ranks are assigned by
 # the c10d rendezvous, so no NODE_RANK is needed):
 #
 #   NNODES=8 MASTER_ADDR=node0.cluster bash examples/13b/train_multinode.sh examples/13b/audio_720p_64gpu.yaml \
@@ -19,7 +20,7 @@ shift
 [[ -f "$RECIPE" ]] || { echo "no recipe file $RECIPE" >&2; exit 2; }
 RECIPE="$(cd "$(dirname "$RECIPE")" && pwd)/$(basename "$RECIPE")"  # the command may run from elsewhere
 
-cmd=(torchrun
+cmd=("${PYTHON:-python}" -m hcustom_mc.launch
   --nnodes "$NNODES" --nproc-per-node "${NPROC_PER_NODE:-8}"
   --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}"
   --rdzv-id "${RDZV_ID:-hcustom-$(basename "$RECIPE" .yaml)}"
