@@ -163,7 +163,7 @@ def _output_files(output) -> list[str]:
 
 
 def encoder_paths(args):
-    from hcustom_mc.training.config import EncoderPaths
+    from hcustom_mc.data.config import EncoderPaths
 
     paths = EncoderPaths()
     for name in ("llava", "clip", "whisper", "vae"):

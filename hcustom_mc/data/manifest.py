@@ -42,7 +42,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hcustom_mc.training.config import TASKS
+from hcustom_mc.data.config import TASKS
 
 ENTRY_KEYS = (
     "id", "task", "video", "caption", "subjects", "audio", "source_video", "mask_video",

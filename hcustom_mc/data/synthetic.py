@@ -19,7 +19,7 @@ import torch
 from hcustom_mc.model.conditions import audio_frames_expected
 from hcustom_mc.data.nulls import NullConditions, stand_in_null_conditions
 from hcustom_mc.model.config import ModelConfig
-from hcustom_mc.training.config import TASKS, DataConfig
+from hcustom_mc.data.config import TASKS, DataConfig
 
 IDENTITY_COUNT = {"t2v": 0, "identity": 1, "multi_identity": 2, "audio": 1, "editing": 0}
 

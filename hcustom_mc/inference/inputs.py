@@ -38,7 +38,7 @@ from hcustom_mc.data.errors import DataError
 from hcustom_mc.inference.scheduler import NEGATIVE_PROMPT as DEFAULT_NEGATIVE_PROMPT
 from hcustom_mc.inference.scheduler import TASK_DEFAULTS
 from hcustom_mc.model.model import InputError
-from hcustom_mc.training.config import TASKS
+from hcustom_mc.data.config import TASKS
 EDIT_MODES = ("replace", "insert")
 # replace: the new subject must cover the old one's silhouette, so the drawn mask is grown a little;
 # insert: the mask marks where the new subject goes, exactly as drawn.
