@@ -184,3 +184,28 @@ def test_optimizer_implementation_is_named(monkeypatch, module, expected):
     cls = type("AdamW" if module.startswith("torch") else "FusedAdam", (), {"__module__": module})
     monkeypatch.setattr(megatron_optimizer, "Adam", cls)
     assert adam_implementation().startswith(expected)
+
+
+
+CHILD_INIT = """
+from hcustom_mc.parallel.state import _init_process_group
+_init_process_group(30)
+print("child ok")
+"""
+PARENT_INIT = """
+import os, subprocess, sys
+from hcustom_mc.parallel.state import _init_process_group
+_init_process_group(30)
+assert "MASTER_PORT" not in os.environ, os.environ["MASTER_PORT"]
+subprocess.run([sys.executable, "-c", sys.argv[1]], check=True)  # inherits this process's environment
+print("parent ok")
+"""
+
+
+def test_a_world_of_one_leaves_no_port_for_its_children_to_collide_on():
+    """The single-process store binds port 0 and keeps the port out of os.environ: a child once inherited it
+    and failed with EADDRINUSE (the gpu_check dry run after a single_process test)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK")}
+    proc = subprocess.run([sys.executable, "-c", PARENT_INIT, CHILD_INIT], cwd=REPO,
+                          env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split("\n")[:2] == ["child ok", "parent ok"], proc.stdout + proc.stderr[-3000:]

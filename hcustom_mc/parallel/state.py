@@ -46,9 +46,9 @@ def _init_process_group(timeout_s: float) -> None:
     timeout = datetime.timedelta(seconds=timeout_s)
     if "MASTER_PORT" not in os.environ and os.environ["WORLD_SIZE"] == "1":
         # A store on port 0 binds a free port itself: probing for one and binding it later races
-        # with any other process on the machine (EADDRINUSE under a busy test run).
+        # with any other process on the machine. The port is not put into os.environ: every process
+        # this one starts would inherit it and fail to bind it (EADDRINUSE).
         store = dist.TCPStore(os.environ["MASTER_ADDR"], 0, 1, is_master=True, timeout=timeout)
-        os.environ["MASTER_PORT"] = str(store.port)
         dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
         return
     dist.init_process_group(backend=backend, timeout=timeout)
