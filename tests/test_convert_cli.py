@@ -49,7 +49,7 @@ def _assert_bit_exact(a, b):
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("tp, pp", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])
 def test_release_mcore_release_is_bit_exact(release_dir, tmp_path, tp, pp):
     mcore = tmp_path / "mcore"
     convert(release_dir, "release", mcore, "mcore", "--tp", tp, "--pp", pp, nproc=tp * pp)
@@ -82,6 +82,7 @@ def test_compare_passes_on_conversion_and_fails_on_tampering(diffusers_dir, rele
     assert "MISMATCH" in out
 
 
+@pytest.mark.slow
 def test_compare_mcore_at_tp2(diffusers_dir, release_dir, tmp_path):
     convert(release_dir, "release", tmp_path / "mcore", "mcore")
     out = torchrun(2, "-m", "hcustom_mc.checkpoint.compare", "--reference-diffusers", diffusers_dir,

@@ -59,6 +59,7 @@ def shards(tiny):
     return out
 
 
+@pytest.mark.slow
 def test_preprocess_killed_and_restarted_writes_the_same_shards(tiny, shards, tmp_path):
     out = tmp_path / "shards"
     # two ranks, each killed right after its first shard lands; then the same command again
@@ -139,6 +140,7 @@ def test_training_on_shards_resumes_the_sampler_exactly(tiny, shards, tmp_path):
     assert second["losses"] == straight["losses"][3:], "resumed steps did not continue with the next batches"
 
 
+@pytest.mark.slow
 def test_training_on_raw_files_with_10_percent_broken(tiny, tmp_path):
     root = tiny["root"] / "broken"
     broken = json.loads((root / "broken.json").read_text())

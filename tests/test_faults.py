@@ -158,6 +158,7 @@ def trial(reference, tmp_path, stop_at: int, plan: list, seed: int) -> int:
     return kills
 
 
+@pytest.mark.slow
 def test_kill_resume_short(reference, tmp_path):
     """Two SIGKILLs: one inside a save (after its data, before the rename), one at a random moment."""
     rng = random.Random(13)
@@ -202,6 +203,7 @@ def test_workers_die_with_their_agent(tmp_path):
 
 
 # ----------------------------------------------------------------------------- item 4: two writers
+@pytest.mark.slow
 def test_second_job_on_the_same_save_folder_is_refused(tmp_path):
     ck = tmp_path / "ck"
     first = launch(2, "--train-iters", 100000, "--save", ck, "--save-interval", 2, "--run-dir", tmp_path / "a")

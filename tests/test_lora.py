@@ -99,7 +99,10 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+SLOW_LAYOUTS = {"pp2", "pp2_vpp2", "cp2_ring"}  # -m slow only (tp2_pp2 covers pp2 in the default run)
+
+
+@pytest.mark.parametrize("layout", [pytest.param(k, marks=pytest.mark.slow) if k in SLOW_LAYOUTS else k for k in LAYOUTS])
 def test_lora_layout_equals_single_process(lora_reference, tmp_path, layout):
     nproc, args = LAYOUTS[layout]
     got = train(nproc, tmp_path, *LORA, *args)
@@ -146,6 +149,7 @@ def test_adapter_checkpoint_resumes_exactly_from_pretrained_and_is_small(release
     assert full["losses"]
 
 
+@pytest.mark.slow
 def test_adapter_checkpoint_refuses_another_base(release_audio, tmp_path):
     import subprocess
     import sys
@@ -218,6 +222,7 @@ def test_merge_at_tp2_equals_live_adapters_and_single_process(single_process, tm
         torch.testing.assert_close(got[key], ref, rtol=1e-5, atol=1e-5, msg=key)
 
 
+@pytest.mark.slow
 def test_bf16_lora_with_ema_resumes_exactly_and_ema_holds_only_adapters(tmp_path):
     """bf16 + --ema-decay: 2 + 2 resumed steps == 4 steps; the EMA (saved, exported) covers only the adapters."""
     import subprocess

@@ -67,7 +67,8 @@ def sources(tmp_path_factory, single_process):
     return out
 
 
-@pytest.mark.parametrize("nproc,layout", [(1, []), (4, ["--tensor-model-parallel-size", 2, "--pipeline-model-parallel-size", 2])],
+@pytest.mark.parametrize("nproc,layout", [(1, []), pytest.param(4, ["--tensor-model-parallel-size", 2, "--pipeline-model-parallel-size", 2],
+                                                                  marks=pytest.mark.slow)],
                          ids=["tp1", "tp2_pp2"])
 def test_release_source_first_loss(sources, tmp_path, nproc, layout):
     want = reference(tmp_path, sources["release_audio"])
@@ -75,6 +76,7 @@ def test_release_source_first_loss(sources, tmp_path, nproc, layout):
     assert abs(got - want) <= 1e-5 * abs(want), (got, want)
 
 
+@pytest.mark.slow
 def test_mcore_source_first_loss(sources, tmp_path):
     want = reference(tmp_path, sources["release_audio"])
     got = first_loss(2, tmp_path / "run", "--pretrained", sources["mcore_audio"], "--pipeline-model-parallel-size", 2)
@@ -124,6 +126,7 @@ def test_detect_format(sources, tmp_path):
         detect_format(tmp_path / "nope")
 
 
+@pytest.mark.slow
 def test_finetune_tiny_demo(tmp_path):
     """examples/finetune_tiny.sh from another directory: release checkpoint -> --pretrained -> EMA sample;
     a second run into the same ROOT is refused and leaves it as it was."""

@@ -77,10 +77,10 @@ def test_audio_job_writes_a_playable_mp4_with_its_audio_track(reference):
 
 @pytest.mark.parametrize("nproc,layout", [
     (2, ["--tp", 2]),
-    (2, ["--cp", 2, "--cp-mode", "ulysses"]),
+    pytest.param(2, ["--cp", 2, "--cp-mode", "ulysses"], marks=pytest.mark.slow),
     (2, ["--cp", 2, "--cp-mode", "ring"]),
     (2, ["--cfg-parallel", 2]),
-    (4, ["--tp", 2, "--cfg-parallel", 2]),
+    pytest.param(4, ["--tp", 2, "--cfg-parallel", 2], marks=pytest.mark.slow),
 ], ids=["tp2", "cp2-ulysses", "cp2-ring", "cfg2", "tp2xcfg2"])
 def test_parallel_layouts_give_the_single_process_latents(setup, reference, tmp_path, nproc, layout):
     _sample(setup, nproc, tmp_path, *layout)
@@ -114,12 +114,14 @@ def test_bad_layout_fails_on_every_rank(setup, tmp_path):
     assert out.count("cfg_parallel must be 1 or the number of guidance branches") == 1 and "loaded" not in out
 
 
+@pytest.mark.slow
 def test_sampler_benchmark_runs_and_reports_scaling(tmp_path):
     out = _run(1, ["bench/sampler.py"], "--layouts", "1", "cfg=2", "--steps", 1, "--out", tmp_path / "s.md")
     table = (tmp_path / "s.md").read_text()
     assert "command: `python bench/sampler.py" in table and "| cfg=2 | 2 |" in table and "speedup" in out
 
 
+@pytest.mark.slow
 def test_infer_parallel_script_trains_the_demo_model_and_writes_videos(tmp_path):
     from hcustom_mc.inference.output import read_mp4
 
@@ -135,6 +137,7 @@ def test_infer_parallel_script_trains_the_demo_model_and_writes_videos(tmp_path)
         assert (audio is not None) == (name == "002_audio")
 
 
+@pytest.mark.slow
 def test_ip_cfg_three_branches_over_cfg_parallel_3(setup, tmp_path):
     _sample(setup, 1, tmp_path / "one", extra=["--ip-cfg-scale", 2.0])
     _sample(setup, 3, tmp_path / "three", "--cfg-parallel", 3, extra=["--ip-cfg-scale", 2.0])

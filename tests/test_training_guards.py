@@ -38,6 +38,7 @@ def to_release(ckpt: Path, out: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- exact resume (bf16) + EMA
+@pytest.mark.slow
 def test_bf16_distributed_optimizer_resume_is_exact_with_ema(tmp_path):
     common = ["--bf16", "--train-iters", 6, "--ema-decay", 0.9]
     run(2, *common, "--save", tmp_path / "straight", "--run-dir", tmp_path / "s")
@@ -81,6 +82,7 @@ def test_ema_is_the_moving_average_of_the_weights(tmp_path, single_process):
 
 
 # ----------------------------------------------------------------------------- schedule changes on resume
+@pytest.mark.slow
 def test_schedule_change_on_resume_is_refused_unless_overridden(tmp_path):
     run(1, "--train-iters", 4, "--exit-after-iters", 2, "--save", tmp_path / "ck", "--run-dir", tmp_path / "a")
     proc = run(1, "--train-iters", 8, "--lr", 0.001, "--load", tmp_path / "ck", "--run-dir", tmp_path / "b", expect=2)
@@ -115,7 +117,7 @@ def test_poisoned_weights_stop_at_the_first_step(tmp_path, single_process):
 
 
 @pytest.mark.parametrize("fault,message", [("loss:5", "the loss is nan in micro batch 0"),
-                                           ("grad:5", "the gradient norm is inf")])
+                                           pytest.param("grad:5", "the gradient norm is inf", marks=pytest.mark.slow)])
 def test_nonfinite_step_stops_and_latest_stays_good(tmp_path, fault, message):
     # every worker exits 3; torchrun reports the failed workers with 1
     proc = run(2, "--train-iters", 8, "--save", tmp_path / "ck", "--set", "checkpoint.save_interval=3",
@@ -130,6 +132,7 @@ def test_nonfinite_message_names_step_and_micro_batch(tmp_path):
     assert "step 2 (task" in proc.stderr and "the gradient norm is inf; the step was not applied" in proc.stderr
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_steps(tmp_path):
     straight = tmp_path / "s"
     run(1, "--train-iters", 4, "--run-dir", straight)

@@ -44,6 +44,7 @@ def _release_weights(ckpt_dir, out):
     return torch.load(out / "mp_rank_00_model_states.pt", weights_only=True)["module"]
 
 
+@pytest.mark.slow
 def test_trainable_new_updates_only_new_modules(tmp_path):
     args = ["--train-iters", 2, "--trainable", "new", "--set", "data.task_weights={audio: 1.0}"]
     run(1, *args, "--save", tmp_path / "a", "--run-dir", tmp_path / "ra")

@@ -53,7 +53,11 @@ def assert_same_history(got, reference):
         assert abs(a - b) <= 1e-5 * abs(b) + 1e-6, f"step {step} grad norm {a} != {b}"
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+# in the default run each parallelism and two combinations; these only with -m slow (the suite's time budget)
+SLOW_LAYOUTS = {"tp2_selective", "pp2_cp2_dp2"}
+
+
+@pytest.mark.parametrize("layout", [pytest.param(k, marks=pytest.mark.slow) if k in SLOW_LAYOUTS else k for k in LAYOUTS])
 def test_layout_equals_single_process(reference, tmp_path, layout):
     nproc, args = LAYOUTS[layout]
     assert_same_history(train(nproc, tmp_path, *args), reference)
@@ -74,7 +78,8 @@ LONG_LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", ["cp4_usp2x2", pytest.param("cp4_ring_small_tiles", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("layout", [pytest.param("cp4_usp2x2", marks=pytest.mark.slow),
+                                    pytest.param("cp4_ring_small_tiles", marks=pytest.mark.slow)])
 def test_long_layout_equals_single_process(reference_long, tmp_path, layout, monkeypatch):
     nproc, args = LONG_LAYOUTS[layout]
     if "small_tiles" in layout:  # ring tiles smaller than the local sequence: the multi-tile path in training
@@ -93,6 +98,7 @@ def reference_base(tmp_path_factory):
     return train(1, tmp_path_factory.mktemp("single_base"), *BASE_VARIANT)
 
 
+@pytest.mark.slow
 def test_dp2_overlapped_reduce_and_gather_equals_single_process(reference_base, tmp_path):
     """Saving every step checks that the parameters are complete when written (params_ready)."""
     argv = [*BASE, *BASE_VARIANT, "--run-dir", tmp_path, "--save", tmp_path / "ck", "--set", "checkpoint.save_interval=1"]

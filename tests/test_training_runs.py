@@ -53,6 +53,7 @@ def test_resume_is_exact(straight, tmp_path):
     assert losses(tmp_path / "b") == straight[3:], "resumed steps differ from the uninterrupted run"
 
 
+@pytest.mark.slow
 def test_resume_tp2_pp2_checkpoint_at_tp1_pp1(straight, tmp_path):
     ck = tmp_path / "ck"
     run(4, "--tensor-model-parallel-size", 2, "--pipeline-model-parallel-size", 2, "--train-iters", 6,

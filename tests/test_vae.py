@@ -150,7 +150,7 @@ def test_release_config_with_unknown_key_is_rejected(folders, tmp_path):
         VideoVAE.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("nproc", [2, 3])
+@pytest.mark.parametrize("nproc", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_decode_split_across_ranks_equals_the_single_rank_decode(tmp_path, nproc):
     from tests.torchrun import REPO, torchrun
 
