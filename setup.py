@@ -58,7 +58,7 @@ setup(
         # `mlflow ui` (the training summary prints the command): the full package, with its server (flask);
         # mlflow-skinny has the client only
         "ui": ["mlflow>=3.0"],
-        # tests: the diffusers/peft reference models and LoRA loader, DALI's CPU path
-        "dev": ["pytest>=8", "peft>=0.14", "nvidia-dali-cuda130>=2.0"],
+        # tests: the diffusers/peft reference models and LoRA loader, DALI's CPU path, the MLflow UI test
+        "dev": ["pytest>=8", "peft>=0.14", "nvidia-dali-cuda130>=2.0", "mlflow>=3.0"],
     },
 )
