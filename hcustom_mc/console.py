@@ -123,14 +123,30 @@ class ArgumentParser(argparse.ArgumentParser):
     The stock parser prints the whole usage (dozens of lines here) on every rank."""
 
     def error(self, message):
-        unknown = re.match(r"unrecognized arguments: (\S+)", message)
-        if unknown and unknown.group(1).startswith("--"):
-            flag = unknown.group(1).split("=")[0]
-            close = difflib.get_close_matches(flag, [o for a in self._actions for o in a.option_strings], n=1)
-            if close:
-                message += f" (did you mean {close[0]}?)"
-        report_error(f"{self.prog}: error: {message}; see --help", key="hcustom_mc/usage_error")
+        report_error(f"{self.prog}: error: {with_suggestion(message, self)}; see --help", key="hcustom_mc/usage_error")
         sys.exit(2)
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    """Every flag of `parser` and of its subcommands (an unknown flag after a subcommand is reported by the
+    top-level parser)."""
+    flags = []
+    for action in parser._actions:
+        flags += action.option_strings
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags += _option_strings(sub)
+    return flags
+
+
+def with_suggestion(message: str, parser: argparse.ArgumentParser) -> str:
+    """argparse's message, plus `(did you mean --x?)` for a misspelt flag."""
+    unknown = re.match(r"unrecognized arguments: (\S+)", message)
+    if unknown and unknown.group(1).startswith("--"):
+        close = difflib.get_close_matches(unknown.group(1).split("=")[0], _option_strings(parser), n=1)
+        if close:
+            message += f" (did you mean {close[0]}?)"
+    return message
 
 
 def report_error(message: str, key: str = "hcustom_mc/error", timeout_s: float = 30.0) -> None:

@@ -19,6 +19,8 @@ ENTRY_POINTS = {
     "convert": ["-m", "hcustom_mc.checkpoint.convert"],
     "compare": ["-m", "hcustom_mc.checkpoint.compare"],
     "preprocess": ["tools/preprocess.py"],
+    "plan": ["-m", "hcustom_mc.plan"],
+    "lora-export": ["-m", "hcustom_mc.checkpoint.lora", "export"],
 }
 GROUPS = {"train": ["model:", "parallel layout:", "data:", "optimizer, batch and schedule:", "checkpoint:",
                     "logging and console:"],
@@ -85,6 +87,8 @@ def test_help_returns_in_under_3_s(name):
     ("convert", ["--src", "a", "--src-format", "mcore", "--dst", "b", "--dst-format", "release", "--model-config",
                  "tiny", "--tpp", "2"], "--tp"),
     ("preprocess", ["--out", "x", "--shard-sise", "3"], "--shard-size"),
+    ("plan", ["--model", "13b", "--size", "1280x720", "--frames", "129", "--gpu-memroy", "80GB"], "--gpu-memory"),
+    ("lora-export", ["--ckpt", "x", "--format", "original", "--out", "y.safetensors", "--overwrte"], "--overwrite"),
 ])
 def test_a_misspelt_flag_is_one_short_message(name, args, suggestion):
     proc = _py([*ENTRY_POINTS[name], *args])

@@ -32,8 +32,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from hcustom_mc.model.config import ConfigError
 
 log = logging.getLogger("hcustom_mc")
@@ -89,6 +87,7 @@ def _ensure_process_group() -> bool:
 def read_training_adapters(path: str | Path, ema: bool = False, verify: str = "size",
                            alpha: float | None = None) -> Adapters:
     """The adapters of a training checkpoint (save root or iter_* folder, any layout), whole, in fp32."""
+    import torch
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     from hcustom_mc.checkpoint.integrity import select_checkpoint
@@ -221,13 +220,15 @@ def check_against_shapes(adapters: Adapters, weights: dict[str, tuple[int, ...]]
                            + "; ".join(problems[:8]))
 
 
-@torch.no_grad()
 def merge_into_state_dict(sd: dict[str, torch.Tensor], adapters: Adapters, scale: float = 1.0) -> None:
     """W += scale * B @ A on full release-layout tensors, in fp32, cast back to each weight's dtype."""
+    import torch
+
     check_against_shapes(adapters, {k: tuple(v.shape) for k, v in sd.items()})
-    for name, (A, B) in adapters.tensors.items():
-        w = sd[f"{name}.weight"]
-        sd[f"{name}.weight"] = (w.float() + scale * (B @ A)).to(w.dtype)
+    with torch.no_grad():
+        for name, (A, B) in adapters.tensors.items():
+            w = sd[f"{name}.weight"]
+            sd[f"{name}.weight"] = (w.float() + scale * (B @ A)).to(w.dtype)
 
 
 def weight_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -258,10 +259,10 @@ def load_specs(specs, base_path: str | Path | None) -> list[tuple[Adapters, floa
     return loaded
 
 
-@torch.no_grad()
 def merge_into_model(model: torch.nn.Module, adapters: Adapters, scale: float = 1.0, full_shapes=None) -> int:
     """W += scale * B @ A on this rank's shards (TP) of the modules it holds (PP). `full_shapes` (name -> full
     shape of every weight of the whole model) checks the adapters first; default: this model's weights."""
+    import torch
     from megatron.core import parallel_state as ps
 
     from hcustom_mc.parallel.sharding import get_tp_split, shard_full_tensor
@@ -277,7 +278,8 @@ def merge_into_model(model: torch.nn.Module, adapters: Adapters, scale: float = 
         delta, split = scale * (B @ A), get_tp_split(w)
         if split is not None and tp > 1:
             delta = shard_full_tensor(delta, split, rank, tp)
-        w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
+        with torch.no_grad():
+            w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
         merged += 1
     return merged
 
@@ -302,6 +304,8 @@ def _diffusers_modules(cfg) -> dict[str, tuple[tuple[str, ...], str]]:
 
 def to_diffusers(adapters: Adapters, cfg, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """(diffusers/PEFT state dict, release modules skipped because diffusers has no such module)."""
+    import torch
+
     from hcustom_mc.checkpoint.diffusers_format import COPY, LINEAR1, QKV, SWAP
 
     table = _diffusers_modules(cfg)
@@ -373,50 +377,67 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, *, ema: bool = False, dt
     return {"modules": len(adapters.tensors), "tensors": len(sd), "skipped": skipped, "out": str(out)}
 
 
-DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("keep", "float32", "bfloat16", "float16")  # torch dtype names: torch is imported after parsing
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m hcustom_mc.checkpoint.lora", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    from hcustom_mc.console import ArgumentParser
+
+    p = ArgumentParser(prog="python -m hcustom_mc.checkpoint.lora", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     e = sub.add_parser("export", help="write a training checkpoint's LoRA adapters as a .safetensors file")
-    e.add_argument("--ckpt", required=True, type=Path, help="training --save folder (its latest) or an iter_* folder")
+    e.add_argument("--ckpt", required=True, type=Path,
+                   help="training --save folder (its latest) or an iter_* folder (required)")
     e.add_argument("--format", required=True, choices=FORMATS, help="original: release module names; "
-                   "diffusers: HunyuanVideoTransformer3DModel module names (see above)")
-    e.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
-    e.add_argument("--ema", action="store_true", help="export the adapters' EMA (a run with --ema-decay)")
-    e.add_argument("--dtype", default="keep", choices=tuple(DTYPES), help="tensor dtype (keep: as trained, fp32)")
-    e.add_argument("--alpha", type=float, help="the run's --lora-alpha, for checkpoints that do not record it")
-    e.add_argument("--no-base-check", action="store_true",
-                   help="leave out the base fingerprint: --lora / --merge-lora then apply it to any base")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    e.add_argument("--verify-checkpoint", default="size", choices=("full", "size", "off"))
+                   "diffusers: HunyuanVideoTransformer3DModel module names (see above) (required)")
+    e.add_argument("--out", required=True, type=Path, help="the .safetensors file to write (required)")
+    e.add_argument("--ema", action="store_true",
+                   help="export the adapters' EMA (a run with --ema-decay) (switch; default: off)")
+    e.add_argument("--dtype", default="keep", choices=DTYPES, help="tensor dtype; keep: as trained, fp32 (default: keep)")
+    e.add_argument("--alpha", type=float, help="the run's --lora-alpha, for checkpoints that do not record it "
+                   "(default: not set: the recorded one)")
+    e.add_argument("--no-base-check", action="store_true", help="leave out the base fingerprint: --lora / "
+                   "--merge-lora then apply it to any base (switch; default: off)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out (switch; default: off)")
+    e.add_argument("--verify-checkpoint", default="size", choices=("full", "size", "off"),
+                   help="check the checkpoint's files against its manifest (full: sizes and sha256) (default: size)")
+    e.add_argument("--verbose", action="store_true", help="show known third-party warnings (switch; default: off)")
     args = p.parse_args(argv)
     if args.out.suffix != ".safetensors":
-        p.error(f"--out {args.out}: the file name must end in .safetensors")
+        e.error(f"--out {args.out}: the file name must end in .safetensors")
     if args.out.exists() and not args.overwrite:
-        p.error(f"--out {args.out} exists (pass --overwrite)")
+        e.error(f"--out {args.out} exists (pass --overwrite)")
     return args
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    args = parse_args(argv)
-    export(args.ckpt, args.format, args.out, ema=args.ema, dtype=DTYPES[args.dtype], alpha=args.alpha,
-           base_check=not args.no_base_check, verify=args.verify_checkpoint)
+    from hcustom_mc import console
+
+    console.setup(console.verbose_requested(argv))
+    args = parse_args(argv)  # before torch is imported: --help and usage errors return at once
+    import torch
+
+    export(args.ckpt, args.format, args.out, ema=args.ema, dtype=None if args.dtype == "keep" else getattr(torch, args.dtype),
+           alpha=args.alpha, base_check=not args.no_base_check, verify=args.verify_checkpoint)
     return 0
 
 
 if __name__ == "__main__":
-    from hcustom_mc.checkpoint.release import CheckpointFormatError
-    from hcustom_mc.parallel.state import destroy_parallel, exit_process
-
     try:
         code = main()
-    except (AdapterError, CheckpointFormatError, FileNotFoundError) as exc:
+    except SystemExit as exc:  # --help and usage errors (already reported)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:  # AdapterError, CheckpointFormatError, damaged files
         print(f"error: {exc}", file=sys.stderr)
         code = 2
     finally:
-        destroy_parallel()
-    exit_process(code)
+        if "torch" in sys.modules:
+            from hcustom_mc.parallel.state import destroy_parallel
+
+            destroy_parallel()
+    if "torch" in sys.modules:
+        from hcustom_mc.parallel.state import exit_process
+
+        exit_process(code)
+    sys.exit(code)

@@ -30,7 +30,9 @@ class PlanError(ValueError):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse's default prints the whole usage first)
-        raise PlanError(message)
+        from hcustom_mc.console import with_suggestion
+
+        raise PlanError(with_suggestion(message, self))
 
 
 def parse_bytes(text: str) -> int:
@@ -55,35 +57,35 @@ def parse_size(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m hcustom_mc.plan", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="tiny | 13b | a ModelConfig file (JSON/YAML)")
-    p.add_argument("--variant", default="base", choices=VARIANTS)
-    p.add_argument("--mode", choices=("release", "paper"), help="default: the preset's / file's mode")
-    p.add_argument("--size", required=True, help="video WIDTHxHEIGHT in pixels")
-    p.add_argument("--frames", type=int, required=True, help="pixel frames, 4k+1")
-    p.add_argument("--identity-images", type=int, default=1, help="identity images per sample (0: t2v task)")
-    p.add_argument("--text-len", type=int, default=256, help="text tokens (the release's LLaVA prompt: 256)")
+    p.add_argument("--model", required=True, help="tiny | 13b | a ModelConfig file (JSON/YAML) (required)")
+    p.add_argument("--variant", default="base", choices=VARIANTS, help="model variant (default: base)")
+    p.add_argument("--mode", choices=("release", "paper"), help="conditioning mode (default: the preset's / file's mode)")
+    p.add_argument("--size", required=True, help="video WIDTHxHEIGHT in pixels (required)")
+    p.add_argument("--frames", type=int, required=True, help="pixel frames, 4k+1 (required)")
+    p.add_argument("--identity-images", type=int, default=1, help="identity images per sample, 0: the t2v task (default: 1)")
+    p.add_argument("--text-len", type=int, default=256, help="text tokens, the release's LLaVA prompt (default: 256)")
     for flag in ("--tp", "--pp", "--cp", "--dp"):
-        p.add_argument(flag, type=int, help="default 1 (with --gpus: searched)")
-    p.add_argument("--vpp", type=int, help="virtual pipeline stages per rank")
-    p.add_argument("--cp-comm-type", choices=CP_COMM, help="default ulysses (with --gpus: ulysses and ring searched)")
-    p.add_argument("--ulysses-degree", type=int)
-    p.add_argument("--sequence-parallel", action="store_true", help="activations of norm/modulation/residual regions / TP")
-    p.add_argument("--micro-batch-size", type=int, default=1)
-    p.add_argument("--global-batch-size", type=int, help="default: enough micro batches to fill the pipeline")
-    p.add_argument("--recompute", default="none", choices=RECOMPUTE_MODES)
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--trainable", default="all", choices=TRAINABLE, help="all | new (audio/editing branches) | lora")
-    p.add_argument("--lora-rank", type=int, default=0)
-    p.add_argument("--ema", action="store_true", help="count the EMA copy (--ema-decay)")
-    p.add_argument("--no-distributed-optimizer", action="store_true")
+        p.add_argument(flag, type=int, help="layout size (default: 1; with --gpus: searched)")
+    p.add_argument("--vpp", type=int, help="virtual pipeline stages per rank (default: not set: no interleaving)")
+    p.add_argument("--cp-comm-type", choices=CP_COMM, help="context-parallel attention (default: ulysses; with --gpus: ulysses and ring searched)")
+    p.add_argument("--ulysses-degree", type=int, help="usp: Ulysses group size (default: not set: the whole CP group)")
+    p.add_argument("--sequence-parallel", action="store_true", help="sequence parallel: activations of norm/modulation/residual regions / TP (switch; default: off)")
+    p.add_argument("--micro-batch-size", type=int, default=1, help="samples per micro batch (default: 1)")
+    p.add_argument("--global-batch-size", type=int, help="samples per step (default: enough micro batches to fill the pipeline)")
+    p.add_argument("--recompute", default="none", choices=RECOMPUTE_MODES, help="activation recomputation (default: none)")
+    p.add_argument("--bf16", action="store_true", help="bf16 weights, fp32 main weights (switch; default: off: fp32)")
+    p.add_argument("--trainable", default="all", choices=TRAINABLE, help="all | new (audio/editing branches) | lora (default: all)")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank, with --trainable lora (default: 0)")
+    p.add_argument("--ema", action="store_true", help="count the EMA copy of --ema-decay (switch; default: off)")
+    p.add_argument("--no-distributed-optimizer", action="store_true", help="optimizer state not sharded over DP (switch; default: off)")
     p.add_argument("--target", default="gpu", choices=("gpu", "cpu"),
-                   help="gpu: fused Triton glue kernels + the CUDA runtime allowance; cpu: the torch reference path")
-    p.add_argument("--gpus", type=int, help="rank every valid layout of this many GPUs")
-    p.add_argument("--gpu-memory", help="memory per GPU, e.g. 80GB (fit check)")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU dense bf16 peak (H100/H200: 989)")
-    p.add_argument("--mfu", type=float, default=0.5, help="assumed model FLOP utilisation for the time estimate")
-    p.add_argument("--top", type=int, default=10, help="layouts listed by --gpus")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+                   help="gpu: fused Triton glue kernels + the CUDA runtime allowance; cpu: the torch reference path (default: gpu)")
+    p.add_argument("--gpus", type=int, help="rank every valid layout of this many GPUs (default: not set: the one layout given)")
+    p.add_argument("--gpu-memory", help="memory per GPU, e.g. 80GB, for the fit check (default: not set: no check)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU dense bf16 peak TFLOP/s (default: 989, H100/H200)")
+    p.add_argument("--mfu", type=float, default=0.5, help="assumed model FLOP utilisation for the time estimate (default: 0.5)")
+    p.add_argument("--top", type=int, default=10, help="layouts listed by --gpus (default: 10)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (switch; default: off)")
     return p
 
 
