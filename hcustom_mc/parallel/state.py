@@ -148,27 +148,3 @@ def exit_process(code: int = 0) -> None:
     sys.stderr.flush()
     _logging.shutdown()
     os._exit(code)
-
-
-def wait_for_all_ranks_on_error(key: str = "hcustom_mc/config_error", timeout_s: float = 30.0) -> None:
-    """Before a rank exits on a bad config, wait (bounded) until every rank has reached the same point.
-
-    torchrun stops the remaining workers as soon as one exits, so without this only the fastest rank
-    would get to print its message. Uses the launcher's TCP store (no process group exists yet);
-    does nothing in a single process or when the store cannot be reached.
-    """
-    import time
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-        return
-    try:
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
-                              timeout=datetime.timedelta(seconds=10))
-        arrived = store.add(key, 1)
-        deadline = time.time() + timeout_s
-        while arrived < world and time.time() < deadline:
-            time.sleep(0.05)
-            arrived = store.add(key, 0)
-    except Exception:  # reporting the config error matters more than the wait
-        return
