@@ -126,13 +126,12 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, patch: tuple[int, int, int], in_channels: int, hidden: int):
         super().__init__()
-        self.patch = tuple(patch)
         self.proj = nn.Conv3d(in_channels, hidden, kernel_size=patch, stride=patch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pt, ph, pw = self.patch
+        pt, ph, pw = patch = self.proj.kernel_size
         if x.shape[2] % pt or x.shape[3] % ph or x.shape[4] % pw:
-            raise ValueError(f"latents {tuple(x.shape[2:])} are not a whole number of {self.patch} patches")
+            raise ValueError(f"latents {tuple(x.shape[2:])} are not a whole number of {patch} patches")
         patches = rearrange(x, "b c (f pt) (h ph) (w pw) -> b (f h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
         return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
 
