@@ -246,9 +246,10 @@ def train(cfg: TrainConfig) -> dict:
         raise FileNotFoundError(f"--load {cfg.checkpoint.load}: no complete checkpoint there (no `latest`)")
     # LoRA checkpoints hold only the adapters: resuming one rebuilds the frozen base from --pretrained (or the seed)
     adapter_base = ckpt.base_fingerprint(cfg.checkpoint.pretrained, cfg.init_seed) if cfg.lora_rank else None
-    adapter_resume = resume is not None and bool(ckpt.read_train_state(resume).get("adapter_only"))
+    resume_state = ckpt.read_train_state(resume) if resume is not None else {}
+    adapter_resume = bool(resume_state.get("adapter_only"))
     if adapter_resume:
-        ckpt.check_adapter_base(resume, ckpt.read_train_state(resume), adapter_base)
+        ckpt.check_adapter_base(resume, resume_state, adapter_base)
     pretrained = cfg.checkpoint.pretrained if resume is None or adapter_resume else None
     if resume is not None and cfg.checkpoint.pretrained and not adapter_resume and info.rank == 0:
         log.info("--load %s holds a checkpoint: resuming from it (--pretrained is used only for a fresh start)", resume)
@@ -292,7 +293,7 @@ def train(cfg: TrainConfig) -> dict:
     # Resume.
     start_step, train_state, changed = 0, {}, []
     if resume is not None:
-        changed = schedule_changes(ckpt.read_train_state(resume).get("scheduler"), scheduler)
+        changed = schedule_changes(resume_state.get("scheduler"), scheduler)
         if changed and not cfg.checkpoint.override_schedule:
             raise ConfigError(f"resuming {resume} with a different LR schedule than it was trained with:\n  - "
                               + "\n  - ".join(changed) + "\nrestore those flags, or pass --override-schedule to "

@@ -70,9 +70,7 @@ def resumed_optimizer_format(cfg) -> bool | None:
     distributed optimizer."""
     if not cfg.checkpoint.load:
         return None
-    import json
-
-    from hcustom_mc.training.checkpoint import STATE_FILE, latest_checkpoint
+    from hcustom_mc.training.checkpoint import latest_checkpoint, read_train_state
 
     try:
         path = latest_checkpoint(cfg.checkpoint.load)
@@ -80,7 +78,7 @@ def resumed_optimizer_format(cfg) -> bool | None:
         return None  # the loop reports a broken checkpoint itself
     if path is None:
         return None
-    return bool(json.loads((path / STATE_FILE).read_text()).get("distributed_optimizer", True))
+    return bool(read_train_state(path).get("distributed_optimizer", True))
 
 
 def ddp_and_optimizer_overlap(cfg, info, *, fusion_usable: bool | None = None) -> Overlap:
