@@ -32,6 +32,7 @@ from hcustom_mc.checkpoint.safe_load import CheckpointReadError
 
 log = logging.getLogger("hcustom_mc")
 MANIFEST_FILE = "manifest.json"
+STATE_FILE = "train_state.json"  # a training checkpoint's step, schedule and LoRA metadata (written last)
 VERIFY_MODES = ("full", "size", "off")
 ALGORITHM = "sha256"  # ~1.2 GB/s per core with SHA-NI (measured; see README); hashlib releases the GIL
 ITER_RE = re.compile(r"^iter_(\d+)$")

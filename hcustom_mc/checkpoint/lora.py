@@ -38,7 +38,6 @@ log = logging.getLogger("hcustom_mc")
 FORMATS = ("original", "diffusers")
 PREFIX = {"original": "diffusion_model.", "diffusers": "transformer."}
 META_KEY = "hcustom_mc_lora"
-STATE_FILE = "train_state.json"  # a training checkpoint's (hcustom_mc.training.checkpoint.STATE_FILE)
 
 
 class AdapterError(ConfigError):
@@ -90,7 +89,7 @@ def read_training_adapters(path: str | Path, ema: bool = False, verify: str = "s
     import torch
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from hcustom_mc.checkpoint.integrity import select_checkpoint
+    from hcustom_mc.checkpoint.integrity import STATE_FILE, select_checkpoint
     from hcustom_mc.checkpoint.mcore import CONFIG_FILE
     from hcustom_mc.checkpoint.safe_load import dist_load, dist_load_tensors_metadata, read_json
 

@@ -33,7 +33,7 @@ from hcustom_mc.device import compute_device, uses_cuda
 
 log = logging.getLogger("hcustom_mc")
 OPTIM_META = {"distrib_optim_sharding_type": "fully_reshardable"}
-STATE_FILE = "train_state.json"
+STATE_FILE = integrity.STATE_FILE
 
 
 class CheckpointError(RuntimeError):
