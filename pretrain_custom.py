@@ -7,8 +7,6 @@
 Flags override the YAML file; `--set key.sub=value` reaches any field. See `--help`.
 """
 
-import sys
-
 from hcustom_mc import console
 from hcustom_mc.model.config import ConfigError
 
@@ -54,7 +52,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":  # required: megatron's checkpoint writer may spawn a process that re-imports this file
-    code = main()  # first: importing parallel.state loads torch, which --help does without
-    from hcustom_mc.parallel.state import exit_process
-
-    exit_process(code)
+    console.run_entry_point(main)

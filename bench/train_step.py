@@ -210,6 +210,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from hcustom_mc.parallel.state import exit_process
+    from hcustom_mc.console import exit_process
 
     exit_process(main())

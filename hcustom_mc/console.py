@@ -6,6 +6,8 @@
 - `report_error(message)`: an error every rank hits in the same way is printed once (by rank 0); a rank whose
   message differs prints its own. Every rank waits (bounded) for the others first, so torchrun does not stop a
   rank before it has spoken.
+- `run_entry_point(main, errors)`: the one way an entry point's `__main__` runs `main()` and ends the process
+  (the expected errors reported as above, exit 2; any other error is a traceback).
 
 Nothing here imports torch at module level: the parsers use it before `--help` returns.
 """
@@ -22,6 +24,7 @@ import sys
 import time
 import warnings
 from collections import Counter
+from typing import Callable, NoReturn
 
 # Warnings megatron-core, torch and mlflow give on every CPU / no-Apex / no-TE run; nothing the user can act on.
 KNOWN_WARNINGS = tuple(re.compile(p) for p in (
@@ -178,3 +181,42 @@ def _arrive(store, key: str, world: int, timeout_s: float) -> None:
     while arrived < world and time.time() < deadline:
         time.sleep(0.05)
         arrived = store.add(key, 0)
+
+
+def exit_process(code: int = 0) -> NoReturn:
+    """End an entry point that may have run torch.distributed: flush, then leave without interpreter finalization.
+
+    With torch 2.13 + gloo a worker thread can still be releasing the last collective's tensors at
+    interpreter shutdown; it then needs the GIL and aborts the process (intermittent, seen under
+    load), turning a finished run into a crash. Everything is written and the process group is
+    destroyed before this is called.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+def run_entry_point(main: Callable[[], int], errors: Callable[[], tuple] = tuple,
+                    key: str = "hcustom_mc/error") -> NoReturn:
+    """Run an entry point's `main()` and end the process with its code.
+
+    `errors()` names the exception types that are the user's to fix (a bad flag, file or checkpoint): they are
+    reported once for all ranks and exit 2. It is called only when something was raised, so the heavy modules
+    that define those types are not imported for `--help`. A `SystemExit` with a message (an early input check)
+    is reported the same way. When torch was imported, the process leaves through `exit_process`.
+    """
+    try:
+        code = main()
+    except SystemExit as exc:  # --help, argparse (already reported) and early checks that raise a message
+        if exc.code is not None and not isinstance(exc.code, int):
+            report_error(str(exc.code), key=key)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except Exception as exc:
+        if not isinstance(exc, errors()):
+            raise
+        report_error(f"error: {exc}", key=key)
+        code = 2
+    if "torch" not in sys.modules:  # nothing distributed ran: a normal exit
+        sys.exit(code)
+    exit_process(code)

@@ -15,10 +15,8 @@ rank before the model is loaded. Per job: `NAME.mp4` (+ the audio track for audi
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -332,7 +330,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()  # first: importing parallel.state loads torch, which --help does without
-    from hcustom_mc.parallel.state import exit_process
-
-    exit_process(code)
+    console.run_entry_point(main)

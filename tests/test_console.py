@@ -155,3 +155,38 @@ def test_known_warnings_are_counted_and_shown_with_verbose(monkeypatch):
     finally:
         console.setup(verbose=False)
         warnings.showwarning = saved
+
+
+ENTRY = """
+import sys
+from hcustom_mc import console
+if {torch}:
+    import torch
+class Mine(ValueError):
+    pass
+def main():
+    {body}
+console.run_entry_point(main, lambda: (Mine,), key="t")
+"""
+
+
+@pytest.mark.parametrize("torch_loaded", [False, True], ids=["no-torch", "torch"])
+@pytest.mark.parametrize("body, code, stderr", [
+    ("return 3", 3, None),
+    ("raise Mine('bad --src x')", 2, "error: bad --src x"),
+    ("raise SystemExit('error: --dst exists')", 2, "error: --dst exists"),
+    ("raise SystemExit(0)", 0, None),
+    ("raise RuntimeError('a bug')", 1, "Traceback"),
+])
+def test_run_entry_point_reports_the_users_errors_and_lets_bugs_show(torch_loaded, body, code, stderr):
+    """The one way every entry point ends: its code; the user's errors as one line, exit 2; a bug's traceback."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    r = subprocess.run([sys.executable, "-c", ENTRY.format(torch=torch_loaded, body=body)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == code, r.stderr
+    if stderr is None:
+        assert r.stderr.strip() == ""
+    else:
+        assert stderr in r.stderr
+        if code == 2:  # one line, no traceback
+            assert r.stderr.strip() == stderr, r.stderr

@@ -8,9 +8,7 @@ Re-running the same command after a crash skips finished shards. Then train with
 """
 
 if __name__ == "__main__":
+    from hcustom_mc import console
     from hcustom_mc.data.preprocess_cli import main
 
-    code = main()  # first: importing parallel.state loads torch, which --help does without
-    from hcustom_mc.parallel.state import exit_process
-
-    exit_process(code)
+    console.run_entry_point(main)

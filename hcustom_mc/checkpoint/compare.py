@@ -11,7 +11,6 @@ above --tolerance. The model config comes from DIR/config.json.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from hcustom_mc import console
@@ -118,17 +117,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        code = main()
-    except SystemExit as exc:  # --help, argparse (already reported) and input checks
-        if not isinstance(exc.code, int) and exc.code is not None:
-            console.report_error(str(exc.code), key="hcustom_mc/compare_error")
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    except (ValueError, FileNotFoundError) as exc:  # incl. CheckpointReadError: a damaged or unsafe file, named
-        console.report_error(f"error: {exc}", key="hcustom_mc/compare_error")
-        code = 2
-    if "torch" not in sys.modules:  # --help and usage errors
-        sys.exit(code)
-    from hcustom_mc.parallel.state import exit_process
-
-    exit_process(code)
+    # ValueError includes CheckpointReadError: a damaged or unsafe file, named
+    console.run_entry_point(main, lambda: (ValueError, FileNotFoundError), key="hcustom_mc/compare_error")

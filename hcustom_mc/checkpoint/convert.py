@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -216,24 +215,13 @@ def _mcore_dtype(path: Path) -> "torch.dtype":
     return dtypes.pop()
 
 
+def _user_errors() -> tuple:
+    from hcustom_mc.checkpoint.integrity import CheckpointWriteError
+
+    # ValueError includes CheckpointReadError (damaged or unsafe checkpoint files, named);
+    # CheckpointWriteError: disk full, permissions, non-finite weights
+    return ConfigError, KeyError, FileNotFoundError, ValueError, CheckpointWriteError
+
+
 if __name__ == "__main__":
-    try:
-        code = main()
-    except SystemExit as exc:  # --help, argparse (already reported) and the early checks above
-        if not isinstance(exc.code, int) and exc.code is not None:
-            console.report_error(str(exc.code), key="hcustom_mc/convert_error")
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    except Exception as exc:
-        from hcustom_mc.checkpoint.integrity import CheckpointWriteError
-
-        # ValueError includes CheckpointReadError (damaged or unsafe checkpoint files, named);
-        # CheckpointWriteError: disk full, permissions, non-finite weights
-        if not isinstance(exc, (ConfigError, KeyError, FileNotFoundError, ValueError, CheckpointWriteError)):
-            raise
-        console.report_error(f"error: {exc}", key="hcustom_mc/convert_error")
-        code = 2
-    if "torch" not in sys.modules:  # --help and usage errors: nothing distributed ran
-        sys.exit(code)
-    from hcustom_mc.parallel.state import exit_process
-
-    exit_process(code)
+    console.run_entry_point(main, _user_errors, key="hcustom_mc/convert_error")

@@ -28,7 +28,6 @@ import argparse
 import hashlib
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -417,26 +416,19 @@ def main(argv=None) -> int:
     args = parse_args(argv)  # before torch is imported: --help and usage errors return at once
     import torch
 
-    export(args.ckpt, args.format, args.out, ema=args.ema, dtype=None if args.dtype == "keep" else getattr(torch, args.dtype),
-           alpha=args.alpha, base_check=not args.no_base_check, verify=args.verify_checkpoint)
+    from hcustom_mc.parallel.state import destroy_parallel
+
+    try:
+        export(args.ckpt, args.format, args.out, ema=args.ema,
+               dtype=None if args.dtype == "keep" else getattr(torch, args.dtype), alpha=args.alpha,
+               base_check=not args.no_base_check, verify=args.verify_checkpoint)
+    finally:
+        destroy_parallel()
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        code = main()
-    except SystemExit as exc:  # --help and usage errors (already reported)
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:  # AdapterError, CheckpointFormatError, damaged files
-        print(f"error: {exc}", file=sys.stderr)
-        code = 2
-    finally:
-        if "torch" in sys.modules:
-            from hcustom_mc.parallel.state import destroy_parallel
+    from hcustom_mc import console
 
-            destroy_parallel()
-    if "torch" in sys.modules:
-        from hcustom_mc.parallel.state import exit_process
-
-        exit_process(code)
-    sys.exit(code)
+    # ValueError includes AdapterError, CheckpointFormatError and damaged files
+    console.run_entry_point(main, lambda: (ConfigError, FileNotFoundError, ValueError), key="hcustom_mc/lora_error")

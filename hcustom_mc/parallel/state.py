@@ -131,20 +131,3 @@ def destroy_parallel() -> None:
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def exit_process(code: int = 0) -> None:
-    """End a distributed entry point: flush, then leave without interpreter finalization.
-
-    With torch 2.13 + gloo a worker thread can still be releasing the last collective's tensors at
-    interpreter shutdown; it then needs the GIL and aborts the process (intermittent, seen under
-    load), turning a finished run into a crash. Everything is written and the process group is
-    destroyed before this is called.
-    """
-    import logging as _logging
-    import sys
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    _logging.shutdown()
-    os._exit(code)

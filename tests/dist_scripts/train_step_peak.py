@@ -74,7 +74,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from hcustom_mc.parallel.state import exit_process
+    from hcustom_mc.console import exit_process
 
     main()
     exit_process(0)
