@@ -148,9 +148,21 @@ def fake_apex(monkeypatch):
     apex.normalization = normalization
     monkeypatch.setitem(sys.modules, "apex", apex)
     monkeypatch.setitem(sys.modules, "apex.normalization", normalization)
+    # apex's CUDA extension, which FusedLayerNorm.__init__ imports
+    monkeypatch.setitem(sys.modules, "fused_layer_norm_cuda", types.ModuleType("fused_layer_norm_cuda"))
     layers._apex_fused_layer_norm.cache_clear()
     yield FusedLayerNorm
     layers._apex_fused_layer_norm.cache_clear()
+
+
+def test_affine_norms_skip_apex_built_without_its_cuda_extension(fake_apex, monkeypatch):
+    """A Python-only apex build imports, but its FusedLayerNorm cannot be constructed (no
+    fused_layer_norm_cuda): the norms must fall back to torch instead of failing the model build."""
+    from hcustom_mc.model import layers
+
+    monkeypatch.setitem(sys.modules, "fused_layer_norm_cuda", None)  # `import` raises ImportError
+    layers._apex_fused_layer_norm.cache_clear()
+    assert type(layers.affine_layer_norm(8, device="cuda")) is torch.nn.LayerNorm
 
 
 def test_affine_norms_take_apex_on_cuda_only(fake_apex):

@@ -79,3 +79,23 @@ def test_released_shapes_count_matches_facts():
     # the table above, independent of our model, adds up to the facts file's 12.81 B
     total = sum(torch.Size(s).numel() for s in released_shapes("base").values())
     assert round(total / 1e9, 2) == 12.81
+
+
+def test_meta_build_never_asks_for_transformer_engine_linears(single_process, monkeypatch):
+    """On a CUDA host with transformer-engine, get_linear_submodules() returns TE linears, which cannot be
+    built on the meta device (megatron's use_cpu_initialization path copies a meta master weight into
+    TE's CPU weight: NotImplementedError). Meta builds (names and shapes: loop.whole_model, the sampler's
+    memory check, the save lock's size estimate) take megatron's local linears, same names and shapes."""
+    from hcustom_mc.model import HunyuanCustomDiT, get_model_config
+    from hcustom_mc.model import model as model_module
+
+    cfg = get_model_config("tiny", "base")
+    cpu = {n: tuple(p.shape) for n, p in HunyuanCustomDiT(cfg, device="cpu").named_parameters()}
+
+    def te_host(use_te=None):
+        raise AssertionError("a meta-device build asked for the default (possibly transformer-engine) linears")
+
+    monkeypatch.setattr(model_module, "get_linear_submodules", te_host)
+    meta = HunyuanCustomDiT(cfg, device="meta")
+    assert all(p.is_meta for p in meta.parameters())
+    assert {n: tuple(p.shape) for n, p in meta.named_parameters()} == cpu

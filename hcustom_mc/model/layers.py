@@ -23,6 +23,9 @@ log = logging.getLogger("hcustom_mc")
 def _apex_fused_layer_norm():
     try:
         from apex.normalization import FusedLayerNorm
+        # apex's Python package imports without its CUDA extension (a build without --cuda_ext); then
+        # FusedLayerNorm.__init__ fails on `importlib.import_module("fused_layer_norm_cuda")`, so probe it here
+        import fused_layer_norm_cuda  # noqa: F401
     except Exception:  # not installed, or built without its CUDA extension
         return None
     return FusedLayerNorm

@@ -31,7 +31,8 @@ from hcustom_mc.model.config import ModelConfig, split_layers  # noqa: F401  (sp
 from hcustom_mc.model.layers import FinalLayer, MLPEmbedder, PatchEmbed, TimestepEmbedder
 from hcustom_mc.model.ops import Rotary
 from hcustom_mc.device import place_module, resolve_device
-from hcustom_mc.model.spec import LinearSubmodules, get_linear_submodules, megatron_config, without_sequence_parallel
+from hcustom_mc.model.spec import (LinearSubmodules, get_linear_submodules, local_linear_submodules, megatron_config,
+                                  without_sequence_parallel)
 from hcustom_mc.parallel.sequence import SequenceLayout
 
 
@@ -93,6 +94,12 @@ class HunyuanCustomDiT(MegatronModule):
         """
         cfg.validate()
         device = resolve_device(device)
+        if submodules is None and device.type == "meta":
+            # megatron's TE linears cannot be built on the meta device: a non-CUDA device means
+            # use_cpu_initialization, so TE allocates its weight on the CPU (device="cpu" explicitly) and
+            # megatron then copies a meta master weight into it (NotImplementedError). megatron's local
+            # linears have the same parameter names and per-rank shapes, which is all a meta build gives.
+            submodules = local_linear_submodules()
         config = megatron_config(cfg, params_dtype, device, **(config_overrides or {}))
         super().__init__(config)
         with torch.device(device):

@@ -59,8 +59,14 @@ def get_linear_submodules(use_te: bool | None = None) -> LinearSubmodules:
         column, row = ModuleSpec(module=TEColumnParallelLinear), ModuleSpec(module=TERowParallelLinear)
     else:
         _say_once("linear layers: megatron-core local (ColumnParallelLinear / RowParallelLinear)")
-        column, row = ModuleSpec(module=ColumnParallelLinear), ModuleSpec(module=RowParallelLinear)
+        return local_linear_submodules()
     return LinearSubmodules(column=column, row=row, modulation=ModuleSpec(module=ColumnParallelLinear))
+
+
+def local_linear_submodules() -> LinearSubmodules:
+    """megatron's local linears (no log line: also what a meta-device build uses, see HunyuanCustomDiT)."""
+    return LinearSubmodules(column=ModuleSpec(module=ColumnParallelLinear), row=ModuleSpec(module=RowParallelLinear),
+                            modulation=ModuleSpec(module=ColumnParallelLinear))
 
 
 def _no_init(weight: torch.Tensor) -> None:
