@@ -6,7 +6,8 @@
 
 13B geometry: 24 heads x 128 (pass --heads 24/TP for one tensor-parallel rank); 720p x 129 frames is
 about 119k image + 256 text tokens. For every kernel usable here (model/attention.py's dispatch order,
-plus `blockwise`, the portable tile kernel of ring attention) the table gives the median forward and
+plus `blockwise`, the plain-torch tile kernel of ring attention, and on a GPU `blockwise-triton`, its fused
+Triton tiles) the table gives the median forward and
 forward + backward time and the achieved TFLOP/s, counted as
     forward  = 4 * B * H * S^2 * D          (two S x S x D matmuls, non-causal)
     backward = 2.5 x forward                (five matmuls; recomputation is not counted)
@@ -45,9 +46,11 @@ def forward_flops(B: int, H: int, S: int, D: int) -> float:
     return 4.0 * B * H * S * S * D
 
 
-def _blockwise(q, k, v, segments: Segments, backward: bool):
-    """The ring's portable tile kernel on one rank (all keys local), forward and optionally its flash-style
-    backward (recomputed per tile from the log-sum-exp), exactly as ring attention runs them per chunk."""
+def _blockwise(q, k, v, segments: Segments, backward: bool, tiles: str = "torch"):
+    """The ring's tile kernel on one rank (all keys local), forward and optionally its flash-style backward
+    (recomputed per tile from the log-sum-exp), exactly as ring attention runs them per chunk; `tiles`: the
+    plain-torch tiles or the fused Triton kernels (kernels/block_attention.py)."""
+    os.environ["HCUSTOM_RING_TILES"] = tiles
     S, B, H, D = q.shape
     qb, kb, vb = (t.detach().permute(1, 2, 0, 3) for t in (q, k, v))
     pos = torch.arange(S, device=q.device)
@@ -67,8 +70,9 @@ def _blockwise(q, k, v, segments: Segments, backward: bool):
 
 def run_backend(name: str, q, k, v, segments: Segments, fn_backward: bool):
     """A callable running `name` once (forward, or forward + backward)."""
-    if name == "blockwise":
-        return lambda: _blockwise(q, k, v, segments, fn_backward)
+    if name in ("blockwise", "blockwise-triton"):
+        tiles = "triton" if name == "blockwise-triton" else "torch"
+        return lambda: _blockwise(q, k, v, segments, fn_backward, tiles)
 
     def fwd():
         os.environ["HCUSTOM_ATTN_BACKEND"] = name
@@ -89,6 +93,8 @@ def kernel_table(args, device, dtype) -> str:
     available = attention.available_backends(args.heads, args.head_dim)
     names = [n for n in attention.backend_order(device.type, dtype, cap) if available.get(n)]
     names.append("blockwise")
+    if device.type == "cuda":  # the fused ring tiles (on CPU they would run in the Triton interpreter)
+        names.append("blockwise-triton")
     rows = ["| backend | seq | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |", "|---|---|---|---|---|---|"]
     for S in args.seq:
         g = torch.Generator(device=device).manual_seed(0)
@@ -105,11 +111,13 @@ def kernel_table(args, device, dtype) -> str:
                 t_fb = timed(run_backend(name, q, k, v, seg, True), args.warmup, args.iters)
             except Exception as exc:  # a kernel that refuses this shape/dtype: say so, keep going
                 rows.append(f"| {name} | {S} | failed: {type(exc).__name__}: {str(exc)[:60]} | | | |")
-                continue
-            rows.append(f"| {name} | {S} | {t_f * 1e3:.2f} | {flops / t_f / 1e12:.3g} | {t_fb * 1e3:.2f} | "
-                        f"{3.5 * flops / t_fb / 1e12:.3g} |")
+            else:
+                rows.append(f"| {name} | {S} | {t_f * 1e3:.2f} | {flops / t_f / 1e12:.3g} | {t_fb * 1e3:.2f} | "
+                            f"{3.5 * flops / t_fb / 1e12:.3g} |")
+            print(rows[-1], flush=True)  # a run cut short by its time box still shows the rows it measured
         del q, k, v
     os.environ.pop("HCUSTOM_ATTN_BACKEND", None)
+    os.environ.pop("HCUSTOM_RING_TILES", None)
     return "\n".join(rows)
 
 
@@ -145,7 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--skip-blockwise-above", type=int, default=32768,
-                   help="skip the (slow, portable) blockwise kernel above this length; 0 = never")
+                   help="skip the (slow, plain-torch) blockwise tiles above this length; 0 = never")
     p.add_argument("--out", type=Path, help="write the markdown report here")
     args = p.parse_args(argv)
     args.seq = [int(s) for s in args.seq.split(",")]

@@ -12,6 +12,8 @@ SCRIPT = "tests/dist_scripts/cp_attention_check.py"
 
 
 SMALL_TILES = {"HCUSTOM_ATTN_BLOCK_Q": "8", "HCUSTOM_ATTN_BLOCK_K": "5"}  # tiles cut every sequence at odd places
+# the fused tile kernels (kernels/block_attention.py) in the Triton interpreter; fp64 cases keep the torch tiles
+TRITON_TILES = {"HCUSTOM_RING_TILES": "triton", "TRITON_INTERPRET": "1"}
 
 
 @pytest.mark.parametrize("nproc, args, env", [
@@ -20,7 +22,9 @@ SMALL_TILES = {"HCUSTOM_ATTN_BLOCK_Q": "8", "HCUSTOM_ATTN_BLOCK_K": "5"}  # tile
     (2, ["ring"], SMALL_TILES),
     pytest.param(3, ["ring"], SMALL_TILES, marks=pytest.mark.slow),  # cp2 small tiles covers the multi-tile path
     (4, ["usp", "2"], SMALL_TILES),
-], ids=["cp2_ulysses", "cp2_ring", "cp2_ring_small_tiles", "cp3_ring_small_tiles", "cp4_usp2x2_small_tiles"])
+    (2, ["ring"], TRITON_TILES),
+], ids=["cp2_ulysses", "cp2_ring", "cp2_ring_small_tiles", "cp3_ring_small_tiles", "cp4_usp2x2_small_tiles",
+        "cp2_ring_triton_tiles"])
 def test_cp_equals_single_process(nproc, args, env):
     """Outputs and gradients (fp32, fp64, bf16) against single-process fp64 segment attention: uneven frame
     splits, odd lengths, padded text (see the script)."""

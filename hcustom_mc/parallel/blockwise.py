@@ -12,16 +12,24 @@ flags agree. Image keys are never padded, so padded text queries see no image ke
 Layout: q [B, H, M, D], k/v [B, H, N, D]; q_pad [B, M] bool, k_pad [B, N] bool or None (= no padding).
 `q_pad_from` / `k_pad_from` are host-side bounds below which no row / column is padded in any sample:
 tiles entirely below them skip building a mask (no device-to-host sync is ever needed for that).
+
+On a GPU the same two functions run fused Triton kernels instead (kernels/block_attention.py: the score
+tile stays in registers, bf16/fp16 products on the tensor cores); `tile_backend` decides, once per call.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger("hcustom_mc")
+TILE_BACKENDS = ("auto", "triton", "torch")
+_said: set[str] = set()
 
 
 def _env_int(name: str, default: int) -> int:
@@ -60,6 +68,29 @@ def block_sizes() -> tuple[int, int]:
     return _env_int("HCUSTOM_ATTN_BLOCK_Q", 1024), _env_int("HCUSTOM_ATTN_BLOCK_K", 1024)
 
 
+def choose_tile_backend(device_type: str, dtype: torch.dtype, head_dim: int, wanted: str | None = None) -> str:
+    """'triton' (kernels/block_attention.py) or 'torch' (the tiles below) for ring attention on `device_type`.
+
+    wanted (default: HCUSTOM_RING_TILES, else auto): auto = Triton for CUDA tensors; triton = also for CPU
+    tensors, which needs the Triton interpreter (TRITON_INTERPRET=1: the tests); torch. Either way fp64
+    inputs and head dims over 256 take the torch tiles."""
+    wanted = wanted or os.environ.get("HCUSTOM_RING_TILES", "auto")
+    if wanted not in TILE_BACKENDS:
+        raise ValueError(f"HCUSTOM_RING_TILES must be one of {TILE_BACKENDS}, got {wanted!r}")
+    fits = dtype in (torch.float32, torch.bfloat16, torch.float16) and head_dim <= 256
+    return "triton" if fits and (wanted == "triton" or (wanted == "auto" and device_type == "cuda")) else "torch"
+
+
+def tile_backend(q: Tensor) -> str:
+    """choose_tile_backend for q, logged once per choice."""
+    choice = choose_tile_backend(q.device.type, q.dtype, q.shape[-1])
+    if choice not in _said:
+        _said.add(choice)
+        log.info("ring attention tiles: %s", "fused Triton kernels (kernels/block_attention.py)" if choice == "triton"
+                 else "plain torch (parallel/blockwise.py)")
+    return choice
+
+
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulator dtype: fp32, or fp64 for fp64 inputs (the exactness tests)."""
     return torch.promote_types(dtype, torch.float32)
@@ -76,6 +107,10 @@ def forward_into(q: Tensor, k: Tensor, v: Tensor, pad: Padding, scale: float, ou
     out [B, H, M, D] (work dtype) is the normalised output so far and lse [B, H, M] its log-sum-exp
     (-inf where no key was seen yet). Merging two partial results with log-sum-exps a and b:
     lse = log(e^a + e^b), out = out_a e^(a - lse) + out_b e^(b - lse)."""
+    if tile_backend(q) == "triton":
+        from kernels.block_attention import merge_block_attention
+
+        return merge_block_attention(q, k, v, pad.q_pad, pad.k_pad, scale, out, lse)
     bq, bk = block_q or block_sizes()[0], block_k or block_sizes()[1]
     M, N, wd = q.shape[2], k.shape[2], out.dtype
     for i0 in range(0, M, bq):
@@ -119,6 +154,10 @@ def backward_into(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, de
     over every key block), the exact gradients are
       dv += p^T dout,  ds = p * (dout v^T - delta),  dq += ds k scale,  dk += ds^T q scale,
     where delta = rowsum(dout * out). dq, dk, dv are work-dtype accumulators, added to in place."""
+    if tile_backend(q) == "triton":
+        from kernels.block_attention import block_attention_backward
+
+        return block_attention_backward(q, k, v, dout, lse, delta, pad.q_pad, pad.k_pad, scale, dq, dk, dv)
     bq, bk = block_q or block_sizes()[0], block_k or block_sizes()[1]
     M, N, wd = q.shape[2], k.shape[2], dq.dtype
     for i0 in range(0, M, bq):

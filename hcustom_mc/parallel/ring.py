@@ -4,7 +4,8 @@ Each CP rank holds its image tokens (whole latent frames) and the replicated tex
 rank's [image ; text] rows; the keys are every rank's image chunk (passed around the ring) plus the
 local text. Forward, per ring step: post the send of the held K/V chunk to the next rank and the
 receive of the next chunk from the previous one, attend to the held chunk tile by tile while the
-transfer runs (`blockwise.forward_into`, one query-block x key-block score tile alive at a time),
+transfer runs (`blockwise.forward_into`: fused Triton tiles on a GPU, plain torch elsewhere; one
+query-block x key-block score tile alive at a time),
 merge through the log-sum-exp, then wait. Only q, the local k/v, the output and the fp32
 log-sum-exp are saved: no score tile survives the forward.
 

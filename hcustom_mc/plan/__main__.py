@@ -192,10 +192,11 @@ def report_one(cfg, work, layout, train, args, capacity) -> tuple[str, dict]:
                  f"{est.flops_per_gpu:.3e} per GPU; ~{t:.1f} s per step at {args.mfu:.0%} MFU of "
                  f"{args.peak_tflops:g} TFLOP/s (+ pipeline bubble{', + 1/3 for full recompute' if train.recompute == 'full' else ''})")
     if layout.cp > 1 and layout.cp_comm in ("ring", "usp"):
-        lines.append(f"{layout.cp_comm}: the ring's attention tiles are plain torch (not a fused kernel) and the step "
-                     "time above assumes fused attention; prefer ulysses where heads/TP divide by CP")
+        lines.append(f"{layout.cp_comm}: the ring's attention tiles (kernels/block_attention.py) are untuned and "
+                     "unmeasured, and the step time above assumes tuned attention; prefer ulysses where heads/TP "
+                     "divide by CP")
     lines.append("not counted: allocator fragmentation (keep ~5-10% free), host memory, checkpoint-save staging")
-    data = {"unfused_attention": layout.cp > 1 and layout.cp_comm in ("ring", "usp"), "layout": describe(layout), "peak_gib": est.peak_gib, "device_total_gib": est.device_total_gib,
+    data = {"untuned_attention": layout.cp > 1 and layout.cp_comm in ("ring", "usp"), "layout": describe(layout), "peak_gib": est.peak_gib, "device_total_gib": est.device_total_gib,
             "parts_gib": {k: v / GIB for k, v in est.parts.items()}, "step_flops": est.step_flops,
             "flops_per_gpu": est.flops_per_gpu, "step_time_s": t, "fits": verdict == "fits" if verdict else None,
             "samples_per_step": n_micro * work.micro_batch * layout.dp, "params_total": est.params_total,
@@ -213,10 +214,10 @@ def rank_layouts(cfg, work, train, args, capacity) -> tuple[str, list[dict]]:
         data["seconds_per_sample"] = data["step_time_s"] / data["samples_per_step"]
         data["model_parallel"] = layout.tp * layout.pp * layout.cp
         rows.append(data)
-    # communication and the ring's unfused attention tiles are not in the time model: among equal times,
+    # communication and the ring's untuned attention tiles are not in the time model: among equal times,
     # Ulysses before ring, then less model parallelism (more DP) first
     rows.sort(key=lambda d: (not d["fits"] if d["fits"] is not None else False, round(d["seconds_per_sample"], 6),
-                             d["unfused_attention"], d["model_parallel"], d["peak_gib"]))
+                             d["untuned_attention"], d["model_parallel"], d["peak_gib"]))
     fitting = [d for d in rows if d["fits"]] if capacity else rows
     head = (f"ESTIMATE: layouts of {args.gpus} GPUs for {args.model} ({args.variant}) at {args.size} x {args.frames} "
             f"frames, {'bf16' if train.bf16 else 'fp32'}, recompute {train.recompute}"
