@@ -198,7 +198,8 @@ def _config(q: torch.Tensor) -> dict:
 
 
 def _warps(block_rows: int, D: int) -> int:
-    return 8 if block_rows >= 128 and D >= 64 else 4
+    # the row tiles of q/k/v/dout and the fp32 accumulators: more warps spread them over more registers
+    return 8 if block_rows * D >= 8192 else 4
 
 
 def _flags(pad: torch.Tensor | None, B: int, n: int, device) -> torch.Tensor:

@@ -67,7 +67,8 @@ def _fused(q, k, v, dout, q_pad, k_pad, scale, cuts):
 
 
 @pytest.mark.parametrize("text_keys", [True, False], ids=["text_keys", "image_keys"])
-@pytest.mark.parametrize("M, N, D, cuts", [(37, 23, 24, [9]), (16, 16, 16, []), (1, 5, 8, [2, 4]), (50, 40, 64, [17])])
+# masked tails and a non-power-of-two head dim; one query row against three tiny chunks; several full blocks
+@pytest.mark.parametrize("M, N, D, cuts", [(37, 23, 24, [9]), (1, 5, 8, [2, 4]), (50, 40, 64, [17])])
 def test_fp32_equals_dense_reference(small_blocks, kernel_device, text_keys, M, N, D, cuts):
     q, k, v, dout, q_pad, k_pad = _case(M=M, N=N, D=D, device=kernel_device, text_keys=text_keys)
     scale = 1 / math.sqrt(D)
