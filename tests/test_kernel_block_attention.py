@@ -93,6 +93,18 @@ def test_half_precision_close_to_exact_math(small_blocks, kernel_device, dtype):
         torch.testing.assert_close(got, ref.float(), **TOL[dtype], msg=lambda m: f"{name}: {m}")
 
 
+def test_production_tiles_bf16_head_dim_128(kernel_device):
+    """The tile sizes and head dim the 13B model runs (128 x 64 forward, 64 x 64 backward, D = 128), bf16."""
+    q, k, v, dout, q_pad, k_pad = _case(B=1, H=2, M=300, N=200, D=128, dtype=torch.bfloat16, device=kernel_device,
+                                        seed=4)
+    scale = 1 / math.sqrt(128)
+    ref_out, _, ref_grads = _dense(q, k, v, dout, q_pad, k_pad, scale)
+    out, _, grads = _fused(q, k, v, dout, q_pad, k_pad, scale, [130])
+    torch.testing.assert_close(out, ref_out.float(), **TOL[torch.bfloat16])
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
+        torch.testing.assert_close(got, ref.float(), **TOL[torch.bfloat16], msg=lambda m: f"{name}: {m}")
+
+
 def test_equals_the_torch_tiles_through_blockwise(small_blocks, kernel_device, monkeypatch):
     """blockwise.forward_into / backward_into give the same numbers with either tile backend."""
     q, k, v, dout, q_pad, k_pad = _case(device=kernel_device, seed=2)
@@ -137,11 +149,14 @@ def test_no_score_matrix_is_allocated(small_blocks, kernel_device):
 
 @pytest.mark.parametrize("device, dtype, head_dim, wanted, expected", [
     ("cuda", torch.bfloat16, 128, "auto", "triton"),
-    ("cuda", torch.float32, 128, "auto", "triton"),
+    ("cuda", torch.float16, 64, "auto", "triton"),
+    ("cuda", torch.float32, 128, "auto", "torch"),  # cuBLAS: the fp32 kernels spill on sm_90
     ("cpu", torch.bfloat16, 128, "auto", "torch"),
     ("cpu", torch.float32, 16, "triton", "triton"),
+    ("cuda", torch.float32, 128, "triton", "triton"),
     ("cuda", torch.float64, 128, "triton", "torch"),
-    ("cuda", torch.bfloat16, 512, "auto", "torch"),
+    ("cuda", torch.bfloat16, 256, "auto", "torch"),  # over the shared memory of an H100 at these tiles
+    ("cuda", torch.bfloat16, 256, "triton", "torch"),
     ("cuda", torch.bfloat16, 128, "torch", "torch"),
 ])
 def test_tile_backend_decision(device, dtype, head_dim, wanted, expected):
@@ -164,6 +179,9 @@ def test_bad_inputs_are_named():
         ba.merge_block_attention(q, k, v, q_pad, k_pad, 0.2, out.double(), lse)
     with pytest.raises(ValueError, match="q_pad must be"):
         ba.merge_block_attention(q, k, v, q_pad[:, :5], k_pad, 0.2, out, lse)
+    with pytest.raises(ValueError, match="head dim D = 256"):
+        ba.merge_block_attention(*(torch.zeros(1, 1, 4, 256) for _ in range(3)), q_pad[:1, :4], None, 0.1,
+                                 torch.zeros(1, 1, 4, 256), torch.zeros(1, 1, 4))
     with pytest.raises(TypeError, match="mixed dtypes"):
         ba.merge_block_attention(q, k.half(), v, q_pad, k_pad, 0.2, out, lse)
     with pytest.raises(ValueError, match="unit last stride"):

@@ -71,14 +71,18 @@ def block_sizes() -> tuple[int, int]:
 def choose_tile_backend(device_type: str, dtype: torch.dtype, head_dim: int, wanted: str | None = None) -> str:
     """'triton' (kernels/block_attention.py) or 'torch' (the tiles below) for ring attention on `device_type`.
 
-    wanted (default: HCUSTOM_RING_TILES, else auto): auto = Triton for CUDA tensors; triton = also for CPU
-    tensors, which needs the Triton interpreter (TRITON_INTERPRET=1: the tests); torch. Either way fp64
-    inputs and head dims over 256 take the torch tiles."""
+    wanted (default: HCUSTOM_RING_TILES, else auto): auto = Triton for bf16/fp16 CUDA tensors; triton = also
+    fp32, and CPU tensors, which need the Triton interpreter (TRITON_INTERPRET=1: the tests); torch. fp64
+    inputs and head dims over 128 always take the torch tiles. Compiled for sm_90, the fp32 kernels run
+    their dots off the tensor cores and spill 8-17 KB per thread, so auto leaves fp32 to cuBLAS."""
     wanted = wanted or os.environ.get("HCUSTOM_RING_TILES", "auto")
     if wanted not in TILE_BACKENDS:
         raise ValueError(f"HCUSTOM_RING_TILES must be one of {TILE_BACKENDS}, got {wanted!r}")
-    fits = dtype in (torch.float32, torch.bfloat16, torch.float16) and head_dim <= 256
-    return "triton" if fits and (wanted == "triton" or (wanted == "auto" and device_type == "cuda")) else "torch"
+    if head_dim > 128 or wanted == "torch":
+        return "torch"
+    if wanted == "triton":
+        return "triton" if dtype in (torch.float32, torch.bfloat16, torch.float16) else "torch"
+    return "triton" if device_type == "cuda" and dtype in (torch.bfloat16, torch.float16) else "torch"
 
 
 def tile_backend(q: Tensor) -> str:

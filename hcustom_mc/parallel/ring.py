@@ -103,7 +103,8 @@ class RingAttention(torch.autograd.Function):
         S, L = k_img.shape[2], k_txt.shape[2]
         wd, scale = lse.dtype, 1.0 / math.sqrt(D)
         pad_img, pad_txt = _paddings(B, S, L, ctx.text_valid, q.device)
-        delta = (dout.to(wd) * out.to(wd)).sum(dim=-1).permute(1, 2, 0)  # rowsum(dout * out) [B, H, M]
+        # rowsum(dout * out) [B, H, M], contiguous once here (the Triton tiles read it as [B * H, M])
+        delta = (dout.to(wd) * out.to(wd)).sum(dim=-1).permute(1, 2, 0).contiguous()
         dout = dout.permute(1, 2, 0, 3)  # a view: tiles slice it as [B, H, rows, D]
         dq = torch.zeros(B, H, M, D, dtype=wd, device=q.device)
 
