@@ -240,7 +240,11 @@ def _check(name: str, q, k, v, q_pad, k_pad, accumulators: dict) -> None:
         if key not in ("lse", "delta") or name.startswith("merge"):  # written in place: no copy is made
             if t.stride(-1) != 1:
                 raise ValueError(f"{name}: {key} is written in place and needs a unit last stride")
-    if q.device.type != "cuda" and not _INTERPRETED:
+    _check_launchable(name, q.device)
+
+
+def _check_launchable(name: str, device: torch.device) -> None:
+    if device.type != "cuda" and not _INTERPRETED:
         raise ValueError(f"{name}: the Triton kernels are compiled in this process and need CUDA tensors; "
                          "on CPU set TRITON_INTERPRET=1 before triton is imported (or use the torch tiles)")
 
