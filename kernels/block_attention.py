@@ -67,11 +67,7 @@ def _fwd_kernel(Q, K, V, QF, KF, O, LSE, H, M, N, D,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, N, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
-        kmask = keys < N
-        keys64 = keys.to(tl.int64)
-        kv_mask = kmask[:, None] & dmask[None, :]
-        k = tl.load(K + b * skb + h * skh + keys64[:, None] * skn + cols[None, :], mask=kv_mask, other=0.0)
-        kf = tl.load(KF + b * N + keys, mask=kmask, other=3)
+        k, v, kf, kv_mask = _key_block(K, V, KF, b, h, keys, cols, N, D, skb, skh, skn, svb, svh, svn)
         s = _dot(q, tl.trans(k), FIX_BF16, DOT_PREC) * qk_scale
         s = tl.where(qf[:, None] == kf[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -80,7 +76,6 @@ def _fwd_kernel(Q, K, V, QF, KF, O, LSE, H, M, N, D,
         p = tl.exp2(s - ref[:, None])
         corr = tl.exp2(m_i - ref)
         l_i = l_i * corr + tl.sum(p, axis=1)
-        v = tl.load(V + b * svb + h * svh + keys64[:, None] * svn + cols[None, :], mask=kv_mask, other=0.0)
         acc = acc * corr[:, None] + _dot(_to(p, v.dtype, FIX_BF16), v, FIX_BF16, DOT_PREC)
         m_i = m_new
     seen = l_i > 0
@@ -111,6 +106,32 @@ def _probabilities(q, k, qf, kf, lse2, qk_scale, FIX_BF16: tl.constexpr, DOT_PRE
 
 
 @triton.jit
+def _key_block(K, V, KF, b, h, keys, cols, N, D, skb, skh, skn, svb, svh, svn):
+    """k, v [BLOCK_N, BLOCK_D], their padded flags and the tile mask of one key block (zeros past N and D)."""
+    keys64 = keys.to(tl.int64)
+    kv_mask = (keys < N)[:, None] & (cols < D)[None, :]
+    k = tl.load(K + b * skb + h * skh + keys64[:, None] * skn + cols[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + h * svh + keys64[:, None] * svn + cols[None, :], mask=kv_mask, other=0.0)
+    kf = tl.load(KF + b * N + keys, mask=keys < N, other=3)  # flags 0/1; 3 never matches a query's
+    return k, v, kf, kv_mask
+
+
+@triton.jit
+def _query_block(Q, DO, QF, LSE, DELTA, b, h, bh, rows, cols, M, D, sqb, sqh, sqm, sdb, sdh, sdm):
+    """What the backward needs of one query block: q, dout, flags, lse (base 2, -inf rows as 0), delta, mask."""
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    row_mask = rmask[:, None] & (cols < D)[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + rows64[:, None] * sqm + cols[None, :], mask=row_mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + rows64[:, None] * sdm + cols[None, :], mask=row_mask, other=0.0)
+    qf = tl.load(QF + b * M + rows, mask=rmask, other=2)  # 2 never matches a key's flag
+    lse = tl.load(LSE + bh.to(tl.int64) * M + rows, mask=rmask, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
+    delta = tl.load(DELTA + bh.to(tl.int64) * M + rows, mask=rmask, other=0.0)
+    return q, do, qf, lse2, delta, row_mask
+
+
+@triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, QF, KF, DK, DV, H, M, N, D,
                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm,
                      skgb, skgh, skgn, svgb, svgh, svgn, qk_scale, scale,
@@ -122,26 +143,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, QF, KF, DK, DV, H, M, N, D,
     h = (bh % H).to(tl.int64)
     keys = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
-    kmask = keys < N
-    dmask = cols < D
+    k, v, kf, kv_mask = _key_block(K, V, KF, b, h, keys, cols, N, D, skb, skh, skn, svb, svh, svn)
     keys64 = keys.to(tl.int64)
-    kv_mask = kmask[:, None] & dmask[None, :]
-    k = tl.load(K + b * skb + h * skh + keys64[:, None] * skn + cols[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * svb + h * svh + keys64[:, None] * svn + cols[None, :], mask=kv_mask, other=0.0)
-    kf = tl.load(KF + b * N + keys, mask=kmask, other=3)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for m0 in range(0, M, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        rmask = rows < M
-        rows64 = rows.to(tl.int64)
-        row_mask = rmask[:, None] & dmask[None, :]
-        q = tl.load(Q + b * sqb + h * sqh + rows64[:, None] * sqm + cols[None, :], mask=row_mask, other=0.0)
-        do = tl.load(DO + b * sdb + h * sdh + rows64[:, None] * sdm + cols[None, :], mask=row_mask, other=0.0)
-        qf = tl.load(QF + b * M + rows, mask=rmask, other=2)
-        lse = tl.load(LSE + bh.to(tl.int64) * M + rows, mask=rmask, other=0.0)
-        lse2 = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
-        delta = tl.load(DELTA + bh.to(tl.int64) * M + rows, mask=rmask, other=0.0)
+        q, do, qf, lse2, delta, row_mask = _query_block(Q, DO, QF, LSE, DELTA, b, h, bh, rows, cols, M, D,
+                                                        sqb, sqh, sqm, sdb, sdh, sdm)
         p = _probabilities(q, k, qf, kf, lse2, qk_scale, FIX_BF16, DOT_PREC)
         dv += _dot(tl.trans(_to(p, do.dtype, FIX_BF16)), do, FIX_BF16, DOT_PREC)
         dp = _dot(do, tl.trans(v), FIX_BF16, DOT_PREC)
@@ -164,25 +173,13 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, QF, KF, DQ, H, M, N, D,
     h = (bh % H).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
-    rmask = rows < M
-    dmask = cols < D
+    q, do, qf, lse2, delta, row_mask = _query_block(Q, DO, QF, LSE, DELTA, b, h, bh, rows, cols, M, D,
+                                                    sqb, sqh, sqm, sdb, sdh, sdm)
     rows64 = rows.to(tl.int64)
-    row_mask = rmask[:, None] & dmask[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + rows64[:, None] * sqm + cols[None, :], mask=row_mask, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + rows64[:, None] * sdm + cols[None, :], mask=row_mask, other=0.0)
-    qf = tl.load(QF + b * M + rows, mask=rmask, other=2)
-    lse = tl.load(LSE + bh.to(tl.int64) * M + rows, mask=rmask, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
-    delta = tl.load(DELTA + bh.to(tl.int64) * M + rows, mask=rmask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, N, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
-        kmask = keys < N
-        keys64 = keys.to(tl.int64)
-        kv_mask = kmask[:, None] & dmask[None, :]
-        k = tl.load(K + b * skb + h * skh + keys64[:, None] * skn + cols[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + b * svb + h * svh + keys64[:, None] * svn + cols[None, :], mask=kv_mask, other=0.0)
-        kf = tl.load(KF + b * N + keys, mask=kmask, other=3)
+        k, v, kf, kv_mask = _key_block(K, V, KF, b, h, keys, cols, N, D, skb, skh, skn, svb, svh, svn)
         p = _probabilities(q, k, qf, kf, lse2, qk_scale, FIX_BF16, DOT_PREC)
         dp = _dot(do, tl.trans(v), FIX_BF16, DOT_PREC)
         ds = p * (dp - delta[:, None])
