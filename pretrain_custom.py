@@ -18,38 +18,35 @@ def main(argv=None) -> int:
     console.setup(console.verbose_requested(argv))  # before megatron is imported: its import-time warnings
     from hcustom_mc.training.config import build_config
 
-    try:
-        cfg = build_config(argv)  # --help and a misspelt flag end here, before torch and megatron load
-    except ConfigError as exc:
-        console.report_error(f"error: {exc}")
-        return 2
+    cfg = build_config(argv)  # --help and a misspelt flag end here, before torch and megatron load
     # the heavy imports come after the arguments are parsed
-    from hcustom_mc.checkpoint.integrity import CheckpointWriteError
-    from hcustom_mc.checkpoint.pretrained import PretrainedError
-    from hcustom_mc.checkpoint.release import CheckpointFormatError
-    from hcustom_mc.training.checkpoint import CheckpointError
     from hcustom_mc.training.loop import run
+    from hcustom_mc.training.overlap import set_cuda_connections
     from hcustom_mc.training.step import NonFiniteError
     from hcustom_mc.training.tracking import print_summary
 
     try:
-        from hcustom_mc.training.overlap import set_cuda_connections
-
         set_cuda_connections(cfg.parallel.tensor_parallel)  # before anything starts CUDA
         history = run(cfg)
     except NonFiniteError as exc:
         # every rank sees the same reduced loss / grad norm, so every rank stops here; the last checkpoint stands
         console.report_error(f"error: {exc}", key="hcustom_mc/nonfinite")
         return 3
-    except (ConfigError, FileNotFoundError, PretrainedError, CheckpointFormatError, CheckpointWriteError,
-            CheckpointError) as exc:
-        # every rank validates the same config: said once (by rank 0), unless a rank's message differs
-        console.report_error(f"error: {exc}", key="hcustom_mc/config_error")
-        return 2
     if console.rank() == 0:
         print_summary(history)
     return 0
 
 
+def _user_errors() -> tuple:
+    """Bad configs, paths and checkpoints: every rank validates the same ones, so each is said once (rank 0),
+    unless a rank's message differs; exit 2."""
+    from hcustom_mc.checkpoint.integrity import CheckpointWriteError
+    from hcustom_mc.checkpoint.pretrained import PretrainedError
+    from hcustom_mc.checkpoint.release import CheckpointFormatError
+    from hcustom_mc.training.checkpoint import CheckpointError
+
+    return ConfigError, FileNotFoundError, PretrainedError, CheckpointFormatError, CheckpointWriteError, CheckpointError
+
+
 if __name__ == "__main__":  # required: megatron's checkpoint writer may spawn a process that re-imports this file
-    console.run_entry_point(main)
+    console.run_entry_point(main, _user_errors, key="hcustom_mc/config_error")

@@ -312,22 +312,24 @@ def run(args) -> int:
 def main(argv=None) -> int:
     console.setup(console.verbose_requested(argv))  # before torch and megatron are imported
     args = parse_args(argv)
-    from hcustom_mc.checkpoint.release import CheckpointFormatError
-    from hcustom_mc.data.errors import DataError
-    from hcustom_mc.inference.pipeline import NonFiniteError
-    from hcustom_mc.model.model import InputError
     from hcustom_mc.parallel.state import destroy_parallel
 
     try:
         return run(args)
-    except (ConfigError, InputError, FileNotFoundError, DataError, CheckpointFormatError, NonFiniteError) as exc:
-        # CheckpointFormatError includes CheckpointReadError: a damaged or unsafe checkpoint file, named.
-        # Every rank checks the same jobs: said once, unless a rank's message differs.
-        console.report_error(f"error: {exc}")
-        return 2
     finally:
         destroy_parallel()
 
 
+def _user_errors() -> tuple:
+    """Bad jobs, inputs, files and checkpoints (CheckpointFormatError includes CheckpointReadError: a damaged or
+    unsafe checkpoint file, named). Every rank checks the same jobs: said once, unless a rank's message differs."""
+    from hcustom_mc.checkpoint.release import CheckpointFormatError
+    from hcustom_mc.data.errors import DataError
+    from hcustom_mc.inference.pipeline import NonFiniteError
+    from hcustom_mc.model.model import InputError
+
+    return ConfigError, InputError, FileNotFoundError, DataError, CheckpointFormatError, NonFiniteError
+
+
 if __name__ == "__main__":
-    console.run_entry_point(main)
+    console.run_entry_point(main, _user_errors)

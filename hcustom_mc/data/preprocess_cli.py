@@ -28,15 +28,11 @@ def main(argv=None) -> int:
 
     console.setup(console.verbose_requested(argv))  # before torch and megatron are imported
     args = parse_args(argv)
-    try:
-        cfg = build_config(args=args)
-        if not cfg.data.path:
-            raise ConfigError("--data-path (the manifest.jsonl) is required")
-        if args.shard_size < 1:
-            raise ConfigError(f"--shard-size must be >= 1, got {args.shard_size}")
-    except ConfigError as exc:
-        console.report_error(f"error: {exc}")
-        return 2
+    cfg = build_config(args=args)
+    if not cfg.data.path:
+        raise ConfigError("--data-path (the manifest.jsonl) is required")
+    if args.shard_size < 1:
+        raise ConfigError(f"--shard-size must be >= 1, got {args.shard_size}")
     import torch
     import torch.distributed as dist
 
@@ -49,10 +45,11 @@ def main(argv=None) -> int:
         dist.init_process_group("gloo")  # only barriers: encoders run independently on each rank
     try:
         preprocess(cfg, cfg.data.path, args.out, args.shard_size, args.dtype, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as exc:
-        console.report_error(f"error: {exc}")
-        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+# what tools/preprocess.py reports as the user's to fix (ConfigError is a ValueError), once for all ranks, exit 2
+USER_ERRORS = (ValueError, FileNotFoundError)
