@@ -6,6 +6,7 @@
 - `report_error(message)`: an error every rank hits in the same way is printed once (by rank 0); a rank whose
   message differs prints its own. Every rank waits (bounded) for the others first, so torchrun does not stop a
   rank before it has spoken.
+- `log_once(message)`: a choice made on every call (a backend, a fallback), logged the first time only.
 - `run_entry_point(main, errors)`: the one way an entry point's `__main__` runs `main()` and ends the process
   (the expected errors reported as above, exit 2; any other error is a traceback).
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import difflib
+import functools
 import logging
 import os
 import re
@@ -95,6 +97,12 @@ def hidden_note() -> str | None:
     if not n:
         return None
     return f"{n} known third-party warning{'s' if n > 1 else ''} hidden on this rank (--verbose shows them)"
+
+
+@functools.lru_cache(maxsize=None)
+def log_once(message: str, logger: str = "hcustom_mc") -> None:
+    """Log `message` at INFO the first time this process asks (`log_once.cache_clear()` forgets)."""
+    logging.getLogger(logger).info(message)
 
 
 def _is_known(text: str) -> bool:

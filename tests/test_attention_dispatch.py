@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hcustom_mc.console import log_once
 from hcustom_mc.model import attention
 from hcustom_mc.model.attention import Segments, choose_backend
 
@@ -42,7 +43,7 @@ def test_forced_backend_must_be_usable():
 
 def test_select_backend_reads_env_and_logs_once(monkeypatch, caplog):
     monkeypatch.setenv("HCUSTOM_ATTN_BACKEND", "sdpa")
-    attention._log_once.cache_clear()
+    log_once.cache_clear()
     q = torch.zeros(3, 1, 2, 4)
     with caplog.at_level("INFO", logger="hcustom_mc"):
         assert attention.select_backend(q) == "sdpa"

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from hcustom_mc.console import log_once
 from hcustom_mc.data import video as V
 from hcustom_mc.data.buckets import BUCKET_RATIOS, bucket_for, buckets
 from hcustom_mc.data.errors import DataError
@@ -135,7 +136,7 @@ def test_dali_cpu_matches_pyav_backend(clips):
 def test_h264_via_dali_cpu_is_pyav_fed(clips, caplog):
     """DALI's CPU decoder has no h264: dali-cpu decodes it with PyAV and runs the same DALI ops."""
     paths, _ = clips
-    V._logged.clear()
+    log_once.cache_clear()
     with caplog.at_level(logging.INFO, logger="hcustom_mc.data.video"):
         got = V.read_clip(paths["h264"], 5, 3, (32, 48), start=2, backend="dali-cpu")
         V.read_clip(paths["h264"], 5, 3, (32, 48), start=2, backend="dali-cpu")
@@ -184,7 +185,7 @@ def test_backend_selection_on_cpu(monkeypatch, caplog):
 
     if uses_cuda():
         pytest.skip("checks the choice of a process that computes on the CPU (no CUDA, or HCUSTOM_DIST_BACKEND=gloo)")
-    V._logged.clear()
+    log_once.cache_clear()
     with caplog.at_level(logging.INFO, logger="hcustom_mc.data.video"):
         expected = "dali-cpu" if HAVE_DALI else "pyav"
         assert V.resolve_backend("auto") == expected

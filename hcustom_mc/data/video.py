@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from hcustom_mc.console import log_once
 from hcustom_mc.data.buckets import BUCKET_RATIOS, bucket_for, center_anchor, cover_size, fit_size  # noqa: F401 (re-exported)
 from hcustom_mc.data.errors import DataError
 from hcustom_mc.device import uses_cuda
@@ -232,15 +233,6 @@ def dali_available() -> bool:
     return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
 
 
-_logged: set[str] = set()
-
-
-def _log_once(msg: str) -> None:
-    if msg not in _logged:
-        _logged.add(msg)
-        log.info(msg)
-
-
 def resolve_backend(backend: str = "auto") -> str:
     """The concrete backend for `backend`; RuntimeError when an explicit one cannot run here."""
     if backend not in BACKENDS:
@@ -253,7 +245,7 @@ def resolve_backend(backend: str = "auto") -> str:
             backend, why = "dali-cpu", "nvidia-dali is installed but CUDA is not available"
         else:
             backend, why = "pyav", "nvidia-dali is not installed"
-        _log_once(f"video backend: {backend} ({why})")
+        log_once(f"video backend: {backend} ({why})", log.name)
         return backend
     if backend == "dali-gpu" and not (cuda and dali):
         missing = " and ".join(n for n, ok in (("CUDA (this process computes on the CPU: no GPU, or HCUSTOM_DIST_BACKEND=gloo)", cuda),
@@ -395,8 +387,8 @@ def _read(path, clip_frames, stride, size, start, backend, decoder, nearest) -> 
         raise DataError("codec", path, f"{backend} cannot decode {info.codec} (DALI decodes {sorted(dali_codecs)})")
     if decoder == "pyav" or info.codec not in dali_codecs:
         if decoder == "auto":
-            _log_once(f"{backend}: {info.codec} is decoded by PyAV and fed to DALI "
-                      f"(DALI's {'GPU' if gpu else 'CPU'} decoder reads {', '.join(sorted(dali_codecs))})")
+            log_once(f"{backend}: {info.codec} is decoded by PyAV and fed to DALI "
+                     f"(DALI's {'GPU' if gpu else 'CPU'} decoder reads {', '.join(sorted(dali_codecs))})", log.name)
         return _run_dali(gpu, "frames", size, nearest, path, frames=decode_frames(path, indices))
     encoded = np.fromfile(path, dtype=np.uint8)
     return _run_dali(gpu, "decode", size, nearest, path, encoded=encoded, indices=indices)

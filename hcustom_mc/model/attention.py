@@ -22,7 +22,6 @@ once per forward on the device (`Segments` caches them), not per attention call.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -30,9 +29,9 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from hcustom_mc.console import log_once
 from hcustom_mc.parallel.sequence import SequenceLayout
 
-log = logging.getLogger("hcustom_mc")
 BACKENDS = ("auto", "fa3", "cudnn", "flash", "te", "sdpa")
 VARLEN = ("fa3", "flash", "te")  # the backends that take packed [B*S] tokens + cu_seqlens
 
@@ -208,7 +207,7 @@ def select_backend(q: torch.Tensor) -> str:
     wanted = os.environ.get("HCUSTOM_ATTN_BACKEND", "auto")
     cap = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
     choice = choose_backend(q.device.type, q.dtype, cap, _available(q.shape[2], q.shape[3]), wanted)
-    _log_once(choice)
+    log_once(f"attention backend: {_NAMES[choice]}")
     return choice
 
 
@@ -219,11 +218,6 @@ def _available(heads: int, head_dim: int) -> dict[str, bool]:
 
 _NAMES = {"fa3": "FlashAttention-3 varlen (flash_attn_interface)", "cudnn": "torch SDPA, cuDNN attention first",
           "flash": "flash-attn 2 varlen", "te": "transformer-engine THD", "sdpa": "torch SDPA (one masked call per segment kind)"}
-
-
-@lru_cache(maxsize=None)
-def _log_once(choice: str) -> None:
-    log.info("attention backend: %s", _NAMES[choice])
 
 
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 import math
 
 import torch
@@ -11,12 +10,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from hcustom_mc.console import log_once
 from hcustom_mc.model.spec import LinearSubmodules, build_column
 from hcustom_mc.parallel.sequence import NO_SP, SequenceLayout
 from hcustom_mc.parallel.sharding import mark_tp_split
-
-
-log = logging.getLogger("hcustom_mc")
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,13 +34,8 @@ def affine_layer_norm(hidden: int, eps: float = 1e-5, device: torch.device | str
     `device` defaults to the one the model is being built under (`with torch.device(...)`)."""
     device = torch.device(device) if device is not None else torch.get_default_device()
     fused = _apex_fused_layer_norm() if device.type == "cuda" else None
-    _log_norm_choice("apex FusedLayerNorm" if fused else "torch nn.LayerNorm")
+    log_once(f"affine LayerNorms: {'apex FusedLayerNorm' if fused else 'torch nn.LayerNorm'}")
     return fused(hidden, eps=eps) if fused else nn.LayerNorm(hidden, eps=eps)
-
-
-@functools.lru_cache(maxsize=None)
-def _log_norm_choice(name: str) -> None:
-    log.info("affine LayerNorms: %s", name)
 
 
 def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -8,18 +8,16 @@ The model calls only the functions here; each has the same numbers with either b
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 
+from hcustom_mc.console import log_once
 from hcustom_mc.model.layers import layer_norm, modulate
 from hcustom_mc.model.rope import apply_rope, image_positions, rope_cos_sin
 
-log = logging.getLogger("hcustom_mc")
 BACKENDS = ("auto", "triton", "torch")
 _override: str | None = None
 
@@ -37,13 +35,11 @@ def kernel_backend(t: torch.Tensor) -> str:
     if wanted not in BACKENDS:
         raise ValueError(f"HCUSTOM_KERNELS must be one of {BACKENDS}, got {wanted!r}")
     choice = ("triton" if t.is_cuda else "torch") if wanted == "auto" else wanted
-    _log_once(choice)
+    log_once(f"DiT glue kernels: {_KERNEL_NAMES[choice]}")
     return choice
 
 
-@lru_cache(maxsize=None)
-def _log_once(choice: str) -> None:
-    log.info("DiT glue kernels: %s", {"triton": "Triton (kernels/)", "torch": "PyTorch reference"}[choice])
+_KERNEL_NAMES = {"triton": "Triton (kernels/)", "torch": "PyTorch reference"}
 
 
 # ------------------------------------------------------------------ adaLN

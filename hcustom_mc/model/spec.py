@@ -18,6 +18,7 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from hcustom_mc.console import log_once
 from hcustom_mc.device import resolve_device, uses_cuda
 
 log = logging.getLogger("hcustom_mc")
@@ -43,11 +44,6 @@ def transformer_engine_usable() -> bool:
     return True
 
 
-@lru_cache(maxsize=None)
-def _say_once(message: str) -> None:  # asked once per block kind and model chunk; said once per process
-    log.info(message)
-
-
 def get_linear_submodules(use_te: bool | None = None) -> LinearSubmodules:
     """`use_te=None` picks transformer-engine when it is usable."""
     if use_te is None:
@@ -55,10 +51,10 @@ def get_linear_submodules(use_te: bool | None = None) -> LinearSubmodules:
     if use_te:
         from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
 
-        _say_once("linear layers: transformer-engine (TEColumnParallelLinear / TERowParallelLinear)")
+        log_once("linear layers: transformer-engine (TEColumnParallelLinear / TERowParallelLinear)")
         column, row = ModuleSpec(module=TEColumnParallelLinear), ModuleSpec(module=TERowParallelLinear)
     else:
-        _say_once("linear layers: megatron-core local (ColumnParallelLinear / RowParallelLinear)")
+        log_once("linear layers: megatron-core local (ColumnParallelLinear / RowParallelLinear)")
         return local_linear_submodules()
     return LinearSubmodules(column=column, row=row, modulation=ModuleSpec(module=ColumnParallelLinear))
 

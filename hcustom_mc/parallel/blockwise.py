@@ -19,7 +19,6 @@ tile stays in registers, bf16/fp16 products on the tensor cores); `tile_backend`
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from dataclasses import dataclass
@@ -27,9 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-log = logging.getLogger("hcustom_mc")
+from hcustom_mc.console import log_once
+
 TILE_BACKENDS = ("auto", "triton", "torch")
-_said: set[str] = set()
 
 
 def _env_int(name: str, default: int) -> int:
@@ -88,10 +87,8 @@ def choose_tile_backend(device_type: str, dtype: torch.dtype, head_dim: int, wan
 def tile_backend(q: Tensor) -> str:
     """choose_tile_backend for q, logged once per choice."""
     choice = choose_tile_backend(q.device.type, q.dtype, q.shape[-1])
-    if choice not in _said:
-        _said.add(choice)
-        log.info("ring attention tiles: %s", "fused Triton kernels (kernels/block_attention.py)" if choice == "triton"
-                 else "plain torch (parallel/blockwise.py)")
+    log_once("ring attention tiles: " + ("fused Triton kernels (kernels/block_attention.py)" if choice == "triton"
+                                         else "plain torch (parallel/blockwise.py)"))
     return choice
 
 
