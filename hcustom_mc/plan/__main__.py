@@ -191,12 +191,14 @@ def report_one(cfg, work, layout, train, args, capacity) -> tuple[str, dict]:
     lines.append(f"step FLOPs: {est.step_flops:.3e} (hcustom_mc.model.flops, recompute not counted), "
                  f"{est.flops_per_gpu:.3e} per GPU; ~{t:.1f} s per step at {args.mfu:.0%} MFU of "
                  f"{args.peak_tflops:g} TFLOP/s (+ pipeline bubble{', + 1/3 for full recompute' if train.recompute == 'full' else ''})")
-    if layout.cp > 1 and layout.cp_comm in ("ring", "usp"):
+    untuned_attention = layout.cp > 1 and layout.cp_comm in ("ring", "usp")
+    if untuned_attention:
         lines.append(f"{layout.cp_comm}: the ring's attention tiles (kernels/block_attention.py) are untuned and "
                      "unmeasured, and the step time above assumes tuned attention; prefer ulysses where heads/TP "
                      "divide by CP")
     lines.append("not counted: allocator fragmentation (keep ~5-10% free), host memory, checkpoint-save staging")
-    data = {"untuned_attention": layout.cp > 1 and layout.cp_comm in ("ring", "usp"), "layout": describe(layout), "peak_gib": est.peak_gib, "device_total_gib": est.device_total_gib,
+    data = {"untuned_attention": untuned_attention, "layout": describe(layout), "peak_gib": est.peak_gib,
+            "device_total_gib": est.device_total_gib,
             "parts_gib": {k: v / GIB for k, v in est.parts.items()}, "step_flops": est.step_flops,
             "flops_per_gpu": est.flops_per_gpu, "step_time_s": t, "fits": verdict == "fits" if verdict else None,
             "samples_per_step": n_micro * work.micro_batch * layout.dp, "params_total": est.params_total,
