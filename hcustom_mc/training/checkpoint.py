@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 
 from hcustom_mc.checkpoint import integrity
-from hcustom_mc.checkpoint.lora import base_fingerprint  # noqa: F401  (re-exported: the training loop uses it)
 from hcustom_mc.checkpoint.mcore import CONFIG_FILE, model_sharded_state_dict
 from hcustom_mc.checkpoint.safe_load import dist_load, read_json, weights_only_load
 from hcustom_mc.device import compute_device, uses_cuda
@@ -86,7 +85,7 @@ def _layout() -> dict:
 def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, scheduler, train_state: dict,
                     model_config=None, keep_last: int = 2, ema=None, adapter_base: dict | None = None) -> Path:
     """Collective. Returns the final checkpoint folder. `ema` (a WeightEMA) is saved beside the weights.
-    `adapter_base` (LoRA, see base_fingerprint): store only the trained parameters, with this pointer to the base."""
+    `adapter_base` (LoRA, see checkpoint.lora.base_fingerprint): store only the trained parameters, with this pointer to the base."""
     from megatron.core import dist_checkpointing
 
     from hcustom_mc.training.overlap import params_ready

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from hcustom_mc.checkpoint.lora import base_fingerprint
 from hcustom_mc.checkpoint.mcore import STAGE_SHARED, _stage_replica
 from hcustom_mc.model import HunyuanCustomDiT
 from hcustom_mc.model.init import initialize_weights
@@ -245,7 +246,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.checkpoint.load and resume is None and not cfg.checkpoint.pretrained:
         raise FileNotFoundError(f"--load {cfg.checkpoint.load}: no complete checkpoint there (no `latest`)")
     # LoRA checkpoints hold only the adapters: resuming one rebuilds the frozen base from --pretrained (or the seed)
-    adapter_base = ckpt.base_fingerprint(cfg.checkpoint.pretrained, cfg.init_seed) if cfg.lora_rank else None
+    adapter_base = base_fingerprint(cfg.checkpoint.pretrained, cfg.init_seed) if cfg.lora_rank else None
     resume_state = ckpt.read_train_state(resume) if resume is not None else {}
     adapter_resume = bool(resume_state.get("adapter_only"))
     if adapter_resume:
