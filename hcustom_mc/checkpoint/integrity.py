@@ -265,7 +265,7 @@ def _check_candidate(folder: Path, mode: str, complete: str) -> list[str]:
     return problems
 
 
-def _read_latest(root: Path) -> tuple[Path | None, str | None]:
+def read_latest(root: Path) -> tuple[Path | None, str | None]:
     """(the folder `latest` names, None) or (None, why it cannot be followed)."""
     pointer = root / "latest"
     try:
@@ -317,7 +317,7 @@ def select_checkpoint(path: str | Path, mode: str = "size", complete: str = "met
     skipped: list[str] = []
     tried: set[Path] = set()
     if (path / "latest").exists():
-        target, why = _read_latest(path)
+        target, why = read_latest(path)
         if target is not None:
             tried.add(target)
             problems = _check_candidate(target, mode, complete)

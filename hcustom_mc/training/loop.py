@@ -395,8 +395,11 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _latest_saved(save: str | None) -> str | None:
-    latest = Path(save) / "latest" if save else None
-    return str((latest.parent / latest.read_text().strip()).resolve()) if latest and latest.is_file() else None
+    """The checkpoint folder `latest` names in the save root, for the summary (None: nothing saved)."""
+    from hcustom_mc.checkpoint.integrity import read_latest
+
+    target = read_latest(Path(save))[0] if save and (Path(save) / "latest").is_file() else None
+    return str(target.resolve()) if target is not None else None
 
 
 def _optimizer_state_numel(optimizer) -> int:
