@@ -46,14 +46,19 @@ _BWD_BLOCK_M, _BWD_BLOCK_N = 64, 64
 
 # ------------------------------------------------------------------ kernels
 @triton.jit
+def _batch_head(H):
+    """(b * H + h, b, h) of this program: grid axis 1 runs over batch x heads; b, h int64 for the offsets."""
+    bh = tl.program_id(1)
+    return bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, QF, KF, O, LSE, H, M, N, D,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, slb, slh, qk_scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 FIX_BF16: tl.constexpr, DOT_PREC: tl.constexpr):
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh, b, h = _batch_head(H)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     rmask = rows < M
@@ -138,9 +143,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, QF, KF, DK, DV, H, M, N, D,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      FIX_BF16: tl.constexpr, DOT_PREC: tl.constexpr):
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh, b, h = _batch_head(H)
     keys = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     k, v, kf, kv_mask = _key_block(K, V, KF, b, h, keys, cols, N, D, skb, skh, skn, svb, svh, svn)
@@ -168,9 +171,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, QF, KF, DQ, H, M, N, D,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    FIX_BF16: tl.constexpr, DOT_PREC: tl.constexpr):
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh, b, h = _batch_head(H)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     q, do, qf, lse2, delta, row_mask = _query_block(Q, DO, QF, LSE, DELTA, b, h, bh, rows, cols, M, D,
