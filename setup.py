@@ -22,7 +22,11 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["hcustom_mc", "hcustom_mc.*", "kernels", "kernels.*"]),
+    # Our Triton kernels live in the folder kernels/ but import as `hcustom_kernels`: the name `kernels` belongs to
+    # Hugging Face's package (transformers and diffusers import it), and kernels/ itself holds no __init__.py, so
+    # nothing of ours is importable as `kernels` from the checkout or from site-packages.
+    packages=find_packages(include=["hcustom_mc", "hcustom_mc.*"]) + ["hcustom_kernels"],
+    package_dir={"hcustom_kernels": "kernels/hcustom_kernels"},
     ext_modules=[bucket_index],
     install_requires=[
         "torch>=2.4",

@@ -29,6 +29,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.checkout import use_checkout  # noqa: E402
+
+use_checkout()  # hcustom_kernels from kernels/ when the checkout is not installed
 
 from bench.report import median_seconds, write_report  # noqa: E402
 from hcustom_mc.model import attention  # noqa: E402
@@ -49,7 +52,7 @@ def forward_flops(B: int, H: int, S: int, D: int) -> float:
 def _blockwise(q, k, v, segments: Segments, backward: bool, tiles: str = "torch"):
     """The ring's tile kernel on one rank (all keys local), forward and optionally its flash-style backward
     (recomputed per tile from the log-sum-exp), exactly as ring attention runs them per chunk; `tiles`: the
-    plain-torch tiles or the fused Triton kernels (kernels/block_attention.py)."""
+    plain-torch tiles or the fused Triton kernels (kernels/hcustom_kernels/block_attention.py)."""
     os.environ["HCUSTOM_RING_TILES"] = tiles
     S, B, H, D = q.shape
     qb, kb, vb = (t.detach().permute(1, 2, 0, 3) for t in (q, k, v))

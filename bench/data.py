@@ -30,6 +30,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.checkout import use_checkout  # noqa: E402
+
+use_checkout()  # hcustom_kernels from kernels/ when the checkout is not installed
 
 from bench.report import median_seconds, write_report  # noqa: E402
 

@@ -38,6 +38,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.checkout import IMPORT_ROOTS, pythonpath, use_checkout  # noqa: E402
+
+use_checkout()  # hcustom_kernels from kernels/ when the checkout is not installed
 
 from bench.wheels import fetch_wheels  # noqa: E402
 
@@ -92,7 +95,8 @@ def probe_environment() -> dict:
         except Exception as exc:
             env["imports"][name] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
     # what bench/gpu_check.sh --wheels put on PYTHONPATH for this run (dist-info names outside the repo)
-    extra = [Path(e) for e in os.environ.get("PYTHONPATH", "").split(os.pathsep) if e and Path(e).resolve() != REPO]
+    roots = {p.resolve() for p in IMPORT_ROOTS}
+    extra = [Path(e) for e in os.environ.get("PYTHONPATH", "").split(os.pathsep) if e and Path(e).resolve() not in roots]
     env["installed_from_wheels"] = sorted(d.name[: -len(".dist-info")] for e in extra if e.is_dir()
                                           for d in e.glob("*.dist-info"))
     try:
@@ -314,8 +318,7 @@ def main(argv=None) -> int:
     out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="gpu_check_dry_")) if args.dry_run else REPO / "bench" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu_check_work_"))
-    path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env_vars = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+    env_vars = {**os.environ, "PYTHONPATH": pythonpath(), "PYTHONUNBUFFERED": "1"}
     wanted = set(args.parts.split(",")) if args.parts else None
     log_path = out_dir / "gpu_check.log"  # renamed once the GPU is known
     header = {"command": " ".join(["bench/gpu_check.sh", *(argv if argv is not None else sys.argv[1:])]),

@@ -9,6 +9,8 @@
 # puts it on PYTHONPATH for this run only: the system's packages are never touched.
 set -u
 cd "$(dirname "$0")/.." || exit 2
+# the checkout's hcustom_mc and hcustom_kernels (in kernels/), for every part: nothing is installed on the image
+export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 command -v "$PY" >/dev/null 2>&1 || PY=python
 args=()

@@ -22,6 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.checkout import use_checkout  # noqa: E402
+
+use_checkout()  # hcustom_kernels from kernels/ when the checkout is not installed
 from hcustom_mc.device import uses_cuda  # noqa: E402  (imports only torch: triton is not loaded yet)
 
 CUDA = uses_cuda()  # False on a CPU host and under HCUSTOM_DIST_BACKEND=gloo: then the interpreter runs
@@ -44,7 +47,7 @@ def timed(fn, warmup: int, iters: int) -> float:
 
 def make_cases(shape: dict, device, dtype):
     """name -> (ours(*inputs), reference(*inputs), make_inputs(), bytes_moved(inputs))."""
-    from kernels import adaln, frame_attention, rope
+    from hcustom_kernels import adaln, frame_attention, rope
 
     S_img = (shape["K"] + shape["f"]) * shape["hp"] * shape["wp"]
     S = S_img + shape["L"]

@@ -23,6 +23,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.checkout import pythonpath, use_checkout  # noqa: E402
+
+use_checkout()  # hcustom_kernels from kernels/ when the checkout is not installed
 
 from bench.report import write_report  # noqa: E402
 
@@ -100,9 +103,8 @@ def driver(args, argv) -> int:
                f"--master_port={_free_port()}", __file__, "--worker", "--layout", text,
                *[x for k in ("model", "double_blocks", "single_blocks", "size", "frames", "text_len", "dtype", "steps",
                              "warmup") for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]]
-        # the repo first, then what the caller had (e.g. bench/gpu_check.sh's wheel folder)
-        path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": path}
+        # the checkout first, then what the caller had (e.g. bench/gpu_check.sh's wheel folder)
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": pythonpath()}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:

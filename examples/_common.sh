@@ -2,7 +2,7 @@
 # short console (hcustom_mc.launch). Nothing an earlier run wrote is ever deleted or overwritten.
 HC_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HC_RUNS=${HC_RUNS:-$HC_REPO/runs}  # where the default run folders go
-export PYTHONPATH="$HC_REPO${PYTHONPATH:+:$PYTHONPATH}"  # the checkout's package, from any directory
+export PYTHONPATH="$HC_REPO:$HC_REPO/kernels${PYTHONPATH:+:$PYTHONPATH}"  # the checkout's hcustom_mc and hcustom_kernels (in kernels/), from any directory
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 # new_root GIVEN BASE: print a new, empty, absolute folder and create it (atomically: mkdir fails if it exists).

@@ -3,6 +3,10 @@ import os
 import pytest
 import torch
 
+from bench.checkout import use_checkout
+
+use_checkout()  # this checkout's hcustom_mc and hcustom_kernels, installed or not
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

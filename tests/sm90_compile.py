@@ -33,7 +33,10 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import adaln, block_attention, frame_attention, rope  # noqa: E402
+from bench.checkout import use_checkout  # noqa: E402
+
+use_checkout()
+from hcustom_kernels import adaln, block_attention, frame_attention, rope  # noqa: E402
 
 SM90_SHARED_BYTES = 232448  # the most dynamic shared memory one block may use on an H100 / H200 (227 KiB)
 TARGET = GPUTarget("cuda", 90, 32)

@@ -10,9 +10,9 @@ import warnings
 
 import pytest
 
-from tests.torchrun import REPO, _free_port, backend_env
+from tests.torchrun import REPO, _free_port, backend_env, child_pythonpath
 
-ENV = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO)}
+ENV = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": child_pythonpath()}
 ENTRY_POINTS = {
     "train": ["pretrain_custom.py"],
     "sample": ["-m", "hcustom_mc.sample"],

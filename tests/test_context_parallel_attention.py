@@ -12,7 +12,7 @@ SCRIPT = "tests/dist_scripts/cp_attention_check.py"
 
 
 SMALL_TILES = {"HCUSTOM_ATTN_BLOCK_Q": "8", "HCUSTOM_ATTN_BLOCK_K": "5"}  # tiles cut every sequence at odd places
-# the fused tile kernels (kernels/block_attention.py) in the Triton interpreter; fp64 cases keep the torch tiles
+# the fused tile kernels (kernels/hcustom_kernels/block_attention.py) in the Triton interpreter; fp64 cases keep the torch tiles
 TRITON_TILES = {"HCUSTOM_RING_TILES": "triton", "TRITON_INTERPRET": "1"}
 
 

@@ -6,14 +6,14 @@ import sys
 import pytest
 import torch
 
-from tests.torchrun import REPO, torchrun
+from tests.torchrun import REPO, child_pythonpath, torchrun
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 
 
 def run(*args, expect=0):
     proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": child_pythonpath()})
     assert proc.returncode == expect, proc.stdout + proc.stderr
     return proc.stdout + proc.stderr
 

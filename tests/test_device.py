@@ -12,7 +12,7 @@ import torch
 
 from hcustom_mc import device as D
 from tests import torchrun as tr
-from tests.torchrun import REPO, torchrun
+from tests.torchrun import REPO, child_pythonpath, torchrun
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ assert schedules.torch.cuda.is_available() is False
 assert schedules.torch.zeros(1, device="cuda").device.type == "cpu"
 print("installed")
 """
-    env = {**os.environ, D.BACKEND_ENV: "gloo", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, D.BACKEND_ENV: "gloo", "PYTHONPATH": child_pythonpath()}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "installed" in proc.stdout, proc.stderr[-3000:]
 
@@ -219,5 +219,5 @@ def test_a_world_of_one_leaves_no_port_for_its_children_to_collide_on():
     and failed with EADDRINUSE (the gpu_check dry run after a single_process test)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK")}
     proc = subprocess.run([sys.executable, "-c", PARENT_INIT, CHILD_INIT], cwd=REPO,
-                          env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+                          env={**env, "PYTHONPATH": child_pythonpath()}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.split("\n")[:2] == ["child ok", "parent ok"], proc.stdout + proc.stderr[-3000:]

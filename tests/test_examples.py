@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.torchrun import REPO, _free_port, backend_env
+from tests.torchrun import REPO, _free_port, backend_env, child_pythonpath
 
 EXAMPLES = REPO / "examples"
 SCRIPTS = ("train_tiny_3d.sh", "train_tiny_data.sh", "finetune_tiny.sh", "lora_tiny.sh", "convert_and_compare.sh",
@@ -18,7 +18,7 @@ SCRIPTS = ("train_tiny_3d.sh", "train_tiny_data.sh", "finetune_tiny.sh", "lora_t
 
 def _env(tmp_path, **extra):
     path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"  # this interpreter's python
-    return {"OMP_NUM_THREADS": "1", "PATH": path, "PYTHONPATH": str(REPO), "HC_RUNS": str(tmp_path / "runs"),
+    return {"OMP_NUM_THREADS": "1", "PATH": path, "PYTHONPATH": child_pythonpath(), "HC_RUNS": str(tmp_path / "runs"),
             "MASTER_PORT": str(_free_port()), **backend_env(8), **extra}
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.torchrun import REPO, _free_port
+from tests.torchrun import REPO, _free_port, child_pythonpath
 
-ENV = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO)}
+ENV = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": child_pythonpath()}
 TRAIN_ITERS = 16  # every trial keeps the reference's LR schedule (it spans --train-iters)
 LAYOUT = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
 STEP = re.compile(r"^step (\d+)/\d+ \| task (\S+) \| loss (\S+) \| grad_norm (\S+)")

@@ -1,11 +1,11 @@
-"""kernels/adaln.py: fused LayerNorm+modulate and gated residual vs the PyTorch references, forward
+"""kernels/hcustom_kernels/adaln.py: fused LayerNorm+modulate and gated residual vs the PyTorch references, forward
 and backward, on tiny odd shapes, plus input validation. Launching tests take `kernel_device`: the Triton
 interpreter on CPU, the compiled kernels on CUDA (a `gpu` test)."""
 
 import pytest
 import torch
 
-from kernels import adaln
+from hcustom_kernels import adaln
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
        torch.float16: dict(atol=3e-3, rtol=3e-3)}

@@ -1,4 +1,4 @@
-"""kernels/block_attention.py: ring attention's fused tile kernel against a dense masked softmax (forward, the
+"""kernels/hcustom_kernels/block_attention.py: ring attention's fused tile kernel against a dense masked softmax (forward, the
 log-sum-exp merge over several key chunks, and the backward from the final lse) and against the plain-torch
 tiles of parallel/blockwise.py; the [M, N] score matrix is never allocated; the tile backend decision per
 device; input validation. Launching tests take `kernel_device`: the Triton interpreter on CPU, the compiled
@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from hcustom_mc.parallel import blockwise
-from kernels import block_attention as ba
+from hcustom_kernels import block_attention as ba
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
        torch.float16: dict(atol=4e-3, rtol=4e-3)}

@@ -1,4 +1,4 @@
-"""kernels/frame_attention.py: per-frame audio cross-attention vs the PyTorch reference, forward and
+"""kernels/hcustom_kernels/frame_attention.py: per-frame audio cross-attention vs the PyTorch reference, forward and
 backward, on tiny odd shapes; a check that the [B, F, N, M] score tensor is never allocated; input
 validation. Launching tests take `kernel_device`: the Triton interpreter on CPU, the compiled kernels on
 CUDA (a `gpu` test)."""
@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from kernels import frame_attention as fa
+from hcustom_kernels import frame_attention as fa
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=5e-2, rtol=5e-2),
        torch.float16: dict(atol=5e-3, rtol=5e-3)}

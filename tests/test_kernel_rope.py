@@ -1,4 +1,4 @@
-"""kernels/rope.py: fused QK RMSNorm + 3D RoPE against the PyTorch reference. Launching tests take
+"""kernels/hcustom_kernels/rope.py: fused QK RMSNorm + 3D RoPE against the PyTorch reference. Launching tests take
 `kernel_device`: the Triton interpreter on CPU, the compiled kernels on CUDA (a `gpu` test)."""
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import kernels.rope as kr
-from kernels.rope import qk_norm_rope, qk_norm_rope_reference
+import hcustom_kernels.rope as kr
+from hcustom_kernels.rope import qk_norm_rope, qk_norm_rope_reference
 
 # tiny shapes: every (token, batch) row is one interpreted program
 D, DIMS = 16, (4, 6, 6)
@@ -97,6 +97,27 @@ def test_theta_and_backend_torch(kernel_device):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+# ------------------------------------------------------------------ the reference is the model's maths
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grid, K, mode, frames, offset", [((2, 3, 5), 1, "release", 3, 0), ((3, 2, 3), 2, "paper", 3, 1),
+                                                           ((2, 2, 3), 0, "paper", 1, 1)])
+def test_reference_equals_the_model_pieces(dtype, grid, K, mode, frames, offset):
+    """The kernel package stands alone (it imports nothing of hcustom_mc), so its reference is written anew:
+    bit-for-bit the model's RMSNorm, image_positions, rope_cos_sin and apply_rope."""
+    from hcustom_mc.model.layers import RMSNorm
+    from hcustom_mc.model.rope import apply_rope, image_positions, rope_cos_sin
+
+    hw, text = grid[1] * grid[2], 3
+    q, k, qw, kw_ = (t.detach() for t in _inputs(frames * hw + text, 2, 3, D, dtype, torch.float32))
+    kw = _kw(grid, K, mode, frames * hw, frame_offset=offset)
+    pos = image_positions(K, *grid, mode=mode)[offset * hw:(offset + frames) * hw]
+    cos, sin = rope_cos_sin(pos, DIMS, 256.0)
+    for x, w, got in zip((q, k), (qw, kw_), qk_norm_rope_reference(q, k, qw, kw_, **kw)):
+        normed = torch.func.functional_call(RMSNorm(D, 1e-6), {"weight": w}, (x,))
+        want = torch.cat([apply_rope(normed[:frames * hw], cos, sin), normed[frames * hw:]])
+        assert torch.equal(got, want)
+
+
 # ------------------------------------------------------------------ low precision
 @pytest.mark.parametrize("dtype, w_dtype", [(torch.bfloat16, None), (torch.bfloat16, torch.float32),
                                             (torch.float16, None)])
@@ -140,9 +161,9 @@ def test_forward_allocates_no_rope_table(kernel_device):
     kw = _kw((2, 2, 3), 1, "paper", 18)
     inputs = _inputs(S, B, H, D, torch.float32, device=kernel_device)
     assert _per_token_buffers(lambda *a: qk_norm_rope(*a, **kw), inputs, 18) == []
-    # the check can fail: the reference path builds fp32 cos/sin tables of image_len x D elements
+    # the check can fail: the reference path builds fp32 cos/sin tables of image_len x D/2 pair angles
     ref_bufs = _per_token_buffers(lambda *a: qk_norm_rope_reference(*a, **kw), inputs, 18)
-    assert any(n == 18 * D and dt == torch.float32 for _, n, dt, _ in ref_bufs), ref_bufs
+    assert any(n == 18 * D // 2 and dt == torch.float32 for _, n, dt, _ in ref_bufs), ref_bufs
 
 
 def test_backward_allocates_no_rope_table(kernel_device):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_inputs
+from tests.torchrun import REPO, child_pythonpath
 from tests.test_training_parity import train
 
 LORA = ["--lora-rank", 4, "--lora-alpha", 8]
@@ -123,11 +124,10 @@ def release_audio(tmp_path_factory):
     import subprocess
     import sys
 
-    from tests.torchrun import REPO
 
     out = tmp_path_factory.mktemp("release")
     subprocess.run([sys.executable, "examples/make_tiny_release.py", str(out), "--variant", "audio", "--seed", "5"],
-                   cwd=REPO, check=True, capture_output=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
+                   cwd=REPO, check=True, capture_output=True, env={"PYTHONPATH": child_pythonpath(), "PATH": "/usr/bin:/bin",
                                                                    "OMP_NUM_THREADS": "1"})
     return out / "mp_rank_00_model_states.pt"
 
@@ -154,12 +154,11 @@ def test_adapter_checkpoint_refuses_another_base(release_audio, tmp_path):
     import subprocess
     import sys
 
-    from tests.torchrun import REPO
 
     train(1, tmp_path / "a", *LORA, "--train-iters", 2, "--save", tmp_path / "ck")  # base: the seeded init
     proc = subprocess.run([sys.executable, "pretrain_custom.py", "--config", "examples/tiny_3d.yaml", "--train-iters", "3",
                            "--run-dir", str(tmp_path / "b"), *map(str, LORA), "--load", str(tmp_path / "ck"), "--pretrained", str(release_audio)],
-                          cwd=REPO, capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+                          cwd=REPO, capture_output=True, text=True, env={"PYTHONPATH": child_pythonpath(), "PATH": "/usr/bin:/bin"})
     assert proc.returncode != 0 and "holds LoRA adapters trained on the base" in proc.stderr + proc.stdout
 
 
@@ -229,7 +228,6 @@ def test_bf16_lora_with_ema_resumes_exactly_and_ema_holds_only_adapters(tmp_path
     import sys
 
     from hcustom_mc.checkpoint.safe_load import dist_load_tensors_metadata
-    from tests.torchrun import REPO
 
     common = [*LORA, "--bf16", "--ema-decay", "0.5", "--train-iters", 4]
     whole = train(1, tmp_path / "whole", *common)
@@ -247,7 +245,7 @@ def test_bf16_lora_with_ema_resumes_exactly_and_ema_holds_only_adapters(tmp_path
         out = tmp_path / f"x{len(flag)}.safetensors"
         subprocess.run([sys.executable, "-m", "hcustom_mc.checkpoint.lora", "export", "--ckpt", str(tmp_path / "ck"),
                         "--format", "original", "--out", str(out), *flag], cwd=REPO, check=True, capture_output=True,
-                       env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+                       env={"PYTHONPATH": child_pythonpath(), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
         from safetensors.torch import load_file
 
         outs[len(flag)] = load_file(str(out))

@@ -12,10 +12,10 @@ import torch
 
 from hcustom_mc.checkpoint.compare import random_inputs, reference_output
 from tests.test_training_parity import train
-from tests.torchrun import REPO
+from tests.torchrun import REPO, child_pythonpath
 
 BASE_ONLY = ["--variant", "base", "--set", "data.task_weights={t2v: 1.0, identity: 1.0}"]
-ENV = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+ENV = {"PYTHONPATH": child_pythonpath(), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
 
 
 def _cli(*args, expect=0):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.torchrun import REPO, child_pythonpath
 TOLERANCE = 0.15
 # mid-size: hidden 512 (8 heads of 64), 2 double + 2 single blocks, 384x384 x 9 frames = 4 x 576 image
 # + 32 text tokens (2,336); activations are about half of its peak, so the recompute modes differ
@@ -32,7 +32,7 @@ SHAPES = {"tiny": ("64x48", 5, 8), "mid": ("384x384", 9, 32)}
 
 def plan(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hcustom_mc.plan", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+                          timeout=60, env={**os.environ, "PYTHONPATH": child_pythonpath()})
 
 
 def model_arg(name: str, tmp_path: Path) -> str:
@@ -48,7 +48,7 @@ def measured_peak(model: str, size: str, frames: int, text_len: int, recompute: 
            "--frames", str(frames), "--text-len", str(text_len), "--recompute", recompute,
            "--double-blocks", "2", "--single-blocks", "2"] + (["--bf16"] if bf16 else [])
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "PYTHONPATH": child_pythonpath(), "OMP_NUM_THREADS": "1"})
     found = re.search(r"^RESULT (.*)$", proc.stdout, re.M)
     assert proc.returncode == 0 and found, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(found.group(1))["peak_bytes"]
@@ -159,7 +159,7 @@ def test_help_is_fast_and_imports_no_torch():
     assert proc.returncode == 0 and "--gpu-memory" in proc.stdout
     assert time.time() - start < 3.0
     check = subprocess.run([sys.executable, "-c", "import sys, hcustom_mc.plan.__main__; print('torch' in sys.modules)"],
-                           cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                           cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": child_pythonpath()})
     assert check.stdout.strip() == "False", check.stderr
 
 

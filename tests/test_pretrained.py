@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.torchrun import REPO, torchrun
+from tests.torchrun import REPO, child_pythonpath, torchrun
 
 BASE = ["--config", "examples/tiny_3d.yaml", "--train-iters", "1", "--set", "checkpoint.save_interval=0",
         "--set", "logging.log_interval=1"]
 BASE_VARIANT = ["--variant", "base", "--set", "data.task_weights={t2v: 1.0, identity: 1.0}"]
-ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": child_pythonpath()}
 
 
 def _python(*args, expect_ok=True):

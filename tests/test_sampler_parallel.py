@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.torchrun import REPO, _free_port, backend_env
+from tests.torchrun import REPO, _free_port, backend_env, child_pythonpath
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": child_pythonpath()}
 
 
 def _run(nproc: int, module_or_script: list[str], *args, expect=0, timeout=300) -> str:

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.torchrun import REPO, backend_env, launch_command
+from tests.torchrun import REPO, backend_env, child_pythonpath, launch_command
 
 ARGS = ["--config", "examples/tiny_3d.yaml", "--set", "zero_init=false", "--set", "checkpoint.save_interval=0"]
-ENV = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO)}
+ENV = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": child_pythonpath()}
 
 
 def run(nproc, *args, expect=0, env=None, timeout=400) -> subprocess.CompletedProcess:

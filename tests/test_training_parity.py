@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.torchrun import REPO, torchrun
+from tests.torchrun import REPO, child_pythonpath, torchrun
 
 BASE = ["--config", "examples/tiny_3d.yaml", "--train-iters", "3", "--set", "zero_init=false",
         "--set", "checkpoint.save_interval=0", "--set", "logging.log_interval=1"]
@@ -18,7 +18,7 @@ def train(nproc: int, run_dir, *args) -> dict:
     if nproc == 1:
         proc = subprocess.run([sys.executable, "pretrain_custom.py", *argv], cwd=REPO, capture_output=True,
                               text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-                                                           "PYTHONPATH": str(REPO)})
+                                                           "PYTHONPATH": child_pythonpath()})
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     else:
         torchrun(nproc, "pretrain_custom.py", *argv)

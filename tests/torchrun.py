@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
+from bench.checkout import REPO, pythonpath as child_pythonpath  # noqa: F401  (the one child PYTHONPATH)
 from hcustom_mc.device import BACKEND_ENV
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
@@ -50,8 +49,8 @@ def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 600, e
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
         "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), *map(str, args),
     ]
-    path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])  # keep e.g. a wheel folder
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **backend_env(nproc, env), **(env or {})}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": child_pythonpath(), **backend_env(nproc, env),
+                **(env or {})}
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
@@ -65,7 +64,7 @@ def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 600, e
 def run_python(*args, expect_ok: bool = True, env: dict | None = None, timeout: float = 300) -> str:
     """`python ARGS` in the repository with a minimal environment (the tree on PYTHONPATH, one OpenMP thread);
     asserts the exit status is zero or not as `expect_ok` says and returns stdout + stderr."""
-    base = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO)}
+    base = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": child_pythonpath()}
     proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env={**base, **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr

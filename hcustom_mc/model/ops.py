@@ -46,7 +46,7 @@ _KERNEL_NAMES = {"triton": "Triton (kernels/)", "torch": "PyTorch reference"}
 def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm without affine, then x * (1 + scale) + shift. x [S, B, C]; shift, scale [B, C]."""
     if kernel_backend(x) == "triton":
-        from kernels.adaln import layernorm_modulate as fused
+        from hcustom_kernels.adaln import layernorm_modulate as fused
 
         return fused(x.contiguous(), shift.contiguous(), scale.contiguous(), eps=eps)
     return modulate(layer_norm(x, eps), shift, scale)
@@ -55,7 +55,7 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x + gate * y. x, y [S, B, C]; gate [B, C]."""
     if kernel_backend(x) == "triton":
-        from kernels.adaln import gated_residual as fused
+        from hcustom_kernels.adaln import gated_residual as fused
 
         return fused(x.contiguous(), gate.contiguous(), y.contiguous())
     return x + gate.unsqueeze(0) * y
@@ -91,7 +91,7 @@ class Rotary:
     def norm_and_rotate(self, q, k, q_norm, k_norm, image_len: int):
         """RMSNorm q and k per head, rotate the first `image_len` tokens ([S, B, H, D] tensors)."""
         if kernel_backend(q) == "triton":
-            from kernels.rope import qk_norm_rope
+            from hcustom_kernels.rope import qk_norm_rope
 
             return qk_norm_rope(q.contiguous(), k.contiguous(), q_norm.weight, k_norm.weight, grid=self.grid,
                                 num_identity=self.num_identity, mode=self.mode, rope_dims=tuple(self.dims),
@@ -111,7 +111,7 @@ class Rotary:
 def frame_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q [B, F, N, d] against k, v [B, F, M, d] per frame; softmax over M in fp32."""
     if kernel_backend(q) == "triton":
-        from kernels.frame_attention import frame_cross_attention as fused
+        from hcustom_kernels.frame_attention import frame_cross_attention as fused
 
         return fused(q.contiguous(), k.contiguous(), v.contiguous())
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])

@@ -13,7 +13,7 @@ Layout: q [B, H, M, D], k/v [B, H, N, D]; q_pad [B, M] bool, k_pad [B, N] bool o
 `q_pad_from` / `k_pad_from` are host-side bounds below which no row / column is padded in any sample:
 tiles entirely below them skip building a mask (no device-to-host sync is ever needed for that).
 
-On a GPU the same two functions run fused Triton kernels instead (kernels/block_attention.py: the score
+On a GPU the same two functions run fused Triton kernels instead (kernels/hcustom_kernels/block_attention.py: the score
 tile stays in registers, bf16/fp16 products on the tensor cores); `tile_backend` decides, once per call.
 """
 
@@ -68,7 +68,7 @@ def block_sizes() -> tuple[int, int]:
 
 
 def choose_tile_backend(device_type: str, dtype: torch.dtype, head_dim: int, wanted: str | None = None) -> str:
-    """'triton' (kernels/block_attention.py) or 'torch' (the tiles below) for ring attention on `device_type`.
+    """'triton' (kernels/hcustom_kernels/block_attention.py) or 'torch' (the tiles below) for ring attention on `device_type`.
 
     wanted (default: HCUSTOM_RING_TILES, else auto): auto = Triton for bf16/fp16 CUDA tensors; triton = also
     fp32, and CPU tensors, which need the Triton interpreter (TRITON_INTERPRET=1: the tests); torch. fp64
@@ -87,7 +87,7 @@ def choose_tile_backend(device_type: str, dtype: torch.dtype, head_dim: int, wan
 def tile_backend(q: Tensor) -> str:
     """choose_tile_backend for q, logged once per choice."""
     choice = choose_tile_backend(q.device.type, q.dtype, q.shape[-1])
-    log_once("ring attention tiles: " + ("fused Triton kernels (kernels/block_attention.py)" if choice == "triton"
+    log_once("ring attention tiles: " + ("fused Triton kernels (kernels/hcustom_kernels/block_attention.py)" if choice == "triton"
                                          else "plain torch (parallel/blockwise.py)"))
     return choice
 
@@ -109,7 +109,7 @@ def forward_into(q: Tensor, k: Tensor, v: Tensor, pad: Padding, scale: float, ou
     (-inf where no key was seen yet). Merging two partial results with log-sum-exps a and b:
     lse = log(e^a + e^b), out = out_a e^(a - lse) + out_b e^(b - lse)."""
     if tile_backend(q) == "triton":
-        from kernels.block_attention import merge_block_attention
+        from hcustom_kernels.block_attention import merge_block_attention
 
         return merge_block_attention(q, k, v, pad.q_pad, pad.k_pad, scale, out, lse)
     bq, bk = block_q or block_sizes()[0], block_k or block_sizes()[1]
@@ -156,7 +156,7 @@ def backward_into(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, de
       dv += p^T dout,  ds = p * (dout v^T - delta),  dq += ds k scale,  dk += ds^T q scale,
     where delta = rowsum(dout * out). dq, dk, dv are work-dtype accumulators, added to in place."""
     if tile_backend(q) == "triton":
-        from kernels.block_attention import block_attention_backward
+        from hcustom_kernels.block_attention import block_attention_backward
 
         return block_attention_backward(q, k, v, dout, lse, delta, pad.q_pad, pad.k_pad, scale, dq, dk, dv)
     bq, bk = block_q or block_sizes()[0], block_k or block_sizes()[1]

@@ -193,7 +193,7 @@ def report_one(cfg, work, layout, train, args, capacity) -> tuple[str, dict]:
                  f"{args.peak_tflops:g} TFLOP/s (+ pipeline bubble{', + 1/3 for full recompute' if train.recompute == 'full' else ''})")
     untuned_attention = layout.cp > 1 and layout.cp_comm in ("ring", "usp")
     if untuned_attention:
-        lines.append(f"{layout.cp_comm}: the ring's attention tiles (kernels/block_attention.py) are untuned and "
+        lines.append(f"{layout.cp_comm}: the ring's attention tiles (kernels/hcustom_kernels/block_attention.py) are untuned and "
                      "unmeasured, and the step time above assumes tuned attention; prefer ulysses where heads/TP "
                      "divide by CP")
     lines.append("not counted: allocator fragmentation (keep ~5-10% free), host memory, checkpoint-save staging")

@@ -213,8 +213,8 @@ def block_bytes_per_token(cfg: ModelConfig, layout: Layout, train: Training) -> 
     heads = cfg.num_heads / tp
     lse = heads * FP32
     if train.kernels == "triton":
-        norm_keep = 2 * a * e  # contiguous q, k copies saved by kernels/rope.py
-        ln_extra = 0  # kernels/adaln.py keeps x and row statistics, not the normalised value
+        norm_keep = 2 * a * e  # contiguous q, k copies saved by kernels/hcustom_kernels/rope.py
+        ln_extra = 0  # kernels/hcustom_kernels/adaln.py keeps x and row statistics, not the normalised value
     else:
         norm_keep = (2 * a + 2 * a) * FP32 if train.bf16 else (3 * a + 2 * a) * FP32
         ln_extra = 2 * r * e  # the two LayerNorm outputs kept by the modulation multiply

@@ -4,7 +4,8 @@
 q, k are [S, B, H, D] (sequence-major, contiguous). RMSNorm (fp32 statistics, weight [D]) applies to
 every token; RoPE only to the first `image_len` tokens (identity frames, then video frames; frame-major,
 rows, columns), the rest are text. RoPE rotates adjacent pairs (2i, 2i+1) of the head dim split as
-[t | h | w] by `rope_dims`, angle = pos * theta^(-2i/d_axis), as in hcustom_mc.model.rope.
+[t | h | w] by `rope_dims`, angle = pos * theta^(-2i/d_axis) (HunyuanVideo's 3D RoPE; the model's own rope module must agree, and
+its tests check that it does).
 
 Kernels (no cos/sin table is built: the angles come from the token index inside the kernel)
   forward: one program per (token, batch) row. It derives the token's (t, h, w) position, the D/2 pair
@@ -22,12 +23,9 @@ import math
 
 import torch
 
-from kernels._checks import check_backend, check_float_tensors
+from hcustom_kernels._checks import check_backend, check_float_tensors
 import triton
 import triton.language as tl
-
-from hcustom_mc.model.layers import RMSNorm
-from hcustom_mc.model.rope import apply_rope, image_positions, rope_cos_sin
 
 _MODES = ("release", "paper")
 # Heads per tile; 24 heads x D/2 = 64 pairs fit in one 32 x 64 tile. The tests lower it to exercise the
@@ -289,22 +287,48 @@ def _check(q, k, q_weight, k_weight, grid, num_identity, mode, rope_dims, theta,
 
 
 # ------------------------------------------------------------------ public API
+def _reference_positions(grid, num_identity, mode, first_frame, frames) -> torch.Tensor:
+    """[frames*H'*W', 3] (t, h, w) positions of frames first_frame.. of the [identity ; video] frame list."""
+    f, Hp, Wp = grid
+    g = torch.arange(first_frame, first_frame + frames)
+    is_id = g < num_identity
+    t = torch.where(is_id, -(g + 1), g - num_identity)
+    h_shift = Hp if mode == "paper" else 0  # both modes shift identity images by W'; paper mode also by H'
+    rows = torch.arange(Hp)[None, :, None] + torch.where(is_id, h_shift, 0)[:, None, None]
+    cols = torch.arange(Wp)[None, None, :] + torch.where(is_id, Wp, 0)[:, None, None]
+    shape = (frames, Hp, Wp)
+    return torch.stack([t[:, None, None].expand(shape), rows.expand(shape), cols.expand(shape)], -1).reshape(-1, 3)
+
+
+def _reference_rotate(x, positions, rope_dims, theta):
+    """Rotate adjacent pairs (2i, 2i+1) of x [S, B, H, D] by pos * theta^(-2i/d_axis) per axis, in fp32."""
+    angles = []
+    for axis, dim in enumerate(rope_dims):
+        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=x.device) / dim))
+        angles.append(positions[:, axis, None].to(device=x.device, dtype=torch.float32) * freqs)
+    angle = torch.cat(angles, -1)[:, None, None, :]  # [S, 1, 1, D/2]
+    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = angle.cos(), angle.sin()
+    return torch.stack([even * cos - odd * sin, odd * cos + even * sin], -1).flatten(-2).to(x.dtype)
+
+
 def qk_norm_rope_reference(q, k, q_weight, k_weight, *, grid, num_identity, mode, rope_dims, theta=256.0, eps=1e-6,
                            image_len, frame_offset=0):
-    """PyTorch reference from the model's own pieces: RMSNorm, image_positions, rope_cos_sin, apply_rope."""
+    """PyTorch reference, written from the definition above: per-head RMSNorm in fp32 (cast back to the input
+    dtype, as the model's unfused path does), then the pair rotation of the image tokens."""
     _check(q, k, q_weight, k_weight, grid, num_identity, mode, rope_dims, theta, eps, image_len, frame_offset)
 
     def norm(x, w):
-        return torch.func.functional_call(RMSNorm(x.shape[-1], eps), {"weight": w}, (x,))
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
 
     q, k = norm(q, q_weight), norm(k, k_weight)
     if image_len == 0:
         return q, k
     hw = grid[1] * grid[2]
-    pos = image_positions(num_identity, *grid, mode=mode)[frame_offset * hw : frame_offset * hw + image_len]
-    cos, sin = rope_cos_sin(pos, rope_dims, theta, device=q.device)
-    return (torch.cat([apply_rope(q[:image_len], cos, sin), q[image_len:]]),
-            torch.cat([apply_rope(k[:image_len], cos, sin), k[image_len:]]))
+    pos = _reference_positions(tuple(grid), num_identity, mode, frame_offset, image_len // hw)
+    return (torch.cat([_reference_rotate(q[:image_len], pos, rope_dims, theta), q[image_len:]]),
+            torch.cat([_reference_rotate(k[:image_len], pos, rope_dims, theta), k[image_len:]]))
 
 
 def qk_norm_rope(q, k, q_weight, k_weight, *, grid, num_identity, mode, rope_dims, theta=256.0, eps=1e-6,

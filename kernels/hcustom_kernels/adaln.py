@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._checks import check_backend, check_float_tensors
+from hcustom_kernels._checks import check_backend, check_float_tensors
 import triton
 import triton.language as tl
 

@@ -29,8 +29,8 @@ import math
 
 import torch
 
-from kernels._checks import check_float_tensors
-from kernels.frame_attention import _INTERPRETED, _dot, _to
+from hcustom_kernels._checks import check_float_tensors
+from hcustom_kernels.frame_attention import _INTERPRETED, _dot, _to
 import triton
 import triton.language as tl
 
