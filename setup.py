@@ -21,7 +21,10 @@ setup(
     description="Training, conversion and parallel sampling for the HunyuanCustom video DiT on megatron-core",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    # The floors below are what .ci/run tests (Python 3.11 with torch 2.11, megatron-core 0.16.0, transformers 4.56.0,
+    # diffusers 0.32.0); raise one only together with FLOOR_PINS there. Python 3.10 reached its end of life in
+    # October 2026.
+    python_requires=">=3.11",
     # Our Triton kernels live in the folder kernels/ but import as `hcustom_kernels`: the name `kernels` belongs to
     # Hugging Face's package (transformers and diffusers import it), and kernels/ itself holds no __init__.py, so
     # nothing of ours is importable as `kernels` from the checkout or from site-packages.
@@ -29,7 +32,7 @@ setup(
     package_dir={"hcustom_kernels": "kernels/hcustom_kernels"},
     ext_modules=[bucket_index],
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.11",
         "megatron-core>=0.16",
         "triton>=3.0; platform_system == 'Linux'",
         "einops>=0.7",  # patchify / unpatchify and frame layouts (hcustom_mc/model/layers.py, inference)
@@ -62,7 +65,8 @@ setup(
         # `mlflow ui` (the training summary prints the command): the full package, with its server (flask);
         # mlflow-skinny has the client only
         "ui": ["mlflow>=3.0"],
-        # tests: the diffusers/peft reference models and LoRA loader, DALI's CPU path, the MLflow UI test
-        "dev": ["pytest>=8", "peft>=0.14", "nvidia-dali-cuda130>=2.0", "mlflow>=3.0"],
+        # tests: the diffusers/peft reference models and LoRA loader, DALI's CPU path, the MLflow UI test, and Hugging
+        # Face's `kernels` (the import-name clash test: transformers 5.25+ installs it anyway)
+        "dev": ["pytest>=8", "peft>=0.14", "nvidia-dali-cuda130>=2.0", "mlflow>=3.0", "kernels"],
     },
 )
