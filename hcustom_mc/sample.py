@@ -29,6 +29,11 @@ JOB_FLAGS = ("task", "prompt", "negative_prompt", "audio", "source_video", "mask
              "audio_strength", "fps")
 
 
+# the folders --encoders-dir is searched for: our short names, then the released download's (README "Released weights")
+ENCODER_FOLDERS = {"llava": ("llava", "llava-llama-3-8b-v1_1"), "clip": ("clip", "openai_clip-vit-large-patch14"),
+                   "whisper": ("whisper", "whisper-tiny"), "vae": ("vae", "vae_3d/hyvae_v1_0801")}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     from hcustom_mc.console import ArgumentParser
 
@@ -57,10 +62,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
                    help="DiT dtype (default: not set: bfloat16 on GPU, float32 on CPU)")
     e = p.add_argument_group("encoders (local folders; nothing is downloaded)")
-    e.add_argument("--encoders-dir", type=Path, help="folder holding llava/ clip/ whisper/ vae/ (default: not set: "
-                   "give each folder below)")
-    for name in ("llava", "clip", "whisper", "vae"):
-        e.add_argument(f"--{name}", type=Path, help=f"{name} folder (default: --encoders-dir/{name})")
+    e.add_argument("--encoders-dir", type=Path, help="folder holding llava/ clip/ whisper/ vae/, or the released "
+                   "download's llava-llama-3-8b-v1_1/ openai_clip-vit-large-patch14/ whisper-tiny/ vae_3d/hyvae_v1_0801/ "
+                   "(default: not set: give each folder below)")
+    for name, folders in ENCODER_FOLDERS.items():
+        e.add_argument(f"--{name}", type=Path, help=f"{name} folder (default: --encoders-dir/{folders[0]} or "
+                       f"--encoders-dir/{folders[1]})")
     e.add_argument("--text-len", type=int, default=256, help="LLaVA prompt tokens (default: 256, as the release)")
     lay = p.add_argument_group("parallel layout (world = TP x CP x CFG-parallel)")
     lay.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default: 1)")
@@ -125,7 +132,7 @@ def build_jobs(args) -> list:
     if args.jobs is not None:
         if not args.jobs.is_file():
             raise ConfigError(f"--jobs {args.jobs} does not exist")
-        entries = load_yaml(args.jobs.read_text())  # JSON is YAML
+        entries = load_yaml(args.jobs.read_text(), f"--jobs {args.jobs}")  # JSON is YAML
         if not isinstance(entries, list) or not entries or not all(isinstance(x, dict) for x in entries):
             raise ConfigError(f"--jobs {args.jobs} must hold a non-empty list of mappings")
     jobs, outputs = [], {}
@@ -163,13 +170,20 @@ def _output_files(output) -> list[str]:
 def encoder_paths(args):
     from hcustom_mc.data.config import EncoderPaths
 
+    root = args.encoders_dir
+    if root is not None and not root.is_dir():
+        raise ConfigError(f"--encoders-dir {root} is not a folder")
     paths = EncoderPaths()
-    for name in ("llava", "clip", "whisper", "vae"):
+    for name, folders in ENCODER_FOLDERS.items():
         given = getattr(args, name)
-        if given is None and args.encoders_dir is not None and (args.encoders_dir / name).exists():
-            given = args.encoders_dir / name
+        if given is None and root is not None:
+            given = next((root / f for f in folders if (root / f).exists()), None)
         setattr(paths, name, str(given) if given is not None else None)
     missing = [n for n in ("llava", "clip", "vae") if getattr(paths, n) is None]
+    if missing and root is not None:
+        looked = "; ".join(f"{n}: {' or '.join(f + '/' for f in ENCODER_FOLDERS[n])}" for n in missing)
+        raise ConfigError(f"--encoders-dir {root} has no {', '.join(missing)} encoder ({looked}); give the folder "
+                          f"that holds them, or --{missing[0]} PATH")
     if missing:
         raise ConfigError(f"encoders not given: {', '.join(missing)} (--encoders-dir or --{missing[0]})")
     return paths

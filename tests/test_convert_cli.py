@@ -112,3 +112,32 @@ def test_wrong_variant_and_missing_checkpoint(release_dir, tmp_path):
 def test_tp_without_processes_is_refused(release_dir, tmp_path):
     out = convert(release_dir, "release", tmp_path / "out", "mcore", "--tp", 2, expect=2)
     assert "needs that many processes" in out
+
+
+def _wider_config(tmp_path):
+    from hcustom_mc.model.config import get_model_config
+
+    cfg = get_model_config("tiny").to_dict()
+    cfg.update(hidden_size=2 * cfg["hidden_size"], num_heads=2 * cfg["num_heads"])  # same head dim: a valid config
+    path = tmp_path / "wider.json"
+    path.write_text(__import__("json").dumps(cfg))
+    return path
+
+
+def test_a_config_that_does_not_fit_is_named_not_called_damage(release_dir, tmp_path):
+    wider = _wider_config(tmp_path)
+    mcore = tmp_path / "mcore"
+    convert(release_dir, "release", mcore, "mcore")
+    for src, fmt in ((release_dir, "release"), (mcore, "mcore")):
+        args = ["--src", src, "--src-format", fmt, "--dst", tmp_path / f"out_{fmt}", "--dst-format", "release",
+                "--model-config", wider]
+        out = run("-m", "hcustom_mc.checkpoint.convert", *args, expect=2)
+        error = [line for line in out.splitlines() if line.startswith("error:")]
+        assert len(error) == 1 and f"does not fit --model-config {wider}" in error[0], out[-3000:]
+        assert "damaged" not in out and "Traceback" not in out, out[-3000:]
+        assert "img_attn_proj" in out  # the shapes that differ, a few of them
+
+
+def test_a_new_mcore_folder_gets_no_overwrite_warning(release_dir, tmp_path):
+    out = convert(release_dir, "release", tmp_path / "mcore", "mcore")
+    assert "Overwriting old incomplete" not in out

@@ -143,9 +143,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --tp {args.tp} x --pp {args.pp} needs that many processes, this run has {world}: "
                          f"torchrun --nproc-per-node {args.tp * args.pp} -m hcustom_mc.checkpoint.convert ...")
     start = time.time()
-    import torch
-
     from hcustom_mc.parallel.config import ParallelConfig
+    from hcustom_mc.parallel.sharding import StateDictError
     from hcustom_mc.parallel.state import destroy_parallel, initialize_parallel
 
     src_sd, src_cfg = (None, None)
@@ -154,54 +153,65 @@ def main(argv=None) -> int:
     cfg = resolve_model_config(args, src_cfg)
     info = initialize_parallel(ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp), cfg)
     try:
-        if src_sd is not None:
-            check_keys(cfg, src_sd)
-        from hcustom_mc.checkpoint.lora import load_specs, merge_into_model, merge_into_state_dict, weight_shapes
-
-        loras = load_specs(args.merge_lora, args.src)
-        for adapters, scale in loras if src_sd is not None else ():
-            merge_into_state_dict(src_sd, adapters, scale)
-        if "mcore" not in (args.src_format, args.dst_format):
-            if info.rank == 0:
-                write_full_state_dict(src_sd, args.dst, args.dst_format, cfg, args.load_key)
-        else:
-            from hcustom_mc.checkpoint.integrity import select_checkpoint
-            from hcustom_mc.checkpoint.mcore import has_mcore_prefix, load_mcore_checkpoint, save_mcore_checkpoint
-            from hcustom_mc.parallel.sharding import full_state_dict, gather_pipeline_state_dict, load_full_state_dict
-
-            src = args.src
-            if src_sd is None:  # verified once here (hashing split over the ranks), before anything is read
-                src = select_checkpoint(args.src, args.verify_checkpoint) or args.src
-            dtype = next(iter(src_sd.values())).dtype if src_sd else _mcore_dtype(src)
-            model = build_model(cfg, dtype)
-            if src_sd is not None:
-                load_full_state_dict(model, src_sd, strict=args.pp == 1)  # a stage holds a subset
-            else:
-                load_mcore_checkpoint(model, src, verify="off")
-                shapes = weight_shapes(build_model(cfg, dtype, meta=True, layers=range(cfg.num_double_blocks
-                                                                                      + cfg.num_single_blocks)))
-                for adapters, scale in loras:  # this rank's shards of the layers it holds
-                    merge_into_model(model, adapters, scale, full_shapes=shapes)
-            if args.dst_format == "mcore":
-                save_mcore_checkpoint(model, args.dst, cfg)
-            else:
-                sd = gather_pipeline_state_dict(full_state_dict(model))
-                ema = None
-                if src_sd is None and args.dst_format == "release" and has_mcore_prefix(src, "ema."):
-                    if loras and info.rank == 0:
-                        log.warning("--merge-lora: the adapters are merged into `module`, not into the `ema` entry")
-                    # a training run's EMA weights (fp32) become the release file's `ema` entry
-                    ema_model = build_model(cfg, torch.float32)
-                    load_mcore_checkpoint(ema_model, src, prefix="ema.", verify="off")
-                    ema = gather_pipeline_state_dict(full_state_dict(ema_model))
-                    del ema_model
-                if info.rank == 0:
-                    write_full_state_dict(sd, args.dst, args.dst_format, cfg, args.load_key, ema=ema)
+        _convert(args, cfg, info, src_sd)
         if info.rank == 0:
-            log.info("converted %s (%s) -> %s (%s) in %.1fs", args.src, args.src_format, args.dst, args.dst_format, time.time() - start)
+            log.info("converted %s (%s) -> %s (%s) in %.1fs", args.src, args.src_format, args.dst, args.dst_format,
+                     time.time() - start)
+    except StateDictError as exc:  # the keys or shapes of --src are not those of the model --model-config describes
+        raise StateDictError(f"--src {args.src} does not fit --model-config {args.model_config} (--variant "
+                             f"{args.variant}; is it the config of this checkpoint?): {exc}") from None
     finally:
         destroy_parallel()
     return 0
+
+
+def _convert(args, cfg: ModelConfig, info, src_sd: dict | None) -> None:
+    """Read --src into a model of `cfg` at this rank's layout and write --dst (collective)."""
+    import torch
+
+    if src_sd is not None:
+        check_keys(cfg, src_sd)
+    from hcustom_mc.checkpoint.lora import load_specs, merge_into_model, merge_into_state_dict, weight_shapes
+
+    loras = load_specs(args.merge_lora, args.src)
+    for adapters, scale in loras if src_sd is not None else ():
+        merge_into_state_dict(src_sd, adapters, scale)
+    if "mcore" not in (args.src_format, args.dst_format):
+        if info.rank == 0:
+            write_full_state_dict(src_sd, args.dst, args.dst_format, cfg, args.load_key)
+    else:
+        from hcustom_mc.checkpoint.integrity import select_checkpoint
+        from hcustom_mc.checkpoint.mcore import has_mcore_prefix, load_mcore_checkpoint, save_mcore_checkpoint
+        from hcustom_mc.parallel.sharding import full_state_dict, gather_pipeline_state_dict, load_full_state_dict
+
+        src = args.src
+        if src_sd is None:  # verified once here (hashing split over the ranks), before anything is read
+            src = select_checkpoint(args.src, args.verify_checkpoint) or args.src
+        dtype = next(iter(src_sd.values())).dtype if src_sd else _mcore_dtype(src)
+        model = build_model(cfg, dtype)
+        if src_sd is not None:
+            load_full_state_dict(model, src_sd, strict=args.pp == 1)  # a stage holds a subset
+        else:
+            load_mcore_checkpoint(model, src, verify="off")
+            shapes = weight_shapes(build_model(cfg, dtype, meta=True, layers=range(cfg.num_double_blocks
+                                                                                  + cfg.num_single_blocks)))
+            for adapters, scale in loras:  # this rank's shards of the layers it holds
+                merge_into_model(model, adapters, scale, full_shapes=shapes)
+        if args.dst_format == "mcore":
+            save_mcore_checkpoint(model, args.dst, cfg)
+        else:
+            sd = gather_pipeline_state_dict(full_state_dict(model))
+            ema = None
+            if src_sd is None and args.dst_format == "release" and has_mcore_prefix(src, "ema."):
+                if loras and info.rank == 0:
+                    log.warning("--merge-lora: the adapters are merged into `module`, not into the `ema` entry")
+                # a training run's EMA weights (fp32) become the release file's `ema` entry
+                ema_model = build_model(cfg, torch.float32)
+                load_mcore_checkpoint(ema_model, src, prefix="ema.", verify="off")
+                ema = gather_pipeline_state_dict(full_state_dict(ema_model))
+                del ema_model
+            if info.rank == 0:
+                write_full_state_dict(sd, args.dst, args.dst_format, cfg, args.load_key, ema=ema)
 
 
 def _mcore_dtype(path: Path) -> "torch.dtype":

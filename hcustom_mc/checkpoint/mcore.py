@@ -114,8 +114,6 @@ def save_mcore_checkpoint(model: torch.nn.Module, path: str | Path, model_config
     path = Path(path)
     if dist.get_rank() == 0:
         path.mkdir(parents=True, exist_ok=True)
-        if model_config is not None:
-            (path / CONFIG_FILE).write_text(json.dumps(model_config.to_dict(), indent=2) + "\n")
     dist.barrier()
     sharded = model_sharded_state_dict(model)
     bad = nonfinite_tensors(sharded)
@@ -123,7 +121,10 @@ def save_mcore_checkpoint(model: torch.nn.Module, path: str | Path, model_config
         raise CheckpointWriteError(f"refusing to write {path}: non-finite values (NaN/inf) in the model, e.g. "
                                    f"{[n for part in gather_objects(bad) for n in part][:5]}")
     with write_errors_explained(path):
+        # megatron takes a folder that is not empty for the remains of a failed save (and says so): our files go after
         dist_checkpointing.save(sharded, str(path))
+        if model_config is not None and dist.get_rank() == 0:
+            (path / CONFIG_FILE).write_text(json.dumps(model_config.to_dict(), indent=2) + "\n")
         dist.barrier()
         seal_folder(path)  # manifest (size + sha256 per file), everything fsynced
 
@@ -147,6 +148,16 @@ def load_mcore_checkpoint(model: torch.nn.Module, path: str | Path, verify: str 
     params = model.state_dict(keep_vars=True)
     buffers = {n: torch.empty_like(p, dtype=stored.get(n, p.dtype)) for n, p in params.items() if not n.endswith("_extra_state")}
     sharded = model_sharded_state_dict(model, prefix=prefix, tensors=buffers)
+    # a checkpoint of another model config fails inside torch's reader as if the files were damaged: compare the
+    # stored shapes with the model's first and say what does not fit
+    wrong = [f"{t.key}: stored {tuple(meta[t.key].global_shape)}, model {tuple(t.global_shape)}"
+             for t in sharded.values() if getattr(t, "key", None) in meta
+             and tuple(meta[t.key].global_shape) != tuple(t.global_shape)]
+    if wrong:
+        from hcustom_mc.parallel.sharding import StateDictError
+
+        raise StateDictError(f"{path} does not fit the model config: {len(wrong)} tensors have other shapes, e.g. "
+                             + "; ".join(sorted(wrong)[:3]))
     loaded, missing, unexpected = dist_load(sharded, path, strict="return_all")
     # a training checkpoint also holds optimizer state (and maybe EMA weights): only the asked-for keys must match
     missing, unexpected = ([k for k in keys if k.startswith(prefix)] for keys in (missing, unexpected))

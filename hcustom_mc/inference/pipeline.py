@@ -69,7 +69,12 @@ def resolve_checkpoint(path: str | Path, fmt: str = "auto", verify: str = "size"
         return "diffusers", path
     if path.is_file() or any(path.glob("*_model_states*.pt")) or any(path.glob("pytorch_model_*.pt")):
         return "release", path
-    raise ConfigError(f"cannot tell the format of checkpoint {path}; pass --checkpoint-format")
+    if path.is_dir() and not any(path.iterdir()):
+        raise ConfigError(f"checkpoint folder {path} is empty (expected a training save folder, an mcore checkpoint, "
+                          f"a release *_model_states.pt or its folder, or a diffusers folder)")
+    raise ConfigError(f"cannot tell the format of checkpoint {path}: it has no latest / iter_* (training save), "
+                      f"metadata.json (mcore), config.json with *.safetensors (diffusers) or *_model_states*.pt "
+                      f"(release); if it is one of these, pass --checkpoint-format")
 
 
 def model_config_for(path: Path, fmt: str, fallback: ModelConfig | None) -> ModelConfig:

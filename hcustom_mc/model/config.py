@@ -17,9 +17,10 @@ MODES = ("release", "paper")
 VARIANTS = ("base", "audio", "editing")
 
 
-def load_yaml(text: str):
+def load_yaml(text: str, source: str = "<text>"):
     """yaml.safe_load, except that `1e-5` is a float: YAML 1.1 (PyYAML) wants a dot (`1.0e-5`) and would
-    otherwise hand a learning rate over as the string '1e-5'."""
+    otherwise hand a learning rate over as the string '1e-5'. Malformed YAML raises one ConfigError naming
+    `source` (the file, or the flag the text came from), the line and the column."""
     import re
 
     import yaml
@@ -29,7 +30,13 @@ def load_yaml(text: str):
 
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
                                  list("-+0123456789."))
-    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass: no object construction)
+    try:
+        return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass: no object construction)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+        problem = " ".join(filter(None, [getattr(exc, "context", None), getattr(exc, "problem", None)]))
+        raise ConfigError(f"{where}: not valid YAML: {problem or str(exc).splitlines()[0]}") from None
 
 
 class ConfigError(ValueError):
@@ -169,7 +176,7 @@ def get_model_config(name_or_path: str | Path, variant: str = "base", **override
         raise ConfigError(f"model config {name!r} is neither a preset {sorted(PRESETS)} nor a file")
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
-        data = load_yaml(text)
+        data = load_yaml(text, str(path))
     else:
         data = json.loads(text)
     if not isinstance(data, dict):

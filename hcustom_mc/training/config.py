@@ -380,12 +380,12 @@ def build_config(argv=None, args: argparse.Namespace | None = None) -> TrainConf
     if args.config is not None:
         if not args.config.is_file():
             raise ConfigError(f"--config {args.config} does not exist")
-        _apply_mapping(cfg, load_yaml(args.config.read_text()) or {})
+        _apply_mapping(cfg, load_yaml(args.config.read_text(), f"--config {args.config}") or {})
     for item in args.set:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        _set(cfg, key, load_yaml(raw))
+        _set(cfg, key, load_yaml(raw, f"--set {item}"))
     if getattr(args, "verbose", False):  # (the console itself is set up from argv, before this runs)
         cfg.logging.verbose = True
     for flag, (dest, typ, _) in FLAGS.items():
