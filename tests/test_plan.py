@@ -231,3 +231,19 @@ def test_bad_input_is_one_message_exit_2(args, message):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stdout == ""
+
+
+def test_step_time_reads_as_a_total_and_the_run_length_is_given():
+    args = ["--model", "13b", "--size", "1280x720", "--frames", "129", "--bf16", "--recompute", "full", "--tp", "4",
+            "--pp", "2", "--dp", "4", "--global-batch-size", "32"]
+    out = plan(*args, "--train-iters", "5000")
+    assert out.returncode == 0, out.stderr
+    (line,) = [l for l in out.stdout.splitlines() if l.startswith("step time:")]
+    total, plain, bubble = (float(x) for x in re.search(
+        r"~([\d.]+) s .*all included: ([\d.]+) s of model FLOPs, x 4/3 for full recompute .*, x ([\d.]+) for the "
+        r"pipeline bubble", line).groups())
+    assert abs(plain * 4 / 3 * bubble - total) <= 0.01 * total  # the factors multiply to the figure given first
+    (run,) = [l for l in out.stdout.splitlines() if l.startswith("run:")]
+    days = float(re.search(r"= ([\d.]+) days", run).group(1))
+    assert abs(days - 5000 * total / 86400) <= 0.06, run
+    assert "+ 1/3" not in out.stdout

@@ -1,6 +1,7 @@
 """examples/13b recipes: each loads and validates at the world size its header states, and is the layout the
 planner ranks first for its GPU count on 80 GB GPUs (and says fits), with the header's planner command."""
 
+import json
 import re
 import shlex
 import subprocess
@@ -58,6 +59,13 @@ def test_recipe_validates_and_is_the_planners_first_choice(path, tmp_path):
     run = [sys.executable, "-m", "hcustom_mc.plan", *plan_args]
     fits = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert fits.returncode == 0, fits.stdout + fits.stderr  # 0: fits in --gpu-memory
+    # the header's wall time is the planner's, for the recipe's own number of steps
+    from hcustom_mc.plan.__main__ import wall_time
+
+    assert int(_flag(plan_args, "--train-iters")) == cfg.train_steps
+    est = json.loads(subprocess.run([*run, "--json"], cwd=REPO, capture_output=True, text=True, timeout=60).stdout)
+    assert (f"# Wall time: ~{est['step_time_s']:.0f} s per step (50% MFU of 989 TFLOP/s, full recompute and pipeline "
+            f"bubble included), {cfg.train_steps} steps = {wall_time(est['run_time_s'])}.") in path.read_text()
     # and nothing ranks above it among the layouts of this many GPUs
     search = [a for i, a in enumerate(plan_args) if a not in ("--tp", "--pp", "--cp", "--dp", "--cp-comm-type")
               and plan_args[i - 1] not in ("--tp", "--pp", "--cp", "--dp", "--cp-comm-type")]

@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", help="memory per GPU, e.g. 80GB, for the fit check (default: not set: no check)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU dense bf16 peak TFLOP/s (default: 989, H100/H200)")
     p.add_argument("--mfu", type=float, default=0.5, help="assumed model FLOP utilisation for the time estimate (default: 0.5)")
+    p.add_argument("--train-iters", type=int, help="steps of the run: adds its total wall time (default: not set)")
     p.add_argument("--top", type=int, default=10, help="layouts listed by --gpus (default: 10)")
     p.add_argument("--json", action="store_true", help="machine-readable output (switch; default: off)")
     return p
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_inputs(args, cfg) -> None:
     if args.frames < 1 or (args.frames - 1) % cfg.temporal_compression:
         raise PlanError(f"--frames {args.frames}: must be 4k+1 (the causal VAE compresses time 4x), e.g. 129")
-    for name in ("tp", "pp", "cp", "dp", "vpp", "gpus", "micro_batch_size", "global_batch_size"):
+    for name in ("tp", "pp", "cp", "dp", "vpp", "gpus", "micro_batch_size", "global_batch_size", "train_iters"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise PlanError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -153,6 +154,12 @@ def describe(layout: Layout) -> str:
             f"{f' (VPP {layout.vpp})' if layout.vpp else ''} x {cp} x DP {layout.dp}")
 
 
+def wall_time(seconds: float) -> str:
+    """A run's length as people plan it: hours below two days, else days (with the hours)."""
+    hours = seconds / 3600
+    return f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days ({hours:.0f} h)"
+
+
 def _num_micro(work: Workload, layout: Layout) -> int:
     return work.global_batch // (work.micro_batch * layout.dp) if work.global_batch else layout.pp * (layout.vpp or 1)
 
@@ -188,9 +195,17 @@ def report_one(cfg, work, layout, train, args, capacity) -> tuple[str, dict]:
         verdict = "fits" if fits else "does NOT fit"
         lines.append(f"verdict: {verdict} in {capacity / GIB:.1f} GiB per GPU "
                      f"({(capacity - est.peak_bytes - est.runtime_allowance_bytes) / GIB:+.1f} GiB headroom)")
+    plain = est.flops_per_gpu / (args.peak_tflops * 1e12 * args.mfu)
+    recompute = 4 / 3 if train.recompute == "full" else 1.0
+    factors = ([", x 4/3 for full recompute (the forward runs twice)"] if recompute != 1.0 else []) + \
+        ([f", x {t / (plain * recompute):.3f} for the pipeline bubble"] if layout.pp > 1 else [])
     lines.append(f"step FLOPs: {est.step_flops:.3e} (hcustom_mc.model.flops, recompute not counted), "
-                 f"{est.flops_per_gpu:.3e} per GPU; ~{t:.1f} s per step at {args.mfu:.0%} MFU of "
-                 f"{args.peak_tflops:g} TFLOP/s (+ pipeline bubble{', + 1/3 for full recompute' if train.recompute == 'full' else ''})")
+                 f"{est.flops_per_gpu:.3e} per GPU")
+    lines.append(f"step time: ~{t:.1f} s at {args.mfu:.0%} MFU of {args.peak_tflops:g} TFLOP/s, all included: "
+                 f"{plain:.1f} s of model FLOPs{''.join(factors)}")
+    if args.train_iters:
+        lines.append(f"run: {args.train_iters} steps x ~{t:.1f} s = {wall_time(args.train_iters * t)} of wall time "
+                     f"(communication, data loading, checkpoint saves and restarts not counted)")
     untuned_attention = layout.cp > 1 and layout.cp_comm in ("ring", "usp")
     if untuned_attention:
         lines.append(f"{layout.cp_comm}: the ring's attention tiles (kernels/hcustom_kernels/block_attention.py) are untuned and "
@@ -200,7 +215,8 @@ def report_one(cfg, work, layout, train, args, capacity) -> tuple[str, dict]:
     data = {"untuned_attention": untuned_attention, "layout": describe(layout), "peak_gib": est.peak_gib,
             "device_total_gib": est.device_total_gib,
             "parts_gib": {k: v / GIB for k, v in est.parts.items()}, "step_flops": est.step_flops,
-            "flops_per_gpu": est.flops_per_gpu, "step_time_s": t, "fits": verdict == "fits" if verdict else None,
+            "flops_per_gpu": est.flops_per_gpu, "step_time_s": t,
+            "run_time_s": args.train_iters * t if args.train_iters else None, "fits": verdict == "fits" if verdict else None,
             "samples_per_step": n_micro * work.micro_batch * layout.dp, "params_total": est.params_total,
             "params_trainable_stage": est.params_trainable}
     return "\n".join(lines), data
@@ -241,7 +257,7 @@ def rank_layouts(cfg, work, train, args, capacity) -> tuple[str, list[dict]]:
     if len(fitting) > args.top:
         lines.append(f"... {len(fitting) - args.top} more (--top N)")
     lines.append(f"best first: fits, then time per sample (model FLOPs at {args.mfu:.0%} MFU of {args.peak_tflops:g} "
-                 f"TFLOP/s, + 1/3 for full recompute, + pipeline bubble; communication not modelled), then least "
+                 f"TFLOP/s, times 4/3 with full recompute, times the pipeline bubble; communication not modelled), then least "
                  f"model parallelism (TP x PP x CP), then lowest peak")
     return "\n".join(lines), fitting
 
