@@ -81,3 +81,13 @@ def test_an_empty_checkpoint_folder_is_called_empty(tmp_path):
     (tmp_path / "ckpt" / "notes.txt").write_text("x")  # something else: say what was looked for
     with pytest.raises(ConfigError, match=r"no latest / iter_\* .*metadata\.json .*pass --checkpoint-format"):
         resolve_checkpoint(tmp_path / "ckpt")
+
+
+def test_a_parallel_layout_started_without_torchrun_says_how_to_launch_it():
+    from tests.torchrun import run_python
+
+    out = run_python("pretrain_custom.py", "--config", "examples/tiny_3d.yaml", "--tensor-model-parallel-size", "2",
+                     expect_ok=False, timeout=120)
+    (error,) = [line for line in out.splitlines() if line.startswith("error:")]
+    assert "needs 2 processes" in error and "torchrun --nproc-per-node 2 pretrain_custom.py" in error, out
+    assert "Traceback" not in out
