@@ -88,6 +88,7 @@ def test_compare_mcore_at_tp2(diffusers_dir, release_dir, tmp_path):
     out = torchrun(2, "-m", "hcustom_mc.checkpoint.compare", "--reference-diffusers", diffusers_dir,
                    "--ckpt", tmp_path / "mcore", "--ckpt-format", "mcore", "--tp", 2)
     assert "OK" in out
+    assert f"{tmp_path / 'mcore'} (mcore) at TP 2 vs diffusers: max abs difference" in out  # which run said OK
 
 
 def test_checkpoint_with_wrong_keys_lists_them(release_dir, tmp_path):

@@ -124,6 +124,7 @@ def test_step_progress_reports_eta():
     assert len(lines) == 3 and lines[0].startswith("denoise 1/4")
     assert "step 3.00s" in lines[-1] and "mean 2.00s" in lines[-1] and "ETA 00:02" in lines[-1]
     assert summary["steps"] == 3 and summary["total_s"] == 6.0 and summary["mean_s_per_step"] == 2.0
+    assert summary["step_s"] == [2.0, 1.0, 3.0]  # each step's time, for the sidecar
 
     class Terminal(io.StringIO):
         def isatty(self):

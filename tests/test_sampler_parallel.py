@@ -73,6 +73,7 @@ def test_audio_job_writes_a_playable_mp4_with_its_audio_track(reference):
     assert (reference / "000_audio.png").stat().st_size > 0
     sidecar = json.loads((reference / "000_audio.json").read_text())
     assert sidecar["job"]["seed"] == 7 and sidecar["job"]["steps"] == 3 and sidecar["denoise"]["steps"] == 3
+    assert len(sidecar["denoise"]["step_s"]) == 3 and all(t > 0 for t in sidecar["denoise"]["step_s"])
 
 
 @pytest.mark.parametrize("nproc,layout", [

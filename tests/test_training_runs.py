@@ -151,6 +151,8 @@ def test_readme_demo_trains_and_logs_to_mlflow(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{demo / 'mlflow.db'}")
     (run_,) = client.search_runs([client.get_experiment_by_name("hcustom-mc").experiment_id])
     assert run_.data.params["parallel.tensor_parallel"] == "2"
+    assert run_.data.params["world_size"] == "8" and run_.data.params["data_parallel"] == "2"
+    assert run_.info.run_name == f"tiny audio tp2-pp2-cp1-dp2 {demo.name}"  # not MLflow's random words
     for key in ("loss", "grad_norm", "lr", "step_time_s", "tokens_per_s", "tflops_per_device", "peak_mem_gib"):
         assert len(client.get_metric_history(run_.info.run_id, key)) == 8, key
     assert (demo / "checkpoints" / "latest").read_text().strip() == "iter_0000008"

@@ -110,7 +110,8 @@ def main(argv=None) -> int:
         dist.broadcast(diff, src=0)
         ok = bool(diff <= args.tolerance)
         if info.rank == 0:
-            print(f"max abs difference: {diff.item():.3e} (tolerance {args.tolerance:.1e}) -> {'OK' if ok else 'MISMATCH'}")
+            print(f"{args.ckpt} ({args.ckpt_format}) at TP {args.tp} vs diffusers: max abs difference "
+                  f"{diff.item():.3e} (tolerance {args.tolerance:.1e}) -> {'OK' if ok else 'MISMATCH'}")
     finally:
         destroy_parallel()
     return 0 if ok else 1

@@ -223,7 +223,7 @@ class StepProgress:
         steps = len(self.times)
         total = sum(self.times)
         return {"steps": steps, "total_s": total, "mean_s_per_step": total / steps if steps else 0.0,
-                "wall_s": time.perf_counter() - self._started}
+                "step_s": [round(t, 4) for t in self.times], "wall_s": time.perf_counter() - self._started}
 
     def close(self) -> dict:
         if self.enabled and self._tty:

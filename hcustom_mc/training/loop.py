@@ -34,7 +34,8 @@ from hcustom_mc.training.objective import flow_matching_loss_sum
 from hcustom_mc.training.save_lock import prepare_save_folder
 from hcustom_mc.training.save_lock import release_all as release_save_locks
 from hcustom_mc.training.overlap import ddp_and_optimizer_overlap
-from hcustom_mc.training.tracking import Tracker, model_flops_per_sample, peak_memory_gib, peak_tflops
+from hcustom_mc.training.tracking import (Tracker, default_run_name, model_flops_per_sample, peak_memory_gib,
+                                         peak_tflops)
 from hcustom_mc.device import compute_device, misplaced, resolve_device
 
 log = logging.getLogger("hcustom_mc")
@@ -311,8 +312,11 @@ def train(cfg: TrainConfig) -> dict:
 
     # Tracking.
     tracker = Tracker(info.rank == 0, cfg.logging.run_dir, cfg.logging.mlflow_tracking_uri, cfg.logging.mlflow_experiment,
-                      cfg.logging.run_name, run_id=train_state.get("mlflow_run_id") if resume is not None else None)
-    tracker.log_params(cfg.to_dict())
+                      cfg.logging.run_name or default_run_name(cfg, info),
+                      run_id=train_state.get("mlflow_run_id") if resume is not None else None)
+    # the config, and what the launch decided: the world and data-parallel sizes and the device
+    tracker.log_params({**cfg.to_dict(), "world_size": info.world_size, "data_parallel": info.dp_size,
+                        "device": info.device.type})
     if resume is not None and changed:  # MLflow params cannot change: record the override beside them
         tracker.log_params({f"schedule_override_at_step_{start_step}": "; ".join(changed)})
     peak = peak_tflops(cfg.bf16, cfg.logging.peak_tflops)

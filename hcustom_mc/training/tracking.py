@@ -114,6 +114,15 @@ class Tracker:
             self.run = None
 
 
+def default_run_name(cfg, info) -> str:
+    """The MLflow run name when --run-name is not given: what the run trains, its layout and its run folder
+    (`13b audio tp4-pp2-cp2-dp2 20261207-031500`), instead of MLflow's random words."""
+    p = cfg.parallel
+    folder = f" {Path(cfg.logging.run_dir).name}" if cfg.logging.run_dir else ""
+    return (f"{Path(str(cfg.model)).stem} {cfg.variant} tp{p.tensor_parallel}-pp{p.pipeline_parallel}-"
+            f"cp{p.context_parallel}-dp{info.dp_size}{folder}")
+
+
 def _fmt(v) -> str:
     if v is None:
         return "n/a"
