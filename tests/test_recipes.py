@@ -76,3 +76,61 @@ def test_recipe_validates_and_is_the_planners_first_choice(path, tmp_path):
     expected = (f"TP {p.tensor_parallel}{' +SP' if p.sequence_parallel else ''} x PP {p.pipeline_parallel} x "
                 f"CP {p.context_parallel}{mode} x DP {dp}")
     assert first.startswith(expected), ranked.stdout
+
+
+def _readme_commands(script: str) -> list[list[str]]:
+    """The README's torchrun command lines that run `script` (continuation lines joined), as the script's argv."""
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    found = []
+    for line in text.splitlines():
+        if line.startswith("torchrun ") and f" {script} " in line:
+            words = shlex.split(line)
+            found.append((int(_flag(words, "--nnodes")) * int(_flag(words, "--nproc-per-node")),
+                          words[words.index(script) + 1:]))
+    return found
+
+
+def test_the_readme_preprocessing_command_names_a_recipe_with_the_released_encoders():
+    from hcustom_mc.data.preprocess_cli import parse_args
+    from hcustom_mc.training.config import build_config
+
+    (commands,) = [_readme_commands("tools/preprocess.py")]
+    assert commands
+    for world, argv in commands:
+        cfg = build_config(args=parse_args(argv))
+        assert Path(_flag(argv, "--config")).is_relative_to("examples/13b") and (REPO / _flag(argv, "--config")).is_file()
+        enc = cfg.data.encoders
+        assert (enc.llava, enc.clip, enc.whisper, enc.vae) == ("models/llava-llama-3-8b-v1_1",
+                                                             "models/openai_clip-vit-large-patch14",
+                                                             "models/whisper-tiny", "models/vae_3d/hyvae_v1_0801")
+        cfg.parallel.validate(world)
+
+
+def test_the_readme_training_commands_parse_and_fit_their_world():
+    from hcustom_mc.model.config import get_model_config
+    from hcustom_mc.training.config import build_config
+
+    commands = _readme_commands("pretrain_custom.py")
+    assert len(commands) >= 2
+    for world, argv in commands:
+        assert "--config" not in argv or (REPO / _flag(argv, "--config")).is_file(), argv
+        cfg = build_config(argv)
+        cfg.parallel.validate(world, get_model_config(cfg.model, cfg.variant))
+
+
+def test_the_readme_download_commands_exist_in_the_installed_hf_cli():
+    """huggingface-hub 2.x has no huggingface-cli: the README's `hf download` lines must parse with the `hf` that
+    installs with transformers (nothing is downloaded: --help only)."""
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    assert "huggingface-cli download" not in text
+    lines = [shlex.split(line) for line in text.splitlines() if line.startswith("hf download ")]
+    assert len(lines) >= 2
+    hf = Path(sys.executable).with_name("hf")
+    if not hf.exists():
+        pytest.skip("huggingface-hub's `hf` command is not installed beside this interpreter")
+    usage = subprocess.run([str(hf), "download", "--help"], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 0, usage.stderr
+    for words in lines:
+        assert words[2] == "tencent/HunyuanCustom"
+        for flag in (w for w in words if w.startswith("--")):
+            assert flag in usage.stdout, (flag, usage.stdout[:2000])
