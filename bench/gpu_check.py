@@ -10,7 +10,7 @@ the check goes on; all boxes together fit the 9-minute budget on one H100/H200):
                transformer_engine, nvidia.dali, megatron.core, av, mlflow import
   pytest_gpu   pytest -m gpu (compiled Triton kernels, bf16 tolerances, NCCL, attention backends)
   gloo_on_cuda tests/test_device.py: the multi-process path a one-GPU host takes (gloo, CUDA untouched)
-  kernels      bench/kernels.py at 720p, bf16: ours vs eager vs torch.compile, GB/s, % of HBM
+  kernels      bench/fused_kernels.py at 720p, bf16: ours vs eager vs torch.compile, GB/s, % of HBM
   attention    bench/attention.py --seq 16384,65536 --dtype bf16 (when present: issue 11 adds it)
   train_step   bench/train_step.py: 13B width, 2 double + 4 single blocks, 1280x720 x 129 frames, bf16,
                full recompute: step time, model TFLOP/s, MFU, peak memory, the planner beside it
@@ -131,7 +131,7 @@ def plan(env: dict, work: Path, dry_run: bool) -> list[Part]:
     parts.append(Part("gloo_on_cuda", "multi-process tests on this host (gloo; CUDA left untouched)", 40,
                       [*pytest, "tests/test_device.py", *(["-k", "not two_ranks"] if dry_run else [])]))
 
-    kernels = [py, "bench/kernels.py", "--out", str(w("kernels.md"))]
+    kernels = [py, "bench/fused_kernels.py", "--out", str(w("kernels.md"))]
     kernels += (["--shape", "tiny", "--dtype", "fp32", "--warmup", "1", "--iters", "1", "--no-compile",
                  "--kernels", "layernorm_modulate,frame_cross_attention"] if dry_run
                 else ["--shape", "720p", "--dtype", "bf16", "--warmup", "3", "--iters", "10"])

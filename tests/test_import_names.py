@@ -89,3 +89,13 @@ def test_a_wheel_installs_no_top_level_kernels(tmp_path):
     assert "kernels" not in tops, tops
     names = zipfile.ZipFile(wheel).namelist()
     assert {"hcustom_kernels/rope.py", "hcustom_kernels/block_attention.py", "hcustom_mc/__init__.py"} <= set(names)
+
+
+def test_no_script_folder_holds_a_module_named_like_an_installed_package():
+    """`python bench/x.py` puts bench/ first on sys.path: a bench/kernels.py there shadowed Hugging Face's kernels
+    for every bench script that imports transformers or diffusers. Likewise for tools/, examples/ and tests/."""
+    installed = importlib.metadata.packages_distributions()
+    clashes = [str(p.relative_to(REPO)) for folder in ("bench", "tools", "examples", "tests")
+               for p in (REPO / folder).iterdir()
+               if (p.stem if p.suffix == ".py" else p.name if p.is_dir() else None) in installed]
+    assert clashes == [], clashes

@@ -1,7 +1,7 @@
 """Benchmark the fused glue kernels against eager PyTorch and torch.compile of the same reference.
 
-    python bench/kernels.py                       # CPU: a tiny shape in Triton's interpreter (proves it runs)
-    python bench/kernels.py --shape 720p --dtype bf16 --out bench/results/kernels_h100.md   # on a GPU
+    python bench/fused_kernels.py                       # CPU: a tiny shape in Triton's interpreter (proves it runs)
+    python bench/fused_kernels.py --shape 720p --dtype bf16 --out bench/results/kernels_h100.md   # on a GPU
 
 Shapes (13B: 24 heads x 128, hidden 3072, audio head 1024, 16 audio tokens per frame):
   720p: 33 latent frames x 45 x 80 = 118,800 video + 3,600 identity tokens (+256 text)
