@@ -19,6 +19,14 @@ KERNELS_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 NEEDS_CUDA = "needs CUDA (torch.cuda.is_available() is False on this host)"
 
 
+def mcore_writes_common_pt() -> bool:
+    """Whether this megatron-core saves the common state as common.pt (0.16); 0.19 writes it into the .distcp
+    files (and still reads a common.pt it finds, so tests plant one there)."""
+    from megatron.core.dist_checkpointing import serialization
+
+    return not hasattr(serialization, "load_common_state_dict")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one (run them with `pytest -m gpu`)")
     config.addinivalue_line("markers", "slow: long trials (minutes); run with `-m slow` or HCUSTOM_RUN_SLOW=1")

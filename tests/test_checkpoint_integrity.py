@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import mcore_writes_common_pt
 from tests.torchrun import REPO, run_python
 
 TRAIN = ["pretrain_custom.py", "--config", "examples/tiny_3d.yaml", "--set", "zero_init=false"]
@@ -51,7 +52,8 @@ def test_manifest_lists_every_file(saved):
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
     assert sorted(manifest["files"]) == files
-    assert {".metadata", "common.pt", "metadata.json", "train_state.json", "rng/rank00000.pt"} <= set(files)
+    expected = {".metadata", "__0_0.distcp", "metadata.json", "train_state.json", "rng/rank00000.pt"}
+    assert expected | ({"common.pt"} if mcore_writes_common_pt() else set()) <= set(files)
     for rel, entry in manifest["files"].items():
         assert entry["size"] == (folder / rel).stat().st_size and entry["sha256"] == hash_file(folder / rel)
     assert verify_folder(folder, "full") == []
@@ -70,7 +72,7 @@ def test_bit_flip_detected_by_full_not_size(ck):
 def test_truncation_detected_by_size(ck):
     from hcustom_mc.checkpoint.integrity import verify_folder
 
-    target = ck / "iter_0000003" / "__0_1.distcp"
+    target = ck / "iter_0000003" / "__0_0.distcp"
     target.write_bytes(target.read_bytes()[:100])
     (problem,) = verify_folder(ck / "iter_0000003", "size")
     assert str(target) in problem and "truncated" in problem
@@ -89,11 +91,11 @@ def test_bit_flip_training_falls_back_or_refuses_explicit(ck, tmp_path):
 
 
 def test_converter_verifies_fully_by_default(ck, tmp_path):
-    _flip_bit(ck / "iter_0000003" / "common.pt", offset=200)
+    _flip_bit(ck / "iter_0000003" / "__0_0.distcp", offset=200)
     out = run_python("-m", "hcustom_mc.checkpoint.convert", "--src", ck / "iter_0000003", "--src-format", "mcore", "--dst",
                      tmp_path / "out", "--dst-format", "release", "--model-config", "tiny", "--variant", "audio",
                expect_ok=False)
-    assert "common.pt: sha256 mismatch" in out, out[-3000:]
+    assert "__0_0.distcp: sha256 mismatch" in out, out[-3000:]
 
 
 # ----------------------------------------------------------------------------- item 3: fallback
@@ -137,7 +139,7 @@ def test_incomplete_folders_and_nothing_sound(ck):
     (ck / "latest").unlink()
     assert select_checkpoint(ck, "size", complete="train_state.json") == ck / "iter_0000002"
     for name in ("iter_0000001", "iter_0000002"):
-        (ck / name / "common.pt").write_bytes(b"x")
+        (ck / name / ".metadata").write_bytes(b"x")
     with pytest.raises(CheckpointReadError, match="no sound checkpoint") as err:
         select_checkpoint(ck, "size", complete="train_state.json")
     assert "iter_0000003: " in str(err.value) and "incomplete" in str(err.value)

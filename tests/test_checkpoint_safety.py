@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import mcore_writes_common_pt
 from tests.torchrun import REPO, run_python
 
 
@@ -53,8 +54,8 @@ def _poisoned(setup, tmp_path, which: str) -> tuple[Path, Path]:
         assert isinstance(meta, Metadata)
         meta.planner_data = _Payload(marker)
         (folder / ".metadata").write_bytes(pickle.dumps(meta))
-    else:
-        common = torch.load(folder / "common.pt", weights_only=True)
+    else:  # 0.19 saves no common.pt but reads one it finds: planting it there is the attack
+        common = torch.load(folder / "common.pt", weights_only=True) if mcore_writes_common_pt() else {}
         common["extra"] = _Payload(marker)
         torch.save(common, folder / "common.pt")
     return ck, marker
@@ -105,7 +106,7 @@ def test_allowlist_reads_real_metadata_exactly(setup):
 
 def test_patched_torch_and_megatron_readers_refuse_payloads(setup, tmp_path):
     """Not only our preflight: the readers megatron and torch call themselves are safe after install."""
-    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+    from megatron.core.dist_checkpointing.strategies import common as mcore_common
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
@@ -119,8 +120,10 @@ def test_patched_torch_and_megatron_readers_refuse_payloads(setup, tmp_path):
         with pytest.raises(UnsafeCheckpointError, match="refusing to load"):
             if which == ".metadata":
                 FileSystemReader(str(folder)).read_metadata()
-            else:
-                TorchCommonLoadStrategy().load_common(folder)
+            elif hasattr(mcore_common, "TorchCommonLoadStrategy"):  # megatron-core 0.16
+                mcore_common.TorchCommonLoadStrategy().load_common(folder)
+            else:  # 0.19: a module function, reading through maybe_msc.torch
+                mcore_common.load_common(folder)
         assert not marker.exists()
     buf = io.BytesIO()
     torch.save(_Payload(marker), buf)
@@ -144,6 +147,8 @@ def test_damaged_files_are_named(setup, tmp_path, name, damage):
 
     folder = tmp_path / "iter_0000002"
     shutil.copytree(setup / "ck" / "iter_0000002", folder)
+    if name == "common.pt" and not mcore_writes_common_pt():  # 0.19 reads a legacy common.pt it finds
+        torch.save({"step": 2}, folder / name)
     data = (folder / name).read_bytes()
     (folder / name).write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x80\x04garbage" * 7,
                                  "not utf-8": b"\xff\xfe\x00bad", "empty": b""}[damage])

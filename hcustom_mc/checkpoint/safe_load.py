@@ -1,10 +1,11 @@
 """Reading megatron-core distributed checkpoints without ever running code stored in them.
 
-What megatron-core 0.16 (over torch 2.13 distributed checkpointing) reads from a checkpoint folder:
+What megatron-core 0.16 and 0.19 (over torch 2.13 distributed checkpointing) read from a checkpoint folder:
 
     metadata.json   json.load (megatron `maybe_load_config`)                              safe as is
     .metadata       plain `pickle.load` (torch `FileSystemReader.read_metadata`)          -> restricted unpickler
-    common.pt       `torch.load(path)`, no weights_only (megatron `load_common`)          -> weights_only forced
+    common.pt       `torch.load(path)`, no weights_only (megatron `load_common`; 0.19 writes the common state
+                    into the .distcp files instead but still reads a common.pt it finds)  -> weights_only forced
     <key>.pt        ShardedObject files, `torch.load(path)` (megatron `load_sharded_objects`) -> weights_only forced
     __R_K.distcp    tensors: torch.load(weights_only=True) (torch); BYTE_IO items: torch.load(weights_only=False)
                     in `DefaultLoadPlanner.load_bytes`                                    -> weights_only forced
@@ -188,8 +189,20 @@ def install_safe_readers() -> None:
     read_metadata.__hcustom_safe__ = True
     FileSystemReader.read_metadata = read_metadata
     shim = _WeightsOnlyTorch()
-    mcore_common.torch = shim  # common.pt and ShardedObject files
+    mcore_common.torch = shim  # common.pt and ShardedObject files (megatron-core 0.16)
+    if hasattr(mcore_common, "maybe_msc"):  # 0.19 reads a legacy common.pt through maybe_msc.torch.load
+        mcore_common.maybe_msc = _SafeStorageClient(mcore_common.maybe_msc, shim)
     planner.torch = shim  # BYTE_IO items in .distcp files
+
+
+class _SafeStorageClient:
+    """megatron's MaybeMultiStorageClient with `torch` replaced by the weights-only shim."""
+
+    def __init__(self, inner, shim):
+        self._inner, self._shim = inner, shim
+
+    def __getattr__(self, name):
+        return self._shim if name == "torch" else getattr(self._inner, name)
 
 
 def _load_metadata_bytes(data: bytes, source: str):
