@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from hcustom_mc import console
+from hcustom_mc.checkpoint.verify_modes import DEFAULT_VERIFY, VERIFY_HELP, VERIFY_MODES
 from hcustom_mc.model.config import ConfigError
 
 log = logging.getLogger("hcustom_mc")
@@ -46,8 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="LoRA adapters merged into the DiT weights after loading, times SCALE (default scale 1); repeat "
                         "for several: an `hcustom_mc.checkpoint.lora export --format original` file or a training "
                         "checkpoint (default: none)")
-    m.add_argument("--verify-checkpoint", default="size", choices=("full", "size", "off"),
-                   help="mcore checkpoints: check the files against the manifest (full: sizes and sha256) (default: size)")
+    m.add_argument("--verify-checkpoint", default=DEFAULT_VERIFY, choices=VERIFY_MODES,
+                   help="mcore checkpoints: " + VERIFY_HELP)
     m.add_argument("--model-config", default=None, help="tiny | 13b | file; for checkpoints without a config "
                    "(default: not set: the checkpoint's own config)")
     m.add_argument("--variant", default="base", choices=("base", "audio", "editing"),

@@ -31,6 +31,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hcustom_mc.checkpoint.verify_modes import DEFAULT_VERIFY, VERIFY_HELP, VERIFY_MODES
 from hcustom_mc.model.config import ConfigError
 
 log = logging.getLogger("hcustom_mc")
@@ -82,7 +83,7 @@ def _ensure_process_group() -> bool:
     return True
 
 
-def read_training_adapters(path: str | Path, ema: bool = False, verify: str = "size",
+def read_training_adapters(path: str | Path, ema: bool = False, verify: str = DEFAULT_VERIFY,
                            alpha: float | None = None) -> Adapters:
     """The adapters of a training checkpoint (save root or iter_* folder, any layout), whole, in fp32."""
     import torch
@@ -336,7 +337,7 @@ _DIFFUSERS_ORIGINAL_CAVEATS = ("self_attn_qkv", "final_layer.adaLN_modulation.1"
 
 
 def export(ckpt: str | Path, fmt: str, out: str | Path, *, ema: bool = False, dtype: torch.dtype | None = None,
-           alpha: float | None = None, base_check: bool = True, verify: str = "size") -> dict:
+           alpha: float | None = None, base_check: bool = True, verify: str = DEFAULT_VERIFY) -> dict:
     """Write the adapters of training checkpoint `ckpt` as `out` (.safetensors); returns a summary."""
     from safetensors.torch import save_file
 
@@ -398,8 +399,7 @@ def parse_args(argv=None):
     e.add_argument("--no-base-check", action="store_true", help="leave out the base fingerprint: --lora / "
                    "--merge-lora then apply it to any base (switch; default: off)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out (switch; default: off)")
-    e.add_argument("--verify-checkpoint", default="size", choices=("full", "size", "off"),
-                   help="check the checkpoint's files against its manifest (full: sizes and sha256) (default: size)")
+    e.add_argument("--verify-checkpoint", default=DEFAULT_VERIFY, choices=VERIFY_MODES, help=VERIFY_HELP)
     e.add_argument("--verbose", action="store_true", help="show known third-party warnings (switch; default: off)")
     args = p.parse_args(argv)
     if args.out.suffix != ".safetensors":

@@ -16,6 +16,7 @@ from typing import Any
 from hcustom_mc.model.config import ConfigError, load_yaml
 from hcustom_mc.data.config import TASKS, DataConfig, EncoderPaths  # noqa: F401 (part of the training config)
 from hcustom_mc.parallel.config import ParallelConfig
+from hcustom_mc.checkpoint.verify_modes import DEFAULT_VERIFY, VERIFY_HELP
 
 
 def _lora_default_targets():
@@ -61,7 +62,7 @@ class CheckpointConfig:
     pretrained_key: str = "module"  # module | ema (release files and our checkpoints)
     pretrained_allow_missing: list[str] = field(default_factory=list)  # name prefixes initialised fresh
     override_schedule: bool = False  # resume with a changed LR schedule / length (continues from the step)
-    verify: str = "size"  # loading: full (sizes + sha256 against the manifest) | size | off
+    verify: str = DEFAULT_VERIFY  # loading: full (sizes + sha256 against the manifest) | size | off
 
 
 @dataclass
@@ -248,7 +249,7 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--lora-targets": ("lora_targets", list, "module-name patterns (fnmatch) given adapters"),
     "--save-interval": ("checkpoint.save_interval", int, "save every N steps"),
     "--keep-last": ("checkpoint.keep_last", int, "checkpoints kept"),
-    "--verify-checkpoint": ("checkpoint.verify", str, "check --load's files against the manifest: full | size | off"),
+    "--verify-checkpoint": ("checkpoint.verify", str, VERIFY_HELP.replace("the checkpoint about to be loaded", "--load")),
     "--log-interval": ("logging.log_interval", int, "console/MLflow logging every N steps"),
     "--mlflow-tracking-uri": ("logging.mlflow_tracking_uri", str, "MLflow tracking URI: a server or a store"),
     "--run-dir": ("logging.run_dir", str, "run folder (logs, MLflow store)"),

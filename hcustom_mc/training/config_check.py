@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from hcustom_mc.checkpoint.verify_modes import VERIFY_MODES
+
 
 @dataclass(frozen=True)
 class Range:
@@ -58,7 +60,7 @@ RANGES: dict[str, Range] = {
     "logging.log_interval": AT_LEAST_1, "logging.peak_tflops": POSITIVE,
     "ema_decay": Range(0, 1, lo_open=True, hi_open=True), "skip_nonfinite_steps": NON_NEGATIVE,
 }
-CHOICES: dict[str, tuple] = {"checkpoint.verify": ("full", "size", "off"),
+CHOICES: dict[str, tuple] = {"checkpoint.verify": VERIFY_MODES,
                              "checkpoint.pretrained_format": ("auto", "release", "diffusers", "mcore"),
                              "checkpoint.pretrained_key": ("module", "ema")}
 
