@@ -373,7 +373,7 @@ def train(cfg: TrainConfig) -> dict:
                                   # what `python -m hcustom_mc.checkpoint.lora export` needs besides the tensors
                                   "lora": {"rank": cfg.lora_rank, "alpha": float(cfg.lora_rank if cfg.lora_alpha is None else cfg.lora_alpha),
                                            "targets": list(cfg.lora_targets)} if cfg.lora_rank else None},
-                                 model_cfg, cfg.checkpoint.keep_last, ema=ema, adapter_base=adapter_base)
+                                 model_cfg, cfg.checkpoint.keep_last, ema=ema, adapter_base=adapter_base, loaded=resume)
         if stopping:
             if info.rank == 0:
                 reason = f"signal {stop.signal}" if stop.signal else f"--exit-after-iters {cfg.exit_after_steps}"
