@@ -71,8 +71,11 @@ def stale_reason(holder: dict) -> str | None:
 
 
 class SaveLock:
-    def __init__(self, root: str | Path):
+    """`flag` and `what` word the refusal: the training --save folder's checkpoints, or the sampler's --out."""
+
+    def __init__(self, root: str | Path, flag: str = "--save", what: str = "checkpoints"):
         self.root = Path(root)
+        self.flag, self.what = flag, what
         self.path = self.root / LOCK_FILE
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": _proc_start(os.getpid()),
                    "start_time": time.time(), "heartbeat": time.time()}
@@ -114,9 +117,9 @@ class SaveLock:
                 continue
             why = stale_reason(holder) if holder else "the lock file is unreadable"
             if why is None:
-                raise ConfigError(f"--save {self.root} is being written by another job ({describe(holder)}): two jobs "
-                                  f"writing one folder replace each other's checkpoints. Wait for it to finish, stop "
-                                  f"it, or pass another --save (if that job is surely gone, delete {self.path})")
+                raise ConfigError(f"{self.flag} {self.root} is being written by another job ({describe(holder)}): two "
+                                  f"jobs writing one folder replace each other's {self.what}. Wait for it to finish, "
+                                  f"stop it, or pass another {self.flag} (if that job is surely gone, delete {self.path})")
             with self._guard():
                 if self._read() == holder:  # nobody else took it over meanwhile
                     log.warning("taking over the stale lock %s (%s): %s", self.path,
