@@ -19,6 +19,7 @@ def main(argv=None) -> int:
     from hcustom_mc.training.config import build_config
 
     cfg = build_config(argv)  # --help and a misspelt flag end here, before torch and megatron load
+    cfg.validate(console.world_size())  # every field's type and range, before anything uses them
     # the heavy imports come after the arguments are parsed
     from hcustom_mc.training.loop import run
     from hcustom_mc.training.overlap import set_cuda_connections

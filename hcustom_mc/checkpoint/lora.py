@@ -150,9 +150,15 @@ def read_adapter_file(path: str | Path) -> Adapters:
     if path.suffix != ".safetensors":
         raise AdapterError(f"LoRA file {path}: only .safetensors adapter files are read (export one with "
                            "`python -m hcustom_mc.checkpoint.lora export`), or pass a training checkpoint folder")
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
-        sd = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # SafetensorError (not a safetensors file: a renamed pickle, truncated), bad JSON
+        raise AdapterError(f"LoRA file {path} is not a readable .safetensors adapter file ({type(exc).__name__}: "
+                           f"{' '.join(str(exc).split())[:200]}); nothing in it was run") from None
+    if not isinstance(meta, dict):
+        raise AdapterError(f"LoRA file {path}: its {META_KEY!r} metadata is not a mapping")
     if meta.get("format") == "diffusers" or any(k.startswith("transformer.") for k in sd):
         raise AdapterError(f"{path} is in the diffusers layout (for diffusers pipelines); this needs the original "
                            "layout: export with --format original")

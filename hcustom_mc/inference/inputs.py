@@ -258,6 +258,8 @@ def validate_job(job: SampleJob, model_cfg, world_size: int = 1, tp: int = 1, cp
     if too_big or (r.height or 0) * (r.width or 0) > MAX_PIXELS:
         errors.append(f"{r.width}x{r.height} is larger than the model supports (at most {MAX_SIDE} a side and "
                       f"720x1280 pixels in all{': ' + ', '.join(too_big) if too_big else ''})")
+    if r.seed is not None and not 0 <= r.seed < 2**64:
+        errors.append(f"seed must be between 0 and 2**64 - 1 (torch's generator seeds), got {r.seed}")
     if r.steps is not None and r.steps > MAX_STEPS:
         errors.append(f"steps {r.steps} is more than the scheduler's {MAX_STEPS} timesteps")
 

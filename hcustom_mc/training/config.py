@@ -114,7 +114,7 @@ class TrainConfig:
 
         errors = field_errors(self)  # every field's type and range (config_check.RANGES), generically
         if errors:  # the checks below compare values, which needs the right types
-            raise ConfigError("invalid training config:\n  - " + "\n  - ".join(errors))
+            raise ConfigError(_invalid(errors))
         dp = self.parallel.data_parallel(world_size) if world_size % (
             self.parallel.tensor_parallel * self.parallel.pipeline_parallel * self.parallel.context_parallel) == 0 else None
         if self.micro_batch_size < 1:
@@ -176,8 +176,17 @@ class TrainConfig:
         if ck.pretrained_allow_missing and not ck.pretrained:
             errors.append("--pretrained-allow-missing needs --pretrained")
 
+        if self.optim.min_lr > self.optim.lr:
+            errors.append(f"optim.min_lr {self.optim.min_lr:g} is greater than optim.lr {self.optim.lr:g} (--min-lr "
+                          f"must be <= --lr: the schedule decays from --lr to --min-lr)")
+        if self.kernels == "triton" and not _triton_can_run():
+            errors.append("kernels=triton (--kernels triton) needs a CUDA GPU and this host has none: use --kernels "
+                          "auto or torch (or TRITON_INTERPRET=1, the slow Triton interpreter)")
+        run_dir = Path(self.logging.run_dir)
+        if run_dir.exists() and not run_dir.is_dir():
+            errors.append(f"logging.run_dir {run_dir} is a file, not a folder (--run-dir): pass a folder")
         if errors:
-            raise ConfigError("invalid training config:\n  - " + "\n  - ".join(errors))
+            raise ConfigError(_invalid(errors))
         return self
 
     def model_config(self):
@@ -269,6 +278,21 @@ SECTION_GROUP = {"parallel": "parallel", "optim": "optimizer", "data": "data", "
                  "logging": "logging"}
 GROUPS = {"model": "model", "parallel": "parallel layout", "data": "data", "optimizer": "optimizer, batch and schedule",
           "checkpoint": "checkpoint", "logging": "logging and console"}
+
+
+def _invalid(errors: list[str]) -> str:
+    """One problem: one line. Several: a list."""
+    if len(errors) == 1:
+        return f"invalid training config: {errors[0]}"
+    return "invalid training config:\n  - " + "\n  - ".join(errors)
+
+
+def _triton_can_run() -> bool:
+    import os
+
+    import torch
+
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def field_default(dotted: str):
@@ -381,12 +405,16 @@ def build_config(argv=None, args: argparse.Namespace | None = None) -> TrainConf
     if args.config is not None:
         if not args.config.is_file():
             raise ConfigError(f"--config {args.config} does not exist")
-        _apply_mapping(cfg, load_yaml(args.config.read_text()) or {})
+        data = _yaml(args.config.read_text(errors="replace"), f"--config {args.config}")
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"--config {args.config} must hold a mapping of TrainConfig fields (name: value), "
+                              f"got a {type(data).__name__}")
+        _apply_mapping(cfg, data or {})
     for item in args.set:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        _set(cfg, key, load_yaml(raw))
+        _set(cfg, key, _yaml(raw, f"--set {key}"))
     if getattr(args, "verbose", False):  # (the console itself is set up from argv, before this runs)
         cfg.logging.verbose = True
     for flag, (dest, typ, _) in FLAGS.items():
@@ -394,6 +422,19 @@ def build_config(argv=None, args: argparse.Namespace | None = None) -> TrainConf
         if value is not None:
             _set(cfg, dest, False if typ == "false" else value)
     return cfg
+
+
+def _yaml(text: str, source: str):
+    """load_yaml, a syntax error said in one line naming `source` and the line."""
+    import yaml
+
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{source} is not valid YAML{where}: {what}") from None
 
 
 def config_json(cfg: TrainConfig) -> str:

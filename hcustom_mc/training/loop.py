@@ -336,7 +336,7 @@ def train(cfg: TrainConfig) -> dict:
                                   forward_only=False)
         _inject_fault(step, losses, chunks)
         loss, per_micro = micro_batch_losses(losses, num_micro, device)
-        problem = _nonfinite_loss(per_micro, step, task, cfg)
+        problem = _nonfinite_loss(per_micro, step, task, cfg, batches)
         grad_norm = float("nan")
         if problem is None:
             applied, grad_norm = optimizer_step(optimizer, cfg.optim.clip_grad)
@@ -408,14 +408,20 @@ def _optimizer_state_numel(optimizer) -> int:
                if k in ("exp_avg", "exp_avg_sq") and torch.is_tensor(t))
 
 
-def _nonfinite_loss(per_micro: list[float], step: int, task: str, cfg) -> str | None:
+def _nonfinite_loss(per_micro: list[float], step: int, task: str, cfg, batches=None) -> str | None:
     bad = [(m, v) for m, v in enumerate(per_micro) if not math.isfinite(v)]
     if not bad:
         return None
     m, v = bad[0]
     mbs = cfg.micro_batch_size
+    where = ""
+    if batches is not None and m < len(batches.sources):  # this rank's samples of that micro batch
+        data_bad = batches.nonfinite_sources[m]
+        where = (f"; its data holds NaN/inf: {'; '.join(data_bad)}" if data_bad
+                 else f"; its samples here: {'; '.join(batches.sources[m])}")
     return (f"step {step} (task {task}): the loss is {v} in micro batch {m} (samples {m * mbs}..{m * mbs + mbs - 1} of "
-            f"each data-parallel rank's share){f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; the step was not applied")
+            f"each data-parallel rank's share){f' and {len(bad) - 1} more' if len(bad) > 1 else ''}{where}; the step "
+            f"was not applied")
 
 
 def _inject_fault(step: int, losses: list[dict], chunks) -> None:
