@@ -11,24 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_checkpoint_integrity import TRAIN, ck, saved  # noqa: F401  (fixtures: iter_1..3 of a tiny run)
+from tests.test_checkpoint_integrity import _flip_bit as _flip_byte
 from tests.torchrun import run_python
-
-TRAIN = ["pretrain_custom.py", "--config", "examples/tiny_3d.yaml", "--set", "zero_init=false"]
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """iter_0000001..3 of a tiny run, every step saved."""
-    root = tmp_path_factory.mktemp("loss")
-    run_python(*TRAIN, "--train-iters", 3, "--save-interval", 1, "--keep-last", 3, "--save", root / "ck",
-               "--run-dir", root / "run")
-    return root / "ck"
-
-
-@pytest.fixture
-def ck(saved, tmp_path):
-    shutil.copytree(saved, tmp_path / "ck")
-    return tmp_path / "ck"
 
 
 def _zero_block(path: Path) -> None:
@@ -36,12 +21,6 @@ def _zero_block(path: Path) -> None:
     data = bytearray(path.read_bytes())
     start = max(0, len(data) // 2 - 2048)
     data[start:start + 4096] = bytes(min(4096, len(data) - start))
-    path.write_bytes(bytes(data))
-
-
-def _flip_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
 
 

@@ -135,13 +135,12 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
     except integrity.CheckpointWriteError as exc:  # disk full, permissions: every rank learns it below
         error = exc
     _raise_write_errors(error, tmp)  # collective (in place of a barrier): no rank waits for a failed one
-    with integrity.write_errors_explained(tmp, need):
-        try:
-            integrity.seal_folder(tmp)  # hash + fsync every file, write the manifest
-        except integrity.CheckpointWriteError:
-            if dist.get_rank() == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    try:
+        with integrity.write_errors_explained(tmp, need):
+            integrity.seal_folder(tmp)  # hash + fsync every file, write the manifest (rank 0)
+    except integrity.CheckpointWriteError as exc:
+        error = exc
+    _raise_write_errors(error, tmp)
     _fault(step, "sealed")
     if dist.get_rank() == 0:
         if final.exists():
