@@ -279,7 +279,11 @@ def load_manifest(path: str | os.PathLike) -> list[ManifestEntry]:
 
 def _relative(p: Path | None, root: Path) -> str | None:
     # Relative paths keep a dataset folder relocatable; as_posix so a manifest written anywhere reads anywhere.
-    return None if p is None else Path(os.path.relpath(os.path.abspath(p), root)).as_posix()
+    # A file outside the folder stays absolute: a relative path may not leave it (load_manifest refuses that).
+    if p is None:
+        return None
+    full, root = Path(os.path.abspath(p)), Path(os.path.abspath(root))
+    return Path(os.path.relpath(full, root)).as_posix() if full.is_relative_to(root) else full.as_posix()
 
 
 def entry_to_json(entry: ManifestEntry, root: str | os.PathLike) -> dict:
