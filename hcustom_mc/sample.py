@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from hcustom_mc import console
-from hcustom_mc.checkpoint.verify_modes import DEFAULT_VERIFY, VERIFY_HELP, VERIFY_MODES
+from hcustom_mc.checkpoint.verify_modes import DEFAULT_VERIFY, VERIFY_MODES, flag_help
 from hcustom_mc.model.config import ConfigError
 
 log = logging.getLogger("hcustom_mc")
@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "for several: an `hcustom_mc.checkpoint.lora export --format original` file or a training "
                         "checkpoint (default: none)")
     m.add_argument("--verify-checkpoint", default=DEFAULT_VERIFY, choices=VERIFY_MODES,
-                   help="mcore checkpoints: " + VERIFY_HELP)
+                   help=flag_help("mcore checkpoints: "))
     m.add_argument("--model-config", default=None, help="tiny | 13b | file; for checkpoints without a config "
                    "(default: not set: the checkpoint's own config)")
     m.add_argument("--variant", default="base", choices=("base", "audio", "editing"),

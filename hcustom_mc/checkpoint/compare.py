@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from hcustom_mc import console
-from hcustom_mc.checkpoint.verify_modes import DEFAULT_VERIFY, VERIFY_HELP, VERIFY_MODES
+from hcustom_mc.checkpoint.verify_modes import DEFAULT_VERIFY, VERIFY_MODES, flag_help
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # torch dtype names: torch is loaded after the flags are parsed
 
@@ -61,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--text-len", type=int, default=12, help="random text tokens (default: 12)")
     p.add_argument("--seed", type=int, default=0, help="input seed (default: 0)")
     p.add_argument("--verify-checkpoint", default=DEFAULT_VERIFY, choices=VERIFY_MODES,
-                   help="mcore --ckpt: " + VERIFY_HELP)
+                   help=flag_help("mcore --ckpt: "))
     p.add_argument("--verbose", action="store_true", help="show known third-party warnings and every rank's "
                    "warnings (switch; default: off)")
     return p.parse_args(argv)

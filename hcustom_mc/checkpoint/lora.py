@@ -31,7 +31,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hcustom_mc.checkpoint.verify_modes import DEFAULT_VERIFY, VERIFY_HELP, VERIFY_MODES
+from hcustom_mc.checkpoint.verify_modes import DEFAULT_VERIFY, VERIFY_MODES, flag_help
 from hcustom_mc.model.config import ConfigError
 
 log = logging.getLogger("hcustom_mc")
@@ -405,7 +405,7 @@ def parse_args(argv=None):
     e.add_argument("--no-base-check", action="store_true", help="leave out the base fingerprint: --lora / "
                    "--merge-lora then apply it to any base (switch; default: off)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out (switch; default: off)")
-    e.add_argument("--verify-checkpoint", default=DEFAULT_VERIFY, choices=VERIFY_MODES, help=VERIFY_HELP)
+    e.add_argument("--verify-checkpoint", default=DEFAULT_VERIFY, choices=VERIFY_MODES, help=flag_help())
     e.add_argument("--verbose", action="store_true", help="show known third-party warnings (switch; default: off)")
     args = p.parse_args(argv)
     if args.out.suffix != ".safetensors":

@@ -7,6 +7,11 @@ DEFAULT_VERIFY = "full"
 # page cache; a cold read adds the disk's own time): what the default costs per GB of checkpoint per rank; the
 # ranks hash their own files side by side, so a sharded checkpoint costs its largest rank's share
 VERIFY_COST = "about 1 s per GB per rank (measured 0.7-1.2 s/GB)"
-VERIFY_HELP = (f"check the checkpoint about to be loaded against its manifest: full (sizes + sha256 of every file, "
+VERIFY_HELP = (  # the training flag table adds "(default: full)" itself; argparse flags use flag_help()f"check the checkpoint about to be loaded against its manifest: full (sizes + sha256 of every file, "
                f"each rank hashing its own files; {VERIFY_COST}; catches same-size damage) | size (sizes only: "
                f"misses a flipped byte) | off (no check; also loads a folder whose manifest is missing)")
+
+
+def flag_help(what: str = "") -> str:
+    """`--verify-checkpoint`'s help for an argparse entry point, `what` naming the checkpoint it checks."""
+    return f"{what}{VERIFY_HELP} (default: {DEFAULT_VERIFY})"
