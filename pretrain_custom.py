@@ -7,8 +7,6 @@
 Flags override the YAML file; `--set key.sub=value` reaches any field. See `--help`.
 """
 
-import os
-
 from hcustom_mc import console
 from hcustom_mc.model.config import ConfigError
 
@@ -21,14 +19,7 @@ def main(argv=None) -> int:
     from hcustom_mc.training.config import build_config
 
     cfg = build_config(argv)  # --help and a misspelt flag end here, before torch and megatron load
-    p = cfg.parallel
-    model_parallel = p.tensor_parallel * p.pipeline_parallel * p.context_parallel
-    if "WORLD_SIZE" not in os.environ and model_parallel > 1:  # started as plain `python`, not by torchrun
-        raise ConfigError(f"TP {p.tensor_parallel} x PP {p.pipeline_parallel} x CP {p.context_parallel} needs "
-                          f"{model_parallel} processes (times the data-parallel size) and this is one: launch it with "
-                          f"`torchrun --nproc-per-node {model_parallel} pretrain_custom.py ...` (or `python -m "
-                          f"hcustom_mc.launch --nproc-per-node {model_parallel} pretrain_custom.py ...`; README "
-                          f"'Training' has the multi-node command)")
+    cfg.validate(console.world_size())  # every field's type and range, before anything uses them
     # the heavy imports come after the arguments are parsed
     from hcustom_mc.training.loop import run
     from hcustom_mc.training.overlap import set_cuda_connections

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from hcustom_mc import console
+from hcustom_mc.checkpoint.verify_modes import DEFAULT_VERIFY, VERIFY_MODES, flag_help
 from hcustom_mc.model.config import ConfigError
 
 log = logging.getLogger("hcustom_mc")
@@ -51,8 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="LoRA adapters merged into the DiT weights after loading, times SCALE (default scale 1); repeat "
                         "for several: an `hcustom_mc.checkpoint.lora export --format original` file or a training "
                         "checkpoint (default: none)")
-    m.add_argument("--verify-checkpoint", default="size", choices=("full", "size", "off"),
-                   help="mcore checkpoints: check the files against the manifest (full: sizes and sha256) (default: size)")
+    m.add_argument("--verify-checkpoint", default=DEFAULT_VERIFY, choices=VERIFY_MODES,
+                   help=flag_help("mcore checkpoints: "))
     m.add_argument("--model-config", default=None, help="tiny | 13b | file; for checkpoints without a config "
                    "(default: not set: the checkpoint's own config)")
     m.add_argument("--variant", default="base", choices=("base", "audio", "editing"),
@@ -145,14 +146,48 @@ def build_jobs(args) -> list:
                 raise ConfigError(f"job {n}: output {merged['output']} writes {written}, which job {outputs[written]} "
                                   f"also writes; give each job its own output")
             outputs[written] = n
-            if Path(written).exists() and not args.overwrite:  # never replace an earlier run's results silently
-                raise ConfigError(f"job {n}: {written} exists (an earlier run's output); pass another --out or "
-                                  f"--overwrite")
+        _refuse_existing(n, merged["output"], args.overwrite)
         try:
             jobs.append(SampleJob.from_dict(merged))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"job {n}: {exc}") from None
     return jobs
+
+
+def _refuse_existing(n: int, output, overwrite: bool) -> None:
+    """Never replace an earlier run's results silently."""
+    for written in _output_files(output):
+        if Path(written).exists() and not overwrite:
+            raise ConfigError(f"job {n}: {written} exists (an earlier run's output); pass another --out or --overwrite")
+
+
+def claim_outputs(jobs, overwrite: bool) -> list:
+    """Collective, before the model loads: rank 0 locks every output folder (the training save lock: one
+    writer, a stale lock of a dead job taken over with a warning) and then checks again that no output exists,
+    so of two samplers started with one --out exactly one runs; the other is refused with one line. Returns
+    the locks (rank 0) to release when done."""
+    from hcustom_mc.checkpoint.integrity import gather_objects
+    from hcustom_mc.training.save_lock import SaveLock
+
+    locks, error = [], None
+    if console.rank() == 0:
+        try:
+            for folder in sorted({Path(_output_files(job.output)[0]).parent for job in jobs}):
+                folder.mkdir(parents=True, exist_ok=True)
+                lock = SaveLock(folder, flag="--out", what="outputs")
+                lock.acquire()
+                locks.append(lock)
+            for n, job in enumerate(jobs):  # a run that finished before we took the lock
+                _refuse_existing(n, job.output, overwrite)
+        except (ConfigError, OSError) as exc:
+            error = str(exc) if isinstance(exc, ConfigError) else f"--out: cannot create {exc.filename}: {exc.strerror}"
+            for lock in locks:
+                lock.release()
+            locks = []
+    error = gather_objects(error)[0]
+    if error:
+        raise ConfigError(error)
+    return locks
 
 
 def _named(out: Path, suffix: str) -> Path:
@@ -238,13 +273,9 @@ def check_prompts(jobs, llava_path, model_cfg, text_len: int) -> None:
 def run(args) -> int:
     import torch  # here, not at the top: `--help` returns without loading torch
 
-    from hcustom_mc.inference.decode import decode_across_ranks
-    from hcustom_mc.inference.inputs import EncoderSet, prepare_conditions, resolve_job, validate_job
-    from hcustom_mc.inference.output import StepProgress
-    from hcustom_mc.inference.pipeline import (NonFiniteError, ParallelSampler, SamplerLayout, load_model,
-                                               model_config_for, resolve_checkpoint, with_audio_strength)
+    from hcustom_mc.inference.inputs import resolve_job, validate_job
+    from hcustom_mc.inference.pipeline import SamplerLayout, model_config_for, resolve_checkpoint
     from hcustom_mc.model.config import get_model_config, mode_overrides
-    from hcustom_mc.model.model import InputError
     from hcustom_mc.parallel.config import ParallelConfig
     from hcustom_mc.parallel.state import initialize_parallel
 
@@ -266,15 +297,33 @@ def run(args) -> int:
 
     info = initialize_parallel(ParallelConfig(tensor_parallel=args.tp, context_parallel=args.cp, cp_mode=args.cp_mode),
                                model_cfg, dp_name="CFG-parallel")  # the data-parallel factor runs the CFG branches
-    from hcustom_mc.checkpoint.lora import load_specs, merge_into_model
+    from hcustom_mc.checkpoint.lora import load_specs
 
     loras = load_specs(args.lora, args.checkpoint)  # bad FILE:SCALE, another base: fail before the model loads
-    rank0 = info.rank == 0
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
     from hcustom_mc.inference.memory import check_jobs_fit
 
     # before the model and encoders are allocated (the parameter count needs the parallel layout)
     check_jobs_fit(jobs, model_cfg, dtype, info.device, args.tp, args.cp, args.cfg_parallel, paths, world, args.text_len)
+    locks = claim_outputs(jobs, args.overwrite)
+    try:
+        return _generate(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, info, dtype, world)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _generate(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, info, dtype, world) -> int:
+    import torch
+
+    from hcustom_mc.checkpoint.lora import merge_into_model
+    from hcustom_mc.inference.decode import decode_across_ranks
+    from hcustom_mc.inference.inputs import EncoderSet, prepare_conditions
+    from hcustom_mc.inference.output import StepProgress
+    from hcustom_mc.inference.pipeline import NonFiniteError, ParallelSampler, load_model, with_audio_strength
+    from hcustom_mc.model.model import InputError
+
+    rank0 = info.rank == 0
     t_load = time.time()
     model = load_model(ckpt, fmt, model_cfg, dtype, args.cp_mode, args.load_key)
     for adapters, scale in loras:  # merged: no cost per step; W + sum of scale_i * B_i A_i, added in fp32

@@ -236,3 +236,43 @@ def test_preprocess_says_which_samples_it_leaves_out_and_why(tiny, tmp_path):
     said = (f"{sum(others.values())} of {len(entries)} manifest samples left out: their task is not trained by this "
             f"config")
     assert said in out and ", ".join(f"{t} {n}" for t, n in sorted(others.items())) in out, out[-3000:]
+
+
+# ----------------------------------------------------------------------------- issue 20, item 7: one line each
+def test_nonfinite_shard_data_names_the_sample_and_shard(tiny, shards, tmp_path):
+    """NaN in one sample's stored latents stops training (exit 3) naming its shard, slot and id, not only the
+    micro batch."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    data = tmp_path / "shards"
+    shutil.copytree(shards, data)
+    for path in sorted(data.glob("shard_*.safetensors")):  # every sample: the first step draws one of them
+        with safe_open(str(path), framework="pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: torch.full_like(v, float("nan")) if k.endswith(".latents") else v for k, v in tensors.items()}
+        save_file(tensors, str(path), metadata=meta)
+    out = _run(1, "pretrain_custom.py", "--config", "examples/tiny_data.yaml", *tiny["sets"], "--data-path", data,
+               "--train-iters", 2, "--run-dir", tmp_path / "run", expect=3)
+    line = next(ln for ln in out.splitlines() if "the loss is nan" in ln)
+    assert "its data holds NaN/inf: " in line and str(data / "shard_") in line and "(NaN/inf in latents)" in line, line
+    assert "Traceback" not in out
+
+
+def test_invalid_manifest_and_damaged_index_are_one_message(tiny, shards, tmp_path):
+    import shutil
+
+    bad = tmp_path / "manifest.jsonl"
+    bad.write_text('{"id": "a", "task": "t2v", "video": "v.mp4"}\n')  # no caption
+    out = _run(1, "pretrain_custom.py", "--config", "examples/tiny_data.yaml", *tiny["sets"], "--data-type",
+               "manifest", "--data-path", bad, "--train-iters", 1, "--run-dir", tmp_path / "a", expect=2)
+    assert f"error: invalid manifest {bad}" in out and "field 'caption': missing" in out and "Traceback" not in out
+    shutil.copytree(shards, tmp_path / "shards")
+    (tmp_path / "shards" / "index.json").write_text("garbage")
+    out = _run(1, "pretrain_custom.py", "--config", "examples/tiny_data.yaml", *tiny["sets"], "--data-path",
+               tmp_path / "shards", "--train-iters", 1, "--run-dir", tmp_path / "b", expect=2)
+    errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and f"{tmp_path / 'shards' / 'index.json'} is damaged" in errors[0], out[-3000:]
+    assert "Traceback" not in out

@@ -103,10 +103,33 @@ def test_editing_job_takes_size_and_length_from_the_source_video(setup, tmp_path
     (["--frames", 10], "4k+1"),
     (["--tp", 4], "world size"),
     (["--text-len", 8], "prompts that do not fit"),
-], ids=["missing-image", "frames", "layout", "prompt-too-long"])
+    (["--frames", 100001], "frames 100001 is more than the model supports (129"),  # fits in memory at 32x48
+    (["--steps", 10**6], "steps 1000000 is more than the scheduler's 1000 timesteps"),
+], ids=["missing-image", "frames", "layout", "prompt-too-long", "absurd-frames", "absurd-steps"])
 def test_bad_inputs_fail_before_the_model_loads(setup, tmp_path, extra, message):
     out = _sample(setup, 1, tmp_path / "out", extra=extra, expect=2)
     assert message in out and "loaded" not in out and not (tmp_path / "out").exists()
+
+
+def test_two_samplers_with_one_out_exactly_one_runs(setup, tmp_path):
+    """Started together with one --out: one writes its outputs, the other exits 2 with one line (it found the
+    folder locked, or, if the first had already finished, its outputs there)."""
+    d = setup / "data"
+    cmd = [sys.executable, "-m", "hcustom_mc.sample", "--checkpoint", setup / "ck_audio", "--encoders-dir", setup / "enc",
+           "--task", "audio", "--image", f"circle={d}/images/s0003_0.png", "--audio", d / "audio/s0003.wav", "--prompt",
+           "A blue circle moves down.", "--height", 32, "--width", 48, "--frames", 9, "--steps", 3, "--out", tmp_path,
+           "--no-progress"]
+    procs = [subprocess.Popen(list(map(str, cmd)), cwd=REPO, env={**ENV, **backend_env(1)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stdout.read() + p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], "\n\n".join(f"exit {code}:\n{out[-3000:]}" for code, out in results)
+    refused = next(out for code, out in results if code == 2)
+    errors = [ln for ln in refused.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in refused, refused
+    assert (f"--out {tmp_path} is being written by another job" in errors[0]
+            or "exists (an earlier run's output)" in errors[0]), errors
+    assert not list(tmp_path.glob(".writer.lock")) and (tmp_path / "000_audio.mp4").is_file()
 
 
 def test_bad_layout_fails_on_every_rank(setup, tmp_path):

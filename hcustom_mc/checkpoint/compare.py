@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from hcustom_mc import console
+from hcustom_mc.checkpoint.verify_modes import DEFAULT_VERIFY, VERIFY_MODES, flag_help
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # torch dtype names: torch is loaded after the flags are parsed
 
@@ -59,8 +60,8 @@ def parse_args(argv=None):
                    help="random latent frames, height, width (default: 3 8 8)")
     p.add_argument("--text-len", type=int, default=12, help="random text tokens (default: 12)")
     p.add_argument("--seed", type=int, default=0, help="input seed (default: 0)")
-    p.add_argument("--verify-checkpoint", default="full", choices=("full", "size", "off"),
-                   help="mcore --ckpt: check its files against the manifest first (default: full)")
+    p.add_argument("--verify-checkpoint", default=DEFAULT_VERIFY, choices=VERIFY_MODES,
+                   help=flag_help("mcore --ckpt: "))
     p.add_argument("--verbose", action="store_true", help="show known third-party warnings and every rank's "
                    "warnings (switch; default: off)")
     return p.parse_args(argv)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from hcustom_mc import console
+from hcustom_mc.checkpoint.verify_modes import DEFAULT_VERIFY, VERIFY_MODES, flag_help
 from hcustom_mc.model.config import ConfigError, ModelConfig, get_model_config
 
 log = logging.getLogger("hcustom_mc")
@@ -123,9 +124,8 @@ def parse_args(argv=None):
                         "(default: none)")
     p.add_argument("--overwrite", action="store_true",
                    help="allow writing into an existing, non-empty --dst (switch; default: off)")
-    p.add_argument("--verify-checkpoint", default="full", choices=("full", "size", "off"),
-                   help="mcore source: check every file against its manifest (full: sizes and sha256; size: sizes) "
-                   "(default: full)")
+    p.add_argument("--verify-checkpoint", default=DEFAULT_VERIFY, choices=VERIFY_MODES,
+                   help=flag_help("mcore source: "))
     p.add_argument("--verbose", action="store_true", help="show known third-party warnings and every rank's "
                    "warnings (switch; default: off)")
     return p.parse_args(argv)

@@ -9,10 +9,13 @@ cache, rank 0 gathers the pieces, writes the manifest and fsyncs every folder. `
 folder into place, fsyncs the save root, and replaces `latest` (written, fsynced, renamed, root fsynced), so
 after a power cut `latest` never names a folder whose files are not on disk.
 
-Loading: `verify_folder` checks sizes (`size`, cheap: one stat per file) or sizes and hashes (`full`); with a
-process group the hashing is split over the ranks and the findings are shared, so every rank decides alike.
+Loading: `verify_folder` checks sizes and hashes (`full`, the default: each rank hashes the files it owns,
+`__R_*.distcp` and `rng/rankR.pt` on rank R % world, the shared ones on rank 0, and the findings are shared so
+every rank decides alike; its cost: verify_modes.VERIFY_COST) or sizes only (`size`, one stat per file: misses same-size damage).
 `select_checkpoint` follows `latest` when it is sound and otherwise falls back to the newest complete,
-verified `iter_*`, warning what it skipped and why; a checkpoint folder named explicitly never falls back.
+verified `iter_*`, warning what it skipped and why; a checkpoint folder named explicitly never falls back. A
+folder this project wrote (train_state.json or hcustom_model.json) without its manifest is unverified: it is
+skipped (or, named explicitly, refused) unless verification is turned off (`--verify-checkpoint off`).
 """
 
 from __future__ import annotations
@@ -24,16 +27,19 @@ import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
 
 from hcustom_mc.checkpoint.safe_load import CheckpointReadError
+from hcustom_mc.checkpoint.verify_modes import DEFAULT_VERIFY, VERIFY_MODES
 
 log = logging.getLogger("hcustom_mc")
 MANIFEST_FILE = "manifest.json"
 STATE_FILE = "train_state.json"  # a training checkpoint's step, schedule and LoRA metadata (written last)
-VERIFY_MODES = ("full", "size", "off")
+MODEL_CONFIG_FILE = "hcustom_model.json"  # the model config this project writes beside its mcore checkpoints
+OURS = (STATE_FILE, MODEL_CONFIG_FILE)  # files that say this project wrote the folder (and so sealed it)
 ALGORITHM = "sha256"  # ~1.2 GB/s per core with SHA-NI (measured; see README); hashlib releases the GIL
 ITER_RE = re.compile(r"^iter_(\d+)$")
 _RANK_FILE = (re.compile(r"^__(\d+)_\d+\.distcp$"), re.compile(r"^rank(\d+)\.pt$"))
@@ -70,11 +76,19 @@ _ERRNO_HELP = {
 }
 
 
-def explain_write_error(exc: BaseException, folder: Path) -> str | None:
-    """A plain sentence for a disk-full / permission error found anywhere in `exc` (torch wraps per-rank
-    failures in CheckpointException), or None when it is something else."""
+def explain_write_error(exc: BaseException, folder: Path, need_bytes: int | None = None) -> str | None:
+    """A plain sentence (one line) for a disk-full / permission error found anywhere in `exc` (torch wraps
+    per-rank failures in CheckpointException), or None when it is something else. A full disk starts with
+    "disk full" and says the bytes the checkpoint needs (`need_bytes`, when known)."""
     fix = ("nothing was published and `latest` still names the last complete checkpoint. Free space or fix the "
            "permissions, or pass another --save, then resume.")
+
+    def say(code: int, what: str, detail: str) -> str:
+        if code not in (errno.ENOSPC, errno.EDQUOT):
+            return f"cannot write checkpoint {folder}: {what} ({detail}); {fix}"
+        need = f"; it needs about {human_bytes(need_bytes)} ({need_bytes} bytes)" if need_bytes else ""
+        return f"disk full: cannot write checkpoint {folder}: {what} ({detail}){need}; {fix}"
+
     chain, todo = [], [exc]
     while todo:
         e = todo.pop()
@@ -87,25 +101,40 @@ def explain_write_error(exc: BaseException, folder: Path) -> str | None:
         todo += [e.__cause__, e.__context__]
     for e in chain:  # the OSError itself names the file
         if isinstance(e, OSError) and e.errno in _ERRNO_HELP:
-            return f"cannot write checkpoint {folder}: {_ERRNO_HELP[e.errno]} ({e.strerror}: {e.filename or folder}); {fix}"
+            return say(e.errno, _ERRNO_HELP[e.errno], f"{e.strerror}: {e.filename or folder}")
     for e in chain:  # only its text survived (re-raised as another type by a writer thread)
         for code, what in _ERRNO_HELP.items():
             if os.strerror(code) in str(e):
-                return f"cannot write checkpoint {folder}: {what} ({os.strerror(code)}); {fix}"
+                return say(code, what, os.strerror(code))
     return None
 
 
 @contextlib.contextmanager
-def write_errors_explained(folder: Path):
+def write_errors_explained(folder: Path, need_bytes: int | None = None):
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         yield
     except (OSError, CheckpointException, RuntimeError) as exc:
-        message = explain_write_error(exc, Path(folder))
+        message = explain_write_error(exc, Path(folder), need_bytes)
+        if message is None and need_bytes and _free_bytes(Path(folder)) < need_bytes:
+            # torch's zip writer loses the errno ("enforce fail at inline_container.cc ... unexpected pos"): a
+            # write that failed while the disk has less room left than the checkpoint needs ran out of space
+            free = human_bytes(_free_bytes(Path(folder)))
+            message = explain_write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{folder}, {free} free "
+                                                  f"when the write failed"), Path(folder), need_bytes)
         if message is None:
             raise
         raise CheckpointWriteError(message) from exc
+
+
+def _free_bytes(folder: Path) -> int:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 1 << 62
 
 
 # ----------------------------------------------------------------------------- hashing and fsync
@@ -211,10 +240,12 @@ def read_manifest(folder: Path) -> dict | None:
     return manifest
 
 
-def verify_folder(folder: str | Path, mode: str = "size") -> list[str]:
+def verify_folder(folder: str | Path, mode: str = DEFAULT_VERIFY, collective: bool = True) -> list[str]:
     """Problems found in `folder` against its manifest (empty: sound). Collective when a process group exists
-    (every rank must call it for the same folder); every rank gets the same list. A folder without a manifest
-    (saved before manifests existed, or by another tool) yields no problems; the caller is told by `has_manifest`."""
+    (every rank must call it for the same folder); every rank gets the same list. `full` hashes each file on
+    the rank that owns it (`_owner`), so the ranks hash in parallel. A folder without a manifest yields no
+    problems here; `select_checkpoint` decides what that means (`has_manifest`, `unverified_problems`).
+    `collective=False`: this process alone checks every file (rank 0 pruning, say)."""
     if mode not in VERIFY_MODES:
         raise ValueError(f"verify mode must be one of {VERIFY_MODES}, got {mode!r}")
     folder = Path(folder)
@@ -224,19 +255,21 @@ def verify_folder(folder: str | Path, mode: str = "size") -> list[str]:
     except CheckpointReadError as exc:
         manifest, problems = None, [str(exc)]
     if manifest is not None:
-        rank, world = _rank_world()
+        rank, world = _rank_world() if collective else (0, 1)
         algorithm = manifest.get("algorithm", ALGORITHM)
-        for i, (rel, want) in enumerate(manifest["files"].items()):
+        for rel, want in manifest["files"].items():
             path = folder / rel
             if not path.is_file():
                 problems.append(f"{path} is missing")
             elif path.stat().st_size != want["size"]:
                 problems.append(f"{path} has {path.stat().st_size} bytes, the manifest says {want['size']} (truncated or damaged)")
-            elif mode == "full" and i % world == rank:
+            elif mode == "full" and _owner(rel, world) == rank:
                 with open(path, "rb") as f:
                     got = hashlib.file_digest(f, algorithm).hexdigest()
                 if got != want.get(algorithm):
                     problems.append(f"{path}: {algorithm} mismatch (the file's contents changed since it was saved: bit rot or tampering)")
+    if not collective:
+        return problems
     merged: list[str] = []
     for part in gather_objects(problems):
         merged += [p for p in part if p not in merged]
@@ -253,15 +286,42 @@ def _warn(msg: str, *args) -> None:
         log.warning(msg, *args)
 
 
+def unverified_problems(folder: Path) -> list[str]:
+    """Problems of a folder without a manifest: one this project wrote lost its manifest (it is unverified and
+    is loaded only with `--verify-checkpoint off`); any such folder's files are checked against the byte
+    ranges its `.metadata` records, so a truncated or missing file is named."""
+    from hcustom_mc.checkpoint.safe_load import storage_problems
+
+    problems = storage_problems(folder)
+    ours = [name for name in OURS if (folder / name).is_file()]
+    if ours:
+        problems.insert(0, f"{folder} has {ours[0]} but no {MANIFEST_FILE}: this project writes a manifest with "
+                           f"every checkpoint, so it was deleted or lost and the files cannot be verified (pass "
+                           f"--verify-checkpoint off to load it unverified)")
+    return problems
+
+
+# the folders select_checkpoint found unusable in this process (resolved path -> why): pruning moves them aside
+_REJECTED: dict[Path, list[str]] = {}
+
+
+def rejected_folders() -> dict[Path, list[str]]:
+    return dict(_REJECTED)
+
+
 def _check_candidate(folder: Path, mode: str, complete: str) -> list[str]:
     if not folder.is_dir():
         return [f"{folder} does not exist"]
     if not (folder / complete).is_file():
-        return [f"{folder} is incomplete (no {complete}: the save did not finish)"]
-    problems = verify_folder(folder, mode)
-    if not problems and mode != "off" and not has_manifest(folder):
-        _warn("%s has no %s (saved before manifests, or by another tool): its files cannot be verified", folder,
-              MANIFEST_FILE)
+        problems = [f"{folder} is incomplete (no {complete}: the save did not finish)"]
+    else:
+        problems = verify_folder(folder, mode)
+        if not problems and mode != "off" and not has_manifest(folder):
+            problems = unverified_problems(folder)
+            if not problems:
+                _warn("%s has no %s (saved by another tool): its files cannot be verified", folder, MANIFEST_FILE)
+    if problems:
+        _REJECTED[folder.resolve()] = problems
     return problems
 
 
@@ -297,7 +357,7 @@ def is_checkpoint_folder(path: Path, complete: str) -> bool:
     return (Path(path) / complete).is_file() or bool(ITER_RE.match(Path(path).name))
 
 
-def select_checkpoint(path: str | Path, mode: str = "size", complete: str = "metadata.json") -> Path | None:
+def select_checkpoint(path: str | Path, mode: str = DEFAULT_VERIFY, complete: str = "metadata.json") -> Path | None:
     """The checkpoint folder to load from `path` (collective when a process group exists).
 
     `path` is a checkpoint folder (explicit: verified, never replaced by another) or a save root: its `latest`

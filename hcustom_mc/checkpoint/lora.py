@@ -31,6 +31,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hcustom_mc.checkpoint.verify_modes import DEFAULT_VERIFY, VERIFY_MODES, flag_help
 from hcustom_mc.model.config import ConfigError
 
 log = logging.getLogger("hcustom_mc")
@@ -82,7 +83,7 @@ def _ensure_process_group() -> bool:
     return True
 
 
-def read_training_adapters(path: str | Path, ema: bool = False, verify: str = "size",
+def read_training_adapters(path: str | Path, ema: bool = False, verify: str = DEFAULT_VERIFY,
                            alpha: float | None = None) -> Adapters:
     """The adapters of a training checkpoint (save root or iter_* folder, any layout), whole, in fp32."""
     import torch
@@ -149,9 +150,15 @@ def read_adapter_file(path: str | Path) -> Adapters:
     if path.suffix != ".safetensors":
         raise AdapterError(f"LoRA file {path}: only .safetensors adapter files are read (export one with "
                            "`python -m hcustom_mc.checkpoint.lora export`), or pass a training checkpoint folder")
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
-        sd = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # SafetensorError (not a safetensors file: a renamed pickle, truncated), bad JSON
+        raise AdapterError(f"LoRA file {path} is not a readable .safetensors adapter file ({type(exc).__name__}: "
+                           f"{' '.join(str(exc).split())[:200]}); nothing in it was run") from None
+    if not isinstance(meta, dict):
+        raise AdapterError(f"LoRA file {path}: its {META_KEY!r} metadata is not a mapping")
     if meta.get("format") == "diffusers" or any(k.startswith("transformer.") for k in sd):
         raise AdapterError(f"{path} is in the diffusers layout (for diffusers pipelines); this needs the original "
                            "layout: export with --format original")
@@ -336,7 +343,7 @@ _DIFFUSERS_ORIGINAL_CAVEATS = ("self_attn_qkv", "final_layer.adaLN_modulation.1"
 
 
 def export(ckpt: str | Path, fmt: str, out: str | Path, *, ema: bool = False, dtype: torch.dtype | None = None,
-           alpha: float | None = None, base_check: bool = True, verify: str = "size") -> dict:
+           alpha: float | None = None, base_check: bool = True, verify: str = DEFAULT_VERIFY) -> dict:
     """Write the adapters of training checkpoint `ckpt` as `out` (.safetensors); returns a summary."""
     from safetensors.torch import save_file
 
@@ -398,8 +405,7 @@ def parse_args(argv=None):
     e.add_argument("--no-base-check", action="store_true", help="leave out the base fingerprint: --lora / "
                    "--merge-lora then apply it to any base (switch; default: off)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out (switch; default: off)")
-    e.add_argument("--verify-checkpoint", default="size", choices=("full", "size", "off"),
-                   help="check the checkpoint's files against its manifest (full: sizes and sha256) (default: size)")
+    e.add_argument("--verify-checkpoint", default=DEFAULT_VERIFY, choices=VERIFY_MODES, help=flag_help())
     e.add_argument("--verbose", action="store_true", help="show known third-party warnings (switch; default: off)")
     args = p.parse_args(argv)
     if args.out.suffix != ".safetensors":

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 
-from hcustom_mc.checkpoint.integrity import (CheckpointWriteError, gather_objects, iter_folders, nonfinite_tensors,
+from hcustom_mc.checkpoint.integrity import (MODEL_CONFIG_FILE, CheckpointWriteError, gather_objects, iter_folders, nonfinite_tensors,
                                              seal_folder, select_checkpoint, write_errors_explained)
+from hcustom_mc.checkpoint.verify_modes import DEFAULT_VERIFY
 from hcustom_mc.checkpoint.safe_load import dist_load, dist_load_tensors_metadata, read_json
 from hcustom_mc.parallel.sharding import get_tp_split
 
-CONFIG_FILE = "hcustom_model.json"
+CONFIG_FILE = MODEL_CONFIG_FILE
 
 
 def _ranks():
@@ -129,7 +130,7 @@ def save_mcore_checkpoint(model: torch.nn.Module, path: str | Path, model_config
         seal_folder(path)  # manifest (size + sha256 per file), everything fsynced
 
 
-def load_mcore_checkpoint(model: torch.nn.Module, path: str | Path, verify: str = "size", prefix: str = "model.") -> Path:
+def load_mcore_checkpoint(model: torch.nn.Module, path: str | Path, verify: str = DEFAULT_VERIFY, prefix: str = "model.") -> Path:
     """Collective: fill `model` (any TP layout) from a megatron dist checkpoint folder (or a training save
     folder: its `latest`, with fallback), verified first (`verify`: full | size | off). Returns the folder.
     `prefix="ema."` reads the EMA weights a training run with --ema-decay saved."""

@@ -219,6 +219,31 @@ def _load_metadata_bytes(data: bytes, source: str):
     return meta
 
 
+def storage_problems(folder: str | Path, meta=None) -> list[str]:
+    """Data files of `folder` that are missing or shorter than the byte ranges its `.metadata` records (a check
+    that needs no manifest). A `.metadata` that cannot be read safely is itself the problem."""
+    folder = Path(folder)
+    if meta is None:
+        try:
+            meta = load_metadata_file(folder / METADATA_FILE)
+        except CheckpointReadError as exc:
+            return [str(exc)]
+    need: dict[str, int] = {}
+    for info in (getattr(meta, "storage_data", None) or {}).values():
+        rel = str(getattr(info, "relative_path", ""))
+        need[rel] = max(need.get(rel, 0), int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0)))
+    problems = []
+    for rel, end in sorted(need.items()):
+        path = folder / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            problems.append(f"{folder / METADATA_FILE} points at {rel!r}, outside the checkpoint folder")
+        elif not path.is_file():
+            problems.append(f"{path} is missing ({DAMAGED_FIX})")
+        elif path.stat().st_size < end:
+            problems.append(f"{path} has {path.stat().st_size} bytes, its .metadata needs {end} (truncated: {DAMAGED_FIX})")
+    return problems
+
+
 def preflight(folder: str | Path) -> None:
     """Read every small file megatron will read from `folder`, safely, before any collective load: a damaged
     or unsafe file raises here, on every rank alike, naming the file."""
@@ -228,7 +253,9 @@ def preflight(folder: str | Path) -> None:
     config = read_json(folder / MCORE_CONFIG_FILE)
     if not isinstance(config, dict) or "sharded_backend" not in config:
         raise CheckpointReadError(f"{folder / MCORE_CONFIG_FILE} is not megatron-core checkpoint metadata: {DAMAGED_FIX}")
-    load_metadata_file(folder / METADATA_FILE)
+    problems = storage_problems(folder, load_metadata_file(folder / METADATA_FILE))
+    if problems:
+        raise CheckpointReadError("; ".join(problems))
     for pt in sorted(folder.rglob("*.pt")):  # common.pt, ShardedObject files, our rng/ files
         weights_only_load(pt)
 

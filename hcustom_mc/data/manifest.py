@@ -24,7 +24,8 @@ Fields (unknown keys are rejected, so a typo such as "subject" cannot silently d
   height, width, num_frames   optional positive integers, fps optional positive number: clip metadata.
                 When absent (or null) it is probed from the video and cached by the data pipeline.
 
-Paths are relative to the folder holding the manifest (absolute paths are kept as they are).
+Paths are relative to the folder holding the manifest (absolute paths are kept as they are); a relative
+path that leaves that folder (`../../etc/passwd`) is refused before anything opens it.
 Blank lines and lines whose first non-blank character is '#' are skipped. Whether the files exist is
 not checked here: a missing or broken file becomes a `DataError` when training reads it, and the
 sample is replaced, so one bad clip never stops a run.
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hcustom_mc.data.config import TASKS
+from hcustom_mc.model.config import ConfigError
 
 ENTRY_KEYS = (
     "id", "task", "video", "caption", "subjects", "audio", "source_video", "mask_video",
@@ -59,8 +61,9 @@ SUBJECT_COUNT = {
 MAX_REPORTED = 20
 
 
-class ManifestError(ValueError):
-    """Everything wrong with a manifest; `problems` holds one "file:line: field 'x': reason" per problem."""
+class ManifestError(ConfigError):
+    """Everything wrong with a manifest; `problems` holds one "file:line: field 'x': reason" per problem. A
+    ConfigError (a ValueError): entry points report it as the user's to fix, without a traceback."""
 
     def __init__(self, path: str | os.PathLike, problems: list[str]):
         self.path, self.problems = str(path), problems
@@ -129,7 +132,15 @@ class _LineChecker:
                 self.bad(label, "missing (required)")
             return None
         value = self.text(obj, name, label)
-        return Path(os.path.abspath(self.root / value)) if value is not None else None
+        if value is None:
+            return None
+        full = Path(os.path.abspath(self.root / value))
+        if not Path(value).is_absolute() and not full.is_relative_to(self.root):
+            # refused here, before anything opens it: a relative path stays inside the dataset folder
+            self.bad(label, f"{value!r} leaves the dataset folder {self.root} (a relative path must stay inside it; "
+                            f"give an absolute path for a file elsewhere)")
+            return None
+        return full
 
     def positive(self, obj: dict, name: str, integer: bool) -> int | float | None:
         value = obj.get(name)
@@ -268,7 +279,11 @@ def load_manifest(path: str | os.PathLike) -> list[ManifestEntry]:
 
 def _relative(p: Path | None, root: Path) -> str | None:
     # Relative paths keep a dataset folder relocatable; as_posix so a manifest written anywhere reads anywhere.
-    return None if p is None else Path(os.path.relpath(os.path.abspath(p), root)).as_posix()
+    # A file outside the folder stays absolute: a relative path may not leave it (load_manifest refuses that).
+    if p is None:
+        return None
+    full, root = Path(os.path.abspath(p)), Path(os.path.abspath(root))
+    return Path(os.path.relpath(full, root)).as_posix() if full.is_relative_to(root) else full.as_posix()
 
 
 def entry_to_json(entry: ManifestEntry, root: str | os.PathLike) -> dict:

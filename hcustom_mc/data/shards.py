@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hcustom_mc.data.errors import DataError
+from hcustom_mc.model.config import ConfigError
 
 INDEX_FILE = "index.json"
 CONFIG_FILE = "config.json"
@@ -165,12 +166,14 @@ class ShardLatentDataset:
             raise FileNotFoundError(f"{index_file}: no index (run tools/preprocess.py to completion first)")
         try:
             index = json.loads(index_file.read_text())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{index_file} is damaged ({type(exc).__name__}: {exc}): rerun tools/preprocess.py") from None
-        samples = [ShardSample(s["id"], s["task"], s["group"], s["shard"], s["slot"]) for s in index["samples"]
-                   if tasks is None or s["task"] in tasks]
-        # samples preprocessing could not encode: reported by training with the rest of the bad data
-        self.unusable = [DataError(r["error"]["kind"], r["error"]["path"], r["error"]["reason"]) for r in index["skipped"]]
+            samples = [ShardSample(str(s["id"]), str(s["task"]), str(s["group"]), int(s["shard"]), int(s["slot"]))
+                       for s in index["samples"] if tasks is None or s["task"] in tasks]
+            # samples preprocessing could not encode: reported by training with the rest of the bad data
+            self.unusable = [DataError(r["error"]["kind"], r["error"]["path"], r["error"]["reason"])
+                             for r in index["skipped"]]
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+            what = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+            raise ConfigError(f"{index_file} is damaged ({what}): rerun tools/preprocess.py") from None
         # every shard's header checked now (and its values with check_finite): a corrupt shard's samples are
         # bad data, named and reported, instead of a SafetensorError mid-training
         by_shard: dict[int, dict[int, str]] = {}
@@ -187,7 +190,7 @@ class ShardLatentDataset:
                     self.unusable.append(DataError("corrupt", f"{path}#{slot} ({sample_id})", reason))
         self.samples = [s for s in samples if (s.shard, s.slot) not in broken]
         if not self.samples:
-            raise ValueError(f"{index_file}: no usable samples for tasks {sorted(tasks or [])} "
+            raise ConfigError(f"{index_file}: no usable samples for tasks {sorted(tasks or [])} "
                              f"({len(self.unusable)} skipped in preprocessing)")
         self._open: dict[int, object] = {}
 

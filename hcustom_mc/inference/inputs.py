@@ -40,6 +40,12 @@ from hcustom_mc.inference.scheduler import TASK_DEFAULTS
 from hcustom_mc.model.model import InputError
 from hcustom_mc.data.config import TASKS
 EDIT_MODES = ("replace", "insert")
+# The work a job may ask for (checked before anything loads; the memory estimate alone let 100001 frames at
+# 32x48 through): the release's range, 129 frames (5 s at 25 fps) at up to 720x1280 either way round, and the
+# flow scheduler's 1000 training timesteps as the most denoising steps
+MAX_FRAMES = 129
+MAX_SIDE, MAX_PIXELS = 1280, 720 * 1280
+MAX_STEPS = 1000
 # replace: the new subject must cover the old one's silhouette, so the drawn mask is grown a little;
 # insert: the mask marks where the new subject goes, exactly as drawn.
 DEFAULT_DILATION = {"replace": 8, "insert": 0}
@@ -245,6 +251,17 @@ def validate_job(job: SampleJob, model_cfg, world_size: int = 1, tp: int = 1, cp
             errors.append(f"{key} must be a positive multiple of 16, got {value}")
     if r.fps is not None and not r.fps > 0:
         errors.append(f"fps must be positive, got {r.fps}")
+    if r.frames is not None and r.frames > MAX_FRAMES:
+        errors.append(f"frames {r.frames} is more than the model supports ({MAX_FRAMES}, 5 s at 25 fps): make "
+                      f"several shorter jobs")
+    too_big = [f"{key} {getattr(r, key)}" for key in ("height", "width") if (getattr(r, key) or 0) > MAX_SIDE]
+    if too_big or (r.height or 0) * (r.width or 0) > MAX_PIXELS:
+        errors.append(f"{r.width}x{r.height} is larger than the model supports (at most {MAX_SIDE} a side and "
+                      f"720x1280 pixels in all{': ' + ', '.join(too_big) if too_big else ''})")
+    if r.seed is not None and not 0 <= r.seed < 2**64:
+        errors.append(f"seed must be between 0 and 2**64 - 1 (torch's generator seeds), got {r.seed}")
+    if r.steps is not None and r.steps > MAX_STEPS:
+        errors.append(f"steps {r.steps} is more than the scheduler's {MAX_STEPS} timesteps")
 
     # -- audio
     if job.task == "audio":

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from hcustom_mc.inference.scheduler import FlowMatchEulerScheduler, branches_needed, guide
 from hcustom_mc.model import HunyuanCustomDiT
+from hcustom_mc.checkpoint.verify_modes import DEFAULT_VERIFY
 from hcustom_mc.model.config import ConfigError, ModelConfig
 from hcustom_mc.device import compute_device
 
@@ -46,7 +47,7 @@ class SamplerLayout:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def resolve_checkpoint(path: str | Path, fmt: str = "auto", verify: str = "size") -> tuple[str, Path]:
+def resolve_checkpoint(path: str | Path, fmt: str = "auto", verify: str = DEFAULT_VERIFY) -> tuple[str, Path]:
     """(format, path to load): a training save folder resolves to its `latest` checkpoint (or, when that is
     damaged, the newest sound iter_*); an mcore checkpoint is verified against its manifest (`verify`)."""
     from hcustom_mc.checkpoint.integrity import iter_folders, select_checkpoint

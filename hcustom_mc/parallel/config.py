@@ -43,6 +43,9 @@ class ParallelConfig:
         if world_size % (tp * pp * cp):
             errors.append(
                 f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x {cp} = {tp * pp * cp}"
+                + (f" (this is one process: launch {tp * pp * cp} or a multiple with `torchrun --nproc-per-node "
+                   f"{tp * pp * cp} ...` or `python -m hcustom_mc.launch --nproc-per-node {tp * pp * cp} ...`)"
+                   if world_size == 1 else "")
             )
         if self.cp_mode not in CP_MODES:
             errors.append(f"cp_mode must be one of {CP_MODES}, got {self.cp_mode!r}")

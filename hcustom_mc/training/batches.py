@@ -93,6 +93,11 @@ class BatchMaker:
         self.nulls = self.dataset.null_conditions()  # what guidance dropout substitutes (data/nulls.py)
         self.bad = BadSamples()
         self.data_wait_s = 0.0
+        # per micro batch of the last step: its samples' names, and those whose data holds NaN/inf (named when the
+        # loss is non-finite: the shard, slot and sample id, not only the micro batch)
+        self.sources: list[list[str]] = []
+        self.nonfinite_sources: list[list[str]] = []
+        self._used = 0
         if isinstance(self.dataset, SyntheticLatentDataset):
             self.sampler = TaskBatchSampler(self.dataset, cfg.data.task_weights, cfg.global_batch_size, cfg.data.seed)
             self.bucketed = False
@@ -113,11 +118,13 @@ class BatchMaker:
             log.warning("bad sample (%s) %s: %s: %s", err.kind, what, err.path, err.reason)
 
     def _load(self, index: int, step: int) -> dict:
+        self._used = index  # the sample actually used (a replacement's, below), for `sources`
         if not self.bucketed:  # synthetic samples cannot be broken
             return self.dataset[index]
         original = index
         for attempt in range(self.cfg.data.max_bad_sample_retries + 1):
             sample, err = None, None
+            self._used = index
             try:
                 sample = self.dataset[index]
             except DataError as exc:
@@ -144,10 +151,21 @@ class BatchMaker:
         task, indices = self._global_batch(step)
         mbs, out = self.cfg.micro_batch_size, []
         dev = compute_device()
+        self.sources, self.nonfinite_sources = [], []
         for m in range(self.num_micro):
             start = (m * self.dp_size + self.dp_rank) * mbs  # same global sample order at any DP size
             keys = [(step, p) for p in range(start, start + mbs)]
-            batch = collate([self._load(i, step) for i in indices[start : start + mbs]])
+            samples, names, bad = [], [], []
+            for i in indices[start : start + mbs]:
+                samples.append(self._load(i, step))
+                names.append(self._name(self._used))
+                fields = [k for k, v in samples[-1].items() if torch.is_tensor(v) and v.is_floating_point()
+                          and not bool(torch.isfinite(v).all())]
+                if fields:
+                    bad.append(f"{names[-1]} (NaN/inf in {', '.join(fields)})")
+            self.sources.append(names)
+            self.nonfinite_sources.append(bad)
+            batch = collate(samples)
             drop_conditions(batch, self.cfg.data, keys, self.nulls)
             x0 = batch.pop("latents")
             noise, t = sample_noise_and_t(tuple(x0.shape[1:]), keys, self.cfg.objective, self.cfg.data.seed)
@@ -158,6 +176,10 @@ class BatchMaker:
             out.append({"inputs": {k: v.to(dev) for k, v in inputs.items()}, "target": target.to(dev)})
         self.data_wait_s = time.time() - t0
         return task, out
+
+    def _name(self, index: int) -> str:
+        path_of = getattr(self.dataset, "path_of", None)
+        return path_of(index) if path_of is not None else f"synthetic sample {index}"
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:

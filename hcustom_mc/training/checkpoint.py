@@ -14,6 +14,7 @@ megatron's `fully_reshardable` layout, which megatron-core reshards across TP, P
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -83,9 +84,11 @@ def _layout() -> dict:
 
 
 def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, scheduler, train_state: dict,
-                    model_config=None, keep_last: int = 2, ema=None, adapter_base: dict | None = None) -> Path:
+                    model_config=None, keep_last: int = 2, ema=None, adapter_base: dict | None = None,
+                    loaded: str | Path | None = None) -> Path:
     """Collective. Returns the final checkpoint folder. `ema` (a WeightEMA) is saved beside the weights.
-    `adapter_base` (LoRA, see checkpoint.lora.base_fingerprint): store only the trained parameters, with this pointer to the base."""
+    `adapter_base` (LoRA, see checkpoint.lora.base_fingerprint): store only the trained parameters, with this pointer to the base.
+    `loaded`: the checkpoint this run resumed from, which pruning never deletes."""
     from megatron.core import dist_checkpointing
 
     from hcustom_mc.training.overlap import params_ready
@@ -110,34 +113,83 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
     if ema is not None:  # a LoRA checkpoint: the adapters' EMA only
         state.update(ema.sharded_state_dict(trainable_only=adapter_base is not None))
     _refuse_nonfinite(state, step, root)
-    with integrity.write_errors_explained(tmp):
-        dist_checkpointing.save(state, str(tmp))
-        _fault(step, "written")
-        (tmp / "rng").mkdir(exist_ok=True)
-        torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if uses_cuda() else None},
-                   tmp / "rng" / f"rank{dist.get_rank():05d}.pt")
-        if dist.get_rank() == 0:
-            meta = {**train_state, "step": step, "layout": _layout(), "ema": ema is not None,
-                    "adapter_only": adapter_base is not None, "adapter_base": adapter_base,
-                    # the optimizer-state format (training/overlap.py keeps it when resuming)
-                    "distributed_optimizer": any(type(o).__name__ == "DistributedOptimizer"
-                                                 for o in getattr(optimizer, "chained_optimizers", [optimizer])),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None}
-            (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-            if model_config is not None:
-                (tmp / CONFIG_FILE).write_text(json.dumps(model_config.to_dict(), indent=2) + "\n")
-        dist.barrier()
-        integrity.seal_folder(tmp)  # hash + fsync every file, write the manifest
-        _fault(step, "sealed")
-        if dist.get_rank() == 0:
-            if final.exists():
-                shutil.rmtree(final)
-            integrity.publish(tmp, final)  # rename, fsync, point `latest` at it
-            _fault(step, "published")
-            _prune(root, keep_last)
-            log.info("saved checkpoint %s in %.1fs", final, time.time() - start)
+    need = _check_room(state, tmp)
+    error = None
+    try:
+        with integrity.write_errors_explained(tmp, need):
+            dist_checkpointing.save(state, str(tmp))
+            _fault(step, "written")
+            (tmp / "rng").mkdir(exist_ok=True)
+            torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if uses_cuda() else None},
+                       tmp / "rng" / f"rank{dist.get_rank():05d}.pt")
+            if dist.get_rank() == 0:
+                meta = {**train_state, "step": step, "layout": _layout(), "ema": ema is not None,
+                        "adapter_only": adapter_base is not None, "adapter_base": adapter_base,
+                        # the optimizer-state format (training/overlap.py keeps it when resuming)
+                        "distributed_optimizer": any(type(o).__name__ == "DistributedOptimizer"
+                                                     for o in getattr(optimizer, "chained_optimizers", [optimizer])),
+                        "scheduler": scheduler.state_dict() if scheduler is not None else None}
+                (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+                if model_config is not None:
+                    (tmp / CONFIG_FILE).write_text(json.dumps(model_config.to_dict(), indent=2) + "\n")
+    except integrity.CheckpointWriteError as exc:  # disk full, permissions: every rank learns it below
+        error = exc
+    _raise_write_errors(error, tmp)  # collective (in place of a barrier): no rank waits for a failed one
+    try:
+        with integrity.write_errors_explained(tmp, need):
+            integrity.seal_folder(tmp)  # hash + fsync every file, write the manifest (rank 0)
+    except integrity.CheckpointWriteError as exc:
+        error = exc
+    _raise_write_errors(error, tmp)
+    _fault(step, "sealed")
+    if dist.get_rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        integrity.publish(tmp, final)  # rename, fsync, point `latest` at it
+        _fault(step, "published")
+        _prune(root, keep_last, final, loaded)
+        log.info("saved checkpoint %s in %.1fs", final, time.time() - start)
     dist.barrier()
     return final
+
+
+def _check_room(state: dict, tmp: Path) -> int:
+    """Collective: the bytes this save writes (the main replica of every tensor, summed over ranks); refuse it,
+    before anything is written, when the disk has not that much free. Returns the bytes needed."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
+
+    mine = 0
+    for v in nested_values(state):
+        if isinstance(v, ShardedTensor) and is_main_replica(v.replica_id):
+            mine += v.data.numel() * v.data.element_size() if v.data is not None else 0
+    need = integrity.checkpoint_bytes_estimate(sum(integrity.gather_objects(mine)), 1, with_optimizer=False)
+    message = None
+    if dist.get_rank() == 0:
+        free = shutil.disk_usage(tmp).free
+        if free < need:
+            shutil.rmtree(tmp, ignore_errors=True)
+            message = integrity.explain_write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{tmp}, "
+                                                            f"{integrity.human_bytes(free)} free"), tmp, need)
+    message = integrity.gather_objects(message)[0]
+    if message:
+        raise integrity.CheckpointWriteError(message)
+    return need
+
+
+def _raise_write_errors(error: BaseException | None, tmp: Path) -> None:
+    """Collective: when any rank failed to write, rank 0 removes the unfinished folder and every rank raises
+    (the failing ranks their own error, the others the first one's)."""
+    errors = integrity.gather_objects(str(error) if error is not None else None)
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if not failed:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if error is not None:
+        raise error
+    rank, message = failed[0]
+    raise integrity.CheckpointWriteError(message if rank == 0 else f"rank {rank}: {message}")
 
 
 def _refuse_nonfinite(state: dict, step: int, root: Path) -> None:
@@ -155,12 +207,56 @@ def _refuse_nonfinite(state: dict, step: int, root: Path) -> None:
             f"lower --lr or tighter --clip-grad.")
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def _prune(root: Path, keep_last: int, written: Path, loaded: str | Path | None = None) -> None:
+    """Rank 0, after `written` was published: keep the newest `keep_last` checkpoints that verify (sizes against
+    the manifest; a folder the loader found damaged in this run counts as damaged), never delete `written`, the
+    checkpoint this run `loaded` or the one `latest` names, and move damaged folders aside (`iter_N.damaged`)
+    instead of counting or deleting them. Folders without a manifest (another tool's) are not counted either, and
+    are deleted only when older than every kept checkpoint."""
     if keep_last < 1:  # validated up front; never delete the checkpoint just written
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in done[: max(0, len(done) - keep_last)]:
-        shutil.rmtree(old, ignore_errors=True)
+    known_bad = integrity.rejected_folders()
+    target, _ = integrity.read_latest(root)
+    protected = {p.resolve() for p in (written, loaded, target) if p is not None and Path(p).is_dir()}
+    keep, unverified, damaged, old = [], [], [], []
+    for folder in integrity.iter_folders(root):  # newest first
+        real = folder.resolve()
+        problems = [] if real in protected else (known_bad.get(real) or _prune_check(folder))
+        if problems:
+            damaged.append((folder, problems))
+        elif real not in protected and not integrity.has_manifest(folder):
+            unverified.append(folder)
+        elif real in protected or len(keep) < keep_last:
+            keep.append(folder)
+        else:
+            old.append(folder)
+    oldest_kept = min(int(integrity.ITER_RE.match(k.name).group(1)) for k in keep)
+    old += [u for u in unverified if int(integrity.ITER_RE.match(u.name).group(1)) < oldest_kept]
+    for folder, problems in damaged:
+        aside = _aside(folder)
+        os.replace(folder, aside)
+        log.warning("checkpoint %s is damaged (%s): moved aside to %s, not counted among the --keep-last %d "
+                    "kept; delete it when you no longer need it", folder, "; ".join(problems)[:500], aside.name, keep_last)
+    for folder in old:
+        shutil.rmtree(folder, ignore_errors=True)
+    target, why = integrity.read_latest(root)
+    if target is None or not target.is_dir():  # never the case by construction; say so loudly if it were
+        log.error("after pruning %s, `latest` does not name an existing checkpoint (%s)", root, why or target)
+
+
+def _prune_check(folder: Path) -> list[str]:
+    if not (folder / STATE_FILE).is_file():
+        return [f"no {STATE_FILE}: the save did not finish"]
+    return integrity.verify_folder(folder, "size", collective=False)
+
+
+def _aside(folder: Path) -> Path:
+    aside = folder.with_name(folder.name + ".damaged")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = folder.with_name(f"{folder.name}.damaged{n}")
+    return aside
 
 
 def check_adapter_base(path: str | Path, meta: dict, base: dict) -> None:
@@ -171,7 +267,7 @@ def check_adapter_base(path: str | Path, meta: dict, base: dict) -> None:
                               "(resume with the same --pretrained file, or the same --init-seed without --pretrained)")
 
 
-def latest_checkpoint(root: str | Path, verify: str = "size") -> Path | None:
+def latest_checkpoint(root: str | Path, verify: str = integrity.DEFAULT_VERIFY) -> Path | None:
     """The checkpoint to resume from (None when `root` has none): `root` itself if it is a checkpoint
     folder (verified, no fallback), else its `latest`, or the newest sound iter_* when `latest` is not
     (see hcustom_mc.checkpoint.integrity.select_checkpoint). Collective when a process group exists."""

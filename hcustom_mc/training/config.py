@@ -16,6 +16,7 @@ from typing import Any
 from hcustom_mc.model.config import ConfigError, load_yaml
 from hcustom_mc.data.config import TASKS, DataConfig, EncoderPaths  # noqa: F401 (part of the training config)
 from hcustom_mc.parallel.config import ParallelConfig
+from hcustom_mc.checkpoint.verify_modes import DEFAULT_VERIFY, VERIFY_HELP
 
 
 def _lora_default_targets():
@@ -61,7 +62,7 @@ class CheckpointConfig:
     pretrained_key: str = "module"  # module | ema (release files and our checkpoints)
     pretrained_allow_missing: list[str] = field(default_factory=list)  # name prefixes initialised fresh
     override_schedule: bool = False  # resume with a changed LR schedule / length (continues from the step)
-    verify: str = "size"  # loading: full (sizes + sha256 against the manifest) | size | off
+    verify: str = DEFAULT_VERIFY  # loading: full (sizes + sha256 against the manifest) | size | off
 
 
 @dataclass
@@ -113,7 +114,7 @@ class TrainConfig:
 
         errors = field_errors(self)  # every field's type and range (config_check.RANGES), generically
         if errors:  # the checks below compare values, which needs the right types
-            raise ConfigError("invalid training config:\n  - " + "\n  - ".join(errors))
+            raise ConfigError(_invalid(errors))
         dp = self.parallel.data_parallel(world_size) if world_size % (
             self.parallel.tensor_parallel * self.parallel.pipeline_parallel * self.parallel.context_parallel) == 0 else None
         if self.micro_batch_size < 1:
@@ -175,8 +176,17 @@ class TrainConfig:
         if ck.pretrained_allow_missing and not ck.pretrained:
             errors.append("--pretrained-allow-missing needs --pretrained")
 
+        if self.optim.min_lr > self.optim.lr:
+            errors.append(f"optim.min_lr {self.optim.min_lr:g} is greater than optim.lr {self.optim.lr:g} (--min-lr "
+                          f"must be <= --lr: the schedule decays from --lr to --min-lr)")
+        if self.kernels == "triton" and not _triton_can_run():
+            errors.append("kernels=triton (--kernels triton) needs a CUDA GPU and this host has none: use --kernels "
+                          "auto or torch (or TRITON_INTERPRET=1, the slow Triton interpreter)")
+        run_dir = Path(self.logging.run_dir)
+        if run_dir.exists() and not run_dir.is_dir():
+            errors.append(f"logging.run_dir {run_dir} is a file, not a folder (--run-dir): pass a folder")
         if errors:
-            raise ConfigError("invalid training config:\n  - " + "\n  - ".join(errors))
+            raise ConfigError(_invalid(errors))
         return self
 
     def model_config(self):
@@ -248,7 +258,7 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--lora-targets": ("lora_targets", list, "module-name patterns (fnmatch) given adapters"),
     "--save-interval": ("checkpoint.save_interval", int, "save every N steps"),
     "--keep-last": ("checkpoint.keep_last", int, "checkpoints kept"),
-    "--verify-checkpoint": ("checkpoint.verify", str, "check --load's files against the manifest: full | size | off"),
+    "--verify-checkpoint": ("checkpoint.verify", str, VERIFY_HELP.replace("the checkpoint about to be loaded", "--load")),
     "--log-interval": ("logging.log_interval", int, "console/MLflow logging every N steps"),
     "--mlflow-tracking-uri": ("logging.mlflow_tracking_uri", str, "MLflow tracking URI: a server or a store"),
     "--run-dir": ("logging.run_dir", str, "run folder (logs, MLflow store)"),
@@ -268,6 +278,21 @@ SECTION_GROUP = {"parallel": "parallel", "optim": "optimizer", "data": "data", "
                  "logging": "logging"}
 GROUPS = {"model": "model", "parallel": "parallel layout", "data": "data", "optimizer": "optimizer, batch and schedule",
           "checkpoint": "checkpoint", "logging": "logging and console"}
+
+
+def _invalid(errors: list[str]) -> str:
+    """One problem: one line. Several: a list."""
+    if len(errors) == 1:
+        return f"invalid training config: {errors[0]}"
+    return "invalid training config:\n  - " + "\n  - ".join(errors)
+
+
+def _triton_can_run() -> bool:
+    import os
+
+    import torch
+
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def field_default(dotted: str):
@@ -380,7 +405,11 @@ def build_config(argv=None, args: argparse.Namespace | None = None) -> TrainConf
     if args.config is not None:
         if not args.config.is_file():
             raise ConfigError(f"--config {args.config} does not exist")
-        _apply_mapping(cfg, load_yaml(args.config.read_text(), f"--config {args.config}") or {})
+        data = load_yaml(args.config.read_text(errors="replace"), f"--config {args.config}")
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"--config {args.config} must hold a mapping of TrainConfig fields (name: value), "
+                              f"got a {type(data).__name__}")
+        _apply_mapping(cfg, data or {})
     for item in args.set:
         key, sep, raw = item.partition("=")
         if not sep:

@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from hcustom_mc.checkpoint.verify_modes import VERIFY_MODES
+
 
 @dataclass(frozen=True)
 class Range:
@@ -31,8 +33,11 @@ class Range:
         return True
 
     def __str__(self) -> str:
-        lo = "" if self.lo is None else f"{'>' if self.lo_open else '>='} {self.lo:g}"
-        hi = "" if self.hi is None else f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        def num(v):
+            return str(v) if isinstance(v, int) else f"{v:g}"
+
+        lo = "" if self.lo is None else f"{'>' if self.lo_open else '>='} {num(self.lo)}"
+        hi = "" if self.hi is None else f"{'<' if self.hi_open else '<='} {num(self.hi)}"
         return " and ".join(x for x in (lo, hi) if x)
 
 
@@ -40,7 +45,8 @@ POSITIVE, NON_NEGATIVE, AT_LEAST_1 = Range(0, lo_open=True), Range(0), Range(1)
 PROBABILITY = Range(0, 1)
 RANGES: dict[str, Range] = {
     "micro_batch_size": AT_LEAST_1, "global_batch_size": AT_LEAST_1, "train_steps": AT_LEAST_1,
-    "exit_after_steps": AT_LEAST_1, "max_identity_images": AT_LEAST_1, "init_seed": NON_NEGATIVE,
+    "exit_after_steps": AT_LEAST_1, "max_identity_images": AT_LEAST_1,
+    "init_seed": Range(0, 2**32 - 1),  # times 1_000_003 plus a crc32 it must still fit torch's 64-bit seeds
     "parallel.tensor_parallel": AT_LEAST_1, "parallel.pipeline_parallel": AT_LEAST_1,
     "parallel.virtual_pipeline_parallel": AT_LEAST_1, "parallel.context_parallel": AT_LEAST_1,
     "optim.lr": NON_NEGATIVE, "optim.min_lr": NON_NEGATIVE, "optim.warmup_steps": NON_NEGATIVE,
@@ -58,7 +64,7 @@ RANGES: dict[str, Range] = {
     "logging.log_interval": AT_LEAST_1, "logging.peak_tflops": POSITIVE,
     "ema_decay": Range(0, 1, lo_open=True, hi_open=True), "skip_nonfinite_steps": NON_NEGATIVE,
 }
-CHOICES: dict[str, tuple] = {"checkpoint.verify": ("full", "size", "off"),
+CHOICES: dict[str, tuple] = {"checkpoint.verify": VERIFY_MODES,
                              "checkpoint.pretrained_format": ("auto", "release", "diffusers", "mcore"),
                              "checkpoint.pretrained_key": ("module", "ema")}
 

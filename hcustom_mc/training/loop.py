@@ -340,7 +340,7 @@ def train(cfg: TrainConfig) -> dict:
                                   forward_only=False)
         _inject_fault(step, losses, chunks)
         loss, per_micro = micro_batch_losses(losses, num_micro, device)
-        problem = _nonfinite_loss(per_micro, step, task, cfg)
+        problem = _nonfinite_loss(per_micro, step, task, cfg, batches)
         grad_norm = float("nan")
         if problem is None:
             applied, grad_norm = optimizer_step(optimizer, cfg.optim.clip_grad)
@@ -377,7 +377,7 @@ def train(cfg: TrainConfig) -> dict:
                                   # what `python -m hcustom_mc.checkpoint.lora export` needs besides the tensors
                                   "lora": {"rank": cfg.lora_rank, "alpha": float(cfg.lora_rank if cfg.lora_alpha is None else cfg.lora_alpha),
                                            "targets": list(cfg.lora_targets)} if cfg.lora_rank else None},
-                                 model_cfg, cfg.checkpoint.keep_last, ema=ema, adapter_base=adapter_base)
+                                 model_cfg, cfg.checkpoint.keep_last, ema=ema, adapter_base=adapter_base, loaded=resume)
         if stopping:
             if info.rank == 0:
                 reason = f"signal {stop.signal}" if stop.signal else f"--exit-after-iters {cfg.exit_after_steps}"
@@ -412,14 +412,20 @@ def _optimizer_state_numel(optimizer) -> int:
                if k in ("exp_avg", "exp_avg_sq") and torch.is_tensor(t))
 
 
-def _nonfinite_loss(per_micro: list[float], step: int, task: str, cfg) -> str | None:
+def _nonfinite_loss(per_micro: list[float], step: int, task: str, cfg, batches=None) -> str | None:
     bad = [(m, v) for m, v in enumerate(per_micro) if not math.isfinite(v)]
     if not bad:
         return None
     m, v = bad[0]
     mbs = cfg.micro_batch_size
+    where = ""
+    if batches is not None and m < len(batches.sources):  # this rank's samples of that micro batch
+        data_bad = batches.nonfinite_sources[m]
+        where = (f"; its data holds NaN/inf: {'; '.join(data_bad)}" if data_bad
+                 else f"; its samples here: {'; '.join(batches.sources[m])}")
     return (f"step {step} (task {task}): the loss is {v} in micro batch {m} (samples {m * mbs}..{m * mbs + mbs - 1} of "
-            f"each data-parallel rank's share){f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; the step was not applied")
+            f"each data-parallel rank's share){f' and {len(bad) - 1} more' if len(bad) > 1 else ''}{where}; the step "
+            f"was not applied")
 
 
 def _inject_fault(step: int, losses: list[dict], chunks) -> None:

@@ -4,8 +4,9 @@
 daemon thread of rank 0 refreshes every HEARTBEAT_S. A second job is refused with a message naming the holder.
 A lock is stale, and is taken over with a warning, when its holder is gone: on this host its pid is dead (or
 now belongs to another process: the recorded process start time differs), on any host its heartbeat is older
-than STALE_S. Creating the lock is atomic (O_EXCL); a takeover happens under an flock so two jobs cannot both
-take over the same stale lock.
+than STALE_S. Creating the lock is atomic and carries its content (a temporary file hard-linked to the lock's
+name), so no job ever reads an empty lock; a takeover happens under an flock so two jobs cannot both take over
+the same stale lock.
 """
 
 from __future__ import annotations
@@ -70,8 +71,11 @@ def stale_reason(holder: dict) -> str | None:
 
 
 class SaveLock:
-    def __init__(self, root: str | Path):
+    """`flag` and `what` word the refusal: the training --save folder's checkpoints, or the sampler's --out."""
+
+    def __init__(self, root: str | Path, flag: str = "--save", what: str = "checkpoints"):
         self.root = Path(root)
+        self.flag, self.what = flag, what
         self.path = self.root / LOCK_FILE
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": _proc_start(os.getpid()),
                    "start_time": time.time(), "heartbeat": time.time()}
@@ -79,12 +83,20 @@ class SaveLock:
         self._thread: threading.Thread | None = None
 
     def _write_new(self) -> bool:
+        """Create the lock with its content in one step: write a private temporary file, then hard-link it to the
+        lock's name (fails if the lock exists), so no reader ever sees an empty or half-written lock."""
+        content = json.dumps(self.me) + "\n"
+        tmp = self.path.with_name(f"{LOCK_FILE}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.new")
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with open(tmp, "w") as f:
+                f.write(content)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, self.path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(self.me) + "\n")
+        finally:
+            tmp.unlink(missing_ok=True)
         return True
 
     def _read(self) -> dict | None:
@@ -105,9 +117,9 @@ class SaveLock:
                 continue
             why = stale_reason(holder) if holder else "the lock file is unreadable"
             if why is None:
-                raise ConfigError(f"--save {self.root} is being written by another job ({describe(holder)}): two jobs "
-                                  f"writing one folder replace each other's checkpoints. Wait for it to finish, stop "
-                                  f"it, or pass another --save (if that job is surely gone, delete {self.path})")
+                raise ConfigError(f"{self.flag} {self.root} is being written by another job ({describe(holder)}): two "
+                                  f"jobs writing one folder replace each other's {self.what}. Wait for it to finish, "
+                                  f"stop it, or pass another {self.flag} (if that job is surely gone, delete {self.path})")
             with self._guard():
                 if self._read() == holder:  # nobody else took it over meanwhile
                     log.warning("taking over the stale lock %s (%s): %s", self.path,
@@ -156,8 +168,12 @@ def release_all() -> None:
 
 def check_save_folder(root: str | Path, need_bytes: int) -> None:
     """Refuse a --save that can never hold a checkpoint: a file, not writable, or without room for one."""
-    from hcustom_mc.checkpoint.integrity import human_bytes
+    check_save_writable(root)
+    check_free_space(root, need_bytes)
 
+
+def check_save_writable(root: str | Path) -> None:
+    """Refuse a --save that is a file or cannot be written; create it."""
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise ConfigError(f"--save {root} is a file, not a folder: pass a folder for the checkpoints")
@@ -174,15 +190,35 @@ def check_save_folder(root: str | Path, need_bytes: int) -> None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"--save {root} is not writable ({exc.strerror}): fix it or pass another --save") from None
+
+
+def check_free_space(root: str | Path, need_bytes: int) -> None:
+    from hcustom_mc.checkpoint.integrity import human_bytes
+
+    root = Path(root)
     free = shutil.disk_usage(root).free
     if free < need_bytes:
         raise ConfigError(f"--save {root}: the disk has {human_bytes(free)} free, one checkpoint needs about "
                           f"{human_bytes(need_bytes)} (estimated): free space or pass another --save")
 
 
+def clear_stale_saves(root: str | Path) -> None:
+    """With the lock held (no other job writes here): remove the `iter_*.tmp` folders a killed save left, with
+    a warning, so they neither fill the disk nor block this start."""
+    from hcustom_mc.checkpoint.integrity import human_bytes
+
+    for tmp in sorted(Path(root).glob("iter_*.tmp")):
+        if tmp.is_dir() and not tmp.is_symlink():
+            size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.warning("removed %s (%s), an unfinished save of a job that was stopped; it was never published",
+                        tmp, human_bytes(size))
+
+
 def prepare_save_folder(cfg, model_cfg) -> SaveLock | None:
-    """Collective, at the start of training: check --save and take its lock on rank 0; every rank raises the
-    same ConfigError when that fails. Returns the lock (rank 0) to release at the end."""
+    """Collective, at the start of training: check --save, take its lock on rank 0, remove unfinished saves
+    (`iter_*.tmp`) and check the room for a checkpoint; every rank raises the same ConfigError when that
+    fails. Returns the lock (rank 0) to release at the end."""
     import torch.distributed as dist
 
     from hcustom_mc.checkpoint.integrity import checkpoint_bytes_estimate, gather_objects
@@ -193,11 +229,16 @@ def prepare_save_folder(cfg, model_cfg) -> SaveLock | None:
     if dist.get_rank() == 0:
         try:
             params = _num_params(model_cfg)
-            check_save_folder(cfg.checkpoint.save, checkpoint_bytes_estimate(params, 2 if cfg.bf16 else 4, True))
+            check_save_writable(cfg.checkpoint.save)
             lock = SaveLock(cfg.checkpoint.save)
             lock.acquire()
+            clear_stale_saves(cfg.checkpoint.save)
+            check_free_space(cfg.checkpoint.save, checkpoint_bytes_estimate(params, 2 if cfg.bf16 else 4, True))
         except ConfigError as exc:
             error = str(exc)
+            if lock is not None:
+                lock.release()
+                lock = None
     error = gather_objects(error)[0]
     if error:
         raise ConfigError(error)
