@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.torchrun import REPO
+from tests.torchrun import REPO, child_pythonpath
 
 sys.path.insert(0, str(REPO))
 from bench import gpu_check as gc  # noqa: E402
@@ -177,3 +177,36 @@ def test_wheel_folder_checks(tmp_path):
     cmd = wh.download_command(folder, list(wh.WHEELS))
     assert cmd[-1] == "megatron-core==0.16.1" and "--no-deps" in cmd and "--only-binary=:all:" in cmd
     assert cmd[cmd.index("--python-version") + 1] == "3.12" and "manylinux_2_28_x86_64" in cmd
+
+
+def test_train_step_reports_a_skipped_nonfinite_step(tmp_path):
+    """A NaN loss at step 2 of 3 is skipped by the loop and reported by the benchmark (once it crashed: the
+    recorder had no log_metrics); every step is a JSON line the moment it is measured."""
+    out, jsonl = tmp_path / "train.json", tmp_path / "m.jsonl"
+    proc = subprocess.run([sys.executable, "bench/train_step.py", "--double-blocks", "1", "--single-blocks", "1",
+                           "--warmup", "1", "--steps", "2", "--json", str(out), "--jsonl", str(jsonl),
+                           "--out", str(tmp_path / "train.md")], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": child_pythonpath(), "OMP_NUM_THREADS": "1",
+                               "HCUSTOM_FAULT_NONFINITE": "loss:2"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["skipped_steps"] == [2] and [s["step"] for s in result["steps"]] == [1, 3]
+    assert result["step_time_s"] > 0
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [(r["step"], r.get("skipped", False)) for r in lines] == [(1, False), (2, True), (3, False)]
+    assert lines[1]["skipped_nonfinite_steps"] == 1 and all(r["bench"] == "train_step" for r in lines)
+    assert "1 of 3 steps skipped" in (tmp_path / "train.md").read_text()
+
+
+@pytest.mark.parametrize("name, bf16, tf32", [
+    ("NVIDIA H100 80GB HBM3", 989.0, 494.7), ("NVIDIA H100 PCIe", 756.0, 378.0), ("NVIDIA H100 NVL", 835.0, 417.5),
+    ("NVIDIA H200", 989.0, 494.7), ("NVIDIA H200 NVL", 835.0, 417.5), ("NVIDIA A100-SXM4-80GB", 312.0, 156.0),
+    ("NVIDIA H100 something new", None, None),  # an unknown card: no MFU rather than another card's peak
+])
+def test_peak_tflops_is_the_cards_own(monkeypatch, name, bf16, tf32):
+    from hcustom_mc.training import tracking
+
+    monkeypatch.setattr(tracking, "uses_cuda", lambda: True)
+    monkeypatch.setattr(tracking.torch.cuda, "get_device_name", lambda *a: name)
+    assert (tracking.peak_tflops(True, None), tracking.peak_tflops(False, None)) == (bf16, tf32)
+    assert tracking.peak_tflops(True, 500.0) == 500.0
