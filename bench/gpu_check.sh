@@ -9,6 +9,8 @@
 # --wheels DIR installs DIR/*.whl into a temporary folder (pip --target, no index, no dependencies) and
 # puts it on PYTHONPATH for this run only: the system's packages are never touched.
 set -u
+# the command's start: the tier's budget counts from here, so installing the wheels is inside it too
+export HCUSTOM_GPU_CHECK_START="$(date +%s.%N)"
 cd "$(dirname "$0")/.." || exit 2
 # the checkout's hcustom_mc and hcustom_kernels (in kernels/), for every part: nothing is installed on the image
 export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"

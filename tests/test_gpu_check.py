@@ -154,6 +154,30 @@ def test_failures_and_timeouts_are_reported_and_the_check_goes_on(tmp_path, monk
     assert "never" not in (tmp_path / "out" / "gpu_check_test_gpu_smoke.log").read_text()
 
 
+def test_the_budget_counts_from_the_commands_start(tmp_path, monkeypatch):
+    """A tier's budget is command time: what bench/gpu_check.sh spent before the check (installing the wheels)
+    comes off it, so the parts still end inside it."""
+    import time
+
+    py = sys.executable
+    env_json = tmp_path / "env.json"
+
+    def fake_plan(env, work, dry_run, stem=None):
+        return [gc.Part("env", "environment", 20, [py, "-c", f"open({str(env_json)!r}, 'w').write('{{}}')"], data=env_json,
+                        tier="env"),
+                gc.Part("short", "fits in what is left", 15, [py, "-c", "print('ran')"]),
+                gc.Part("long", "does not", 30, [py, "-c", "print('never')"])]
+
+    monkeypatch.setattr(gc, "plan", fake_plan)
+    monkeypatch.setenv("HCUSTOM_GPU_CHECK_START", str(time.time() - 30))  # the .sh began 30 s ago
+    assert gc.main(["--out-dir", str(tmp_path / "out"), "--budget", "60"]) == 0
+    parts = json.loads((tmp_path / "out" / "gpu_check_nogpu_smoke.json").read_text())["parts"]
+    assert parts["short"]["status"] == "ok" and parts["short"]["box_s"] <= 30
+    assert parts["long"]["status"] == "skipped" or parts["long"]["box_s"] < 30
+    monkeypatch.setenv("HCUSTOM_GPU_CHECK_START", "not a time")
+    assert abs(gc.command_start() - time.time()) < 5
+
+
 CUT_OFF = """
 import json, sys
 from pathlib import Path
