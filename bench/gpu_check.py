@@ -460,8 +460,7 @@ def render(parts: list[Part], env: dict, header: dict) -> str:
             f"  \nbox {r.get('box_s', p.box_s)} s" + (f", exit {r['rc']}" if "rc" in r else "") if p.cmd else ""), ""]
         if r.get("status") == "running":
             lines.append("**running when this summary was written**: if nothing follows, the check was cut off here "
-                         "(its output so far is in the .log" + (", its finished tests in the junit XML" if p.junit else "")
-                         + ")")
+                         "(its output so far is in the .log" + (", a line per finished test" if p.junit else "") + ")")
             continue
         if r.get("reason"):
             lines.append(f"{'skipped' if r.get('status') == 'skipped' else 'note'}: {r['reason']}")
