@@ -154,11 +154,12 @@ DRY_SHAPE = ["--model", "tiny", "--double-blocks", "1", "--single-blocks", "1", 
              "--text-len", "8"]
 
 
-def pytest_cmd(env: dict, junit: Path, tier: str) -> list[str]:
+def pytest_cmd(env: dict, junit: Path, tier: str, dry_run: bool) -> list[str]:
     """pytest with a line per test (a part cut off still shows which tests ran and how), its junit XML, and a
     per-test time-out where pytest-timeout is installed (a hung test fails alone, the part goes on)."""
     cmd = [sys.executable, "-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider", f"--junitxml={junit}"]
-    return cmd + ([f"--timeout={TEST_TIMEOUT_S[tier]}"] if imports_ok(env, "pytest_timeout") else [])
+    timeout = TEST_TIMEOUT_S[tier] * (DRY_RUN_BOX_SCALE if dry_run else 1)
+    return cmd + ([f"--timeout={timeout}"] if imports_ok(env, "pytest_timeout") else [])
 
 
 def plan(env: dict, work: Path, dry_run: bool, stem: Path | None = None) -> list[Part]:
@@ -175,7 +176,7 @@ def plan(env: dict, work: Path, dry_run: bool, stem: Path | None = None) -> list
     # ---- smoke: the paths production takes, each once
     parts.append(Part("gpu_numerics", "pytest -m gpu tests/test_gpu_paths.py: attention backends (bf16 vs fp32, "
                       "forward + backward), NCCL world of one, the DiT in bf16", 70,
-                      [*pytest_cmd(env, xml("gpu_numerics"), "smoke"), "-m", "gpu", "tests/test_gpu_paths.py"],
+                      [*pytest_cmd(env, xml("gpu_numerics"), "smoke", dry_run), "-m", "gpu", "tests/test_gpu_paths.py"],
                       junit=xml("gpu_numerics")))
     smoke_shape = DRY_SHAPE if dry_run else SMOKE_SHAPE
     steps = ["--warmup", "0", "--steps", "1"]
@@ -191,11 +192,11 @@ def plan(env: dict, work: Path, dry_run: bool, stem: Path | None = None) -> list
 
     # ---- bench: everything else, and the figures at 720p length
     parts.append(Part("pytest_gpu", "pytest -m gpu, the rest of tests/ (compiled Triton kernels, placement, memory "
-                      "model)", 50, [*pytest_cmd(env, xml("pytest_gpu"), "bench"), "-m", "gpu",
+                      "model)", 50, [*pytest_cmd(env, xml("pytest_gpu"), "bench", dry_run), "-m", "gpu",
                                      "--continue-on-collection-errors", "--ignore=tests/test_gpu_paths.py", "tests"],
                       tier="bench", junit=xml("pytest_gpu")))
     parts.append(Part("gloo_on_cuda", "multi-process tests on this host (gloo; CUDA left untouched)", 20,
-                      [*pytest_cmd(env, xml("gloo_on_cuda"), "bench"), "tests/test_device.py",
+                      [*pytest_cmd(env, xml("gloo_on_cuda"), "bench", dry_run), "tests/test_device.py",
                        *(["-k", "not two_ranks"] if dry_run else [])], tier="bench", junit=xml("gloo_on_cuda")))
 
     kernels = [py, "bench/kernels.py", "--out", str(w("kernels.md")), *jsonl]

@@ -101,6 +101,8 @@ def test_tiers_at_gpu_shapes_fit_their_budgets(tmp_path, dali):
         assert f"--jsonl {tmp_path / 'gpu_check_x.jsonl'}" in cmd[name], name
     assert ("--size 1280x720" in cmd["data"]) == dali
     assert gc.gpu_slug(_gpu_env(), dry_run=False) == "nvidia_h200"
+    dry = {p.name: " ".join(p.cmd) for p in gc.plan(_gpu_env(), tmp_path, True) if p.cmd}  # a slow CPU: wider limits
+    assert f"--timeout={gc.TEST_TIMEOUT_S['bench'] * gc.DRY_RUN_BOX_SCALE}" in dry["gloo_on_cuda"]
     # without pytest-timeout the pytest parts run without the flag rather than fail on it
     assert not any("--timeout" in a for p in gc.plan(_gpu_env(timeout=False), tmp_path, False) for a in p.cmd or [])
 
