@@ -25,7 +25,7 @@ PARTS = SMOKE + BENCH
 def test_dry_run_runs_every_part(tmp_path):
     """Both tiers at tiny shapes on CPU (the smoke tier alone is the default): every part runs or says why not."""
     proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", "--tier", "all", "--out-dir", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+                          cwd=REPO, capture_output=True, text=True, timeout=1500)
     summary = tmp_path / "gpu_check_dryrun_cpu_all.json"
     failed_logs = ""
     if proc.returncode and summary.is_file():
