@@ -33,7 +33,7 @@ from bench.checkout import use_checkout  # noqa: E402
 
 use_checkout()  # hcustom_kernels from kernels/ when the checkout is not installed
 
-from bench.report import median_seconds, write_report  # noqa: E402
+from bench.report import append_jsonl, median_seconds, write_report  # noqa: E402
 from hcustom_mc.model import attention  # noqa: E402
 from hcustom_mc.model.attention import Segments  # noqa: E402
 from hcustom_mc.parallel import blockwise  # noqa: E402
@@ -114,9 +114,15 @@ def kernel_table(args, device, dtype) -> str:
                 t_fb = timed(run_backend(name, q, k, v, seg, True), args.warmup, args.iters)
             except Exception as exc:  # a kernel that refuses this shape/dtype: say so, keep going
                 rows.append(f"| {name} | {S} | failed: {type(exc).__name__}: {str(exc)[:60]} | | | |")
+                record = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             else:
                 rows.append(f"| {name} | {S} | {t_f * 1e3:.2f} | {flops / t_f / 1e12:.3g} | {t_fb * 1e3:.2f} | "
                             f"{3.5 * flops / t_fb / 1e12:.3g} |")
+                record = {"fwd_s": t_f, "fwd_tflops": flops / t_f / 1e12, "fwd_bwd_s": t_fb,
+                          "fwd_bwd_tflops": 3.5 * flops / t_fb / 1e12}
+            append_jsonl(args.jsonl, {"bench": "attention", "backend": name, "seq": S, "batch": args.batch,
+                                      "heads": args.heads, "head_dim": args.head_dim, "dtype": args.dtype,
+                                      "device": str(device), **record})
             print(rows[-1], flush=True)  # a run cut short by its time box still shows the rows it measured
         del q, k, v
     os.environ.pop("HCUSTOM_ATTN_BACKEND", None)
@@ -140,6 +146,8 @@ def cfg_table(args, device, dtype) -> str:
             looped = timed(lambda: attention.sdpa_segment_attention_looped(q, k, v, seg), args.warmup, args.iters)
         rows.append(f"| {S} | {L} | {min(args.neg_valid, L)} | {padded * 1e3:.2f} | {plain * 1e3:.2f} | "
                     f"{padded / plain:.2f} | {looped * 1e3:.2f} |")
+        append_jsonl(args.jsonl, {"bench": "attention_cfg", "seq": S, "text": L, "neg_valid": min(args.neg_valid, L),
+                                  "padded_s": padded, "unpadded_s": plain, "looped_s": looped, "device": str(device)})
     return "\n".join(rows)
 
 
@@ -158,6 +166,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-blockwise-above", type=int, default=32768,
                    help="skip the (slow, plain-torch) blockwise tiles above this length; 0 = never")
     p.add_argument("--out", type=Path, help="write the markdown report here")
+    p.add_argument("--jsonl", type=Path, help="append each measured row here as one JSON line, as it is measured")
     args = p.parse_args(argv)
     args.seq = [int(s) for s in args.seq.split(",")]
     device = torch.device("cuda" if gpu else "cpu")

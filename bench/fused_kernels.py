@@ -31,9 +31,13 @@ CUDA = uses_cuda()  # False on a CPU host and under HCUSTOM_DIST_BACKEND=gloo: t
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-from bench.report import median_seconds, write_report  # noqa: E402
+from bench.report import append_jsonl, median_seconds, write_report  # noqa: E402
 
-HBM_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}
+# HBM bandwidth per card, TB/s (data sheets), by the exact torch.cuda.get_device_name(): an H100 PCIe has 2.0,
+# an H100 NVL 3.9, an H100 SXM 3.35, so a name containing "H100" is not enough
+HBM_TBPS = {"NVIDIA H100 80GB HBM3": 3.35, "NVIDIA H100 NVL": 3.9, "NVIDIA H100 PCIe": 2.0, "NVIDIA H200": 4.8,
+            "NVIDIA H200 NVL": 4.8, "NVIDIA A100-SXM4-80GB": 2.039, "NVIDIA A100-SXM4-40GB": 1.555,
+            "NVIDIA A100 80GB PCIe": 1.935, "NVIDIA A100-PCIE-40GB": 1.555}
 SHAPES = {  # frames, H', W', identity images, text tokens
     "tiny": dict(f=2, hp=3, wp=4, K=1, L=8, heads=2, head_dim=16, rope_dims=(4, 6, 6), hidden=64, audio_dim=32),
     "544p": dict(f=33, hp=34, wp=60, K=1, L=256, heads=24, head_dim=128, rope_dims=(16, 56, 56), hidden=3072, audio_dim=1024),
@@ -114,6 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     p.add_argument("--out", type=Path, help="also write the table (markdown) here")
+    p.add_argument("--jsonl", type=Path, help="append each kernel's row here as one JSON line, as it is measured")
     args = p.parse_args(argv)
 
     cuda = CUDA
@@ -123,7 +128,7 @@ def main(argv=None) -> int:
     warmup, iters = args.warmup or (5 if cuda else 1), args.iters or (20 if cuda else 2)
     use_compile = cuda and not args.no_compile  # inductor on CPU needs a compiler toolchain; GPU is what counts
     name = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter)"
-    peak = next((v for k, v in HBM_TBPS.items() if k in name), None) if cuda else None
+    peak = HBM_TBPS.get(name) if cuda else None  # unknown card: no "% of peak" rather than another card's
     cases = make_cases(SHAPES[shape_name], device, dtype)
     wanted = args.kernels.split(",") if args.kernels else list(cases)
 
@@ -149,6 +154,10 @@ def main(argv=None) -> int:
         lines.append(f"| {kname} | {ms(t_ours)} | {ms(t_ref)} | {ms(t_cmp)} | {ms(b_ours)} | {ms(b_ref)} | {ms(b_cmp)} | "
                      f"{gbs:.1f} | {pct} | {ratio(t_ours, t_ref)} | {ratio(t_ours, t_cmp)} | {ratio(b_ours, b_ref)} |")
         print(lines[-1], flush=True)  # row by row: a time-boxed run still shows the kernels it finished
+        append_jsonl(args.jsonl, {"bench": "kernels", "kernel": kname, "device": name, "shape": shape_name,
+                                  "dtype": str(dtype).split(".")[-1], "ours_fwd_s": t_ours, "eager_fwd_s": t_ref,
+                                  "compile_fwd_s": t_cmp, "ours_fwd_bwd_s": b_ours, "eager_fwd_bwd_s": b_ref,
+                                  "compile_fwd_bwd_s": b_cmp, "ours_gb_per_s": gbs})
     write_report(args.out, "Kernel benchmark", "\n".join(lines), argv)
     return 0
 

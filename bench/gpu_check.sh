@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The prepared GPU check (bench/gpu_check.py holds the logic; `--help` lists the parts).
+# The prepared GPU check (bench/gpu_check.py holds the logic; `--help` lists the parts and tiers).
 #
-#   bench/gpu_check.sh --fetch-wheels .whl [--with-pyav]   # here: cp312 wheels the bare GPU image lacks (< 64 MiB)
-#   bench/gpu_check.sh --wheels .whl [--out-dir DIR]        # on the GPU machine; the device tool's carry names .whl
-#   bench/gpu_check.sh --dry-run                            # on CPU: every part at a tiny shape, plan printed
+#   bench/gpu_check.sh --fetch-wheels .whl [--with-pyav]    # here: cp312 wheels the bare GPU image lacks (< 64 MiB)
+#   bench/gpu_check.sh --wheels .whl --out-dir $OUT          # GPU machine, first call: the smoke tier (240 s)
+#   bench/gpu_check.sh --wheels .whl --out-dir $OUT --tier bench   # second call: the bench tier (300 s)
+#   bench/gpu_check.sh --dry-run [--tier all] [--wheels .whl]       # on CPU: the same logic at tiny shapes
 #
 # --wheels DIR installs DIR/*.whl into a temporary folder (pip --target, no index, no dependencies) and
 # puts it on PYTHONPATH for this run only: the system's packages are never touched.
 set -u
+# the command's start: the tier's budget counts from here, so installing the wheels is inside it too
+export HCUSTOM_GPU_CHECK_START="$(date +%s.%N)"
 cd "$(dirname "$0")/.." || exit 2
 # the checkout's hcustom_mc and hcustom_kernels (in kernels/), for every part: nothing is installed on the image
 export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"

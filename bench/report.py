@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,16 @@ def write_report(out: Path | None, title: str, text: str, argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     out.write_text(f"# {title}\n\ncommand: `{cmd}`\n\n{text}\n")
+
+
+def append_jsonl(path: Path | None, record: dict) -> None:
+    """With --jsonl: append one measurement as one JSON line the moment it is taken, so a run cut off later (a
+    time box, a killed GPU lease) still leaves every measurement before it."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def median_seconds(fn, warmup: int, iters: int, cuda: bool) -> float:

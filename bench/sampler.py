@@ -27,7 +27,7 @@ from bench.checkout import pythonpath, use_checkout  # noqa: E402
 
 use_checkout()  # hcustom_kernels from kernels/ when the checkout is not installed
 
-from bench.report import write_report  # noqa: E402
+from bench.report import append_jsonl, write_report  # noqa: E402
 
 
 def _free_port() -> int:
@@ -111,6 +111,8 @@ def driver(args, argv) -> int:
             print(proc.stdout[-3000:] + proc.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"layout {text} failed (exit {proc.returncode})")
         rows.append(json.loads(lines[-1][len("RESULT "):]))
+        append_jsonl(args.jsonl, {"bench": "sampler", **rows[-1], "size": args.size, "frames": args.frames,
+                                  "model": args.model, "dtype": args.dtype})
         print(f"{text}: {rows[-1]['s_per_step'] * 1e3:.1f} ms/step", flush=True)
     base = rows[0]["s_per_step"]
     lines = [f"model {args.model} ({args.double_blocks} double + {args.single_blocks} single blocks), {args.size} x "
@@ -135,6 +137,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", type=Path)
+    p.add_argument("--jsonl", type=Path, help="append each layout's result here as one JSON line, as it is measured")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--layout", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -12,7 +12,9 @@ The loop's own per-step metrics are recorded (its Tracker replaced by a recorder
 is written and mlflow need not be installed): step time, model TFLOP/s per device and MFU from
 `tracking.model_flops_per_sample` (each stream's linears for its own tokens, attention 12*H*S^2 per
 block, recomputation not counted), peak memory (allocator). The first step is warm-up (allocation,
-autotuning); the report gives the median of the rest.
+autotuning); the report gives the median of the rest. A step with a non-finite loss or gradient norm is
+skipped and reported (the loop's --skip-nonfinite-steps covers every step here), not a crash; with --jsonl
+each step (and each skipped one) is appended as one JSON line the moment the loop reports it.
 
 With `python -m hcustom_mc.plan` present, its prediction for the same run is printed beside it
 (flags as documented in issue 11: --model FILE --variant --size --frames --tp 1 --pp 1 --cp 1 --dp 1
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -33,11 +36,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.checkout import use_checkout  # noqa: E402
+from bench.checkout import pythonpath, use_checkout  # noqa: E402
 
 use_checkout()  # hcustom_kernels from kernels/ when the checkout is not installed
 
-from bench.report import write_report  # noqa: E402
+from bench.report import append_jsonl, write_report  # noqa: E402
 
 
 def latent_shape(size: str, frames: int) -> tuple[int, int, int]:
@@ -67,7 +70,9 @@ def train_argv(args, model_file: Path, run_dir: Path) -> list[str]:
             "--kernels", args.kernels, "--run-dir", str(run_dir), "--log-interval", "1",
             "--set", f"data.frames={args.frames}", "--set", f"data.latent_height={lh}",
             "--set", f"data.latent_width={lw}", "--set", f"data.text_len={args.text_len}",
-            "--set", "data.num_samples=8", "--set", f"data.task_weights={{{task}: 1.0}}", "--set", "zero_init=false"]
+            "--set", "data.num_samples=8", "--set", f"data.task_weights={{{task}: 1.0}}", "--set", "zero_init=false",
+            # a NaN or inf step (bf16 at 13B width, say) is skipped and reported, never the end of the benchmark
+            "--skip-nonfinite-steps", str(args.warmup + args.steps)]
     if args.bf16:
         argv.append("--bf16")
     if args.recompute != "none":
@@ -77,12 +82,13 @@ def train_argv(args, model_file: Path, run_dir: Path) -> list[str]:
     return argv
 
 
-def run_steps(args, model_file: Path, run_dir: Path) -> list[dict]:
-    """Train through loop.train; return the loop's metrics of every step."""
+def run_steps(args, model_file: Path, run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Train through loop.train; return the loop's metrics of every step, and the steps it skipped as non-finite."""
     from hcustom_mc.training import loop
     from hcustom_mc.training.config import build_config
 
     steps: list[dict] = []
+    skipped: list[dict] = []
 
     class RecordingTracker:
         """The loop's Tracker interface: keeps each step's metrics and prints them as the loop would."""
@@ -96,13 +102,20 @@ def run_steps(args, model_file: Path, run_dir: Path) -> list[dict]:
         def log_step(self, step, total, task, metrics):
             steps.append({"step": step, **metrics})
             print("STEP " + json.dumps(steps[-1]), flush=True)
+            append_jsonl(args.jsonl, {"bench": "train_step", **steps[-1]})
+
+        def log_metrics(self, step, metrics):
+            """The loop's report of a step it skipped (non-finite loss or gradient norm)."""
+            skipped.append({"step": step, **metrics})
+            print("SKIPPED " + json.dumps(skipped[-1]), flush=True)
+            append_jsonl(args.jsonl, {"bench": "train_step", "skipped": True, **skipped[-1]})
 
         def finish(self):
             pass
 
     loop.Tracker = RecordingTracker
     loop.run(build_config(train_argv(args, model_file, run_dir)))
-    return steps
+    return steps, skipped
 
 
 def target_kind() -> str:
@@ -129,14 +142,15 @@ def planner_prediction(args, model_file: Path) -> str:
            "--micro-batch-size", "1", "--recompute", args.recompute, "--text-len", str(args.text_len),
            "--identity-images", str(args.identity), "--target", target_kind()] + (["--bf16"] if args.bf16 else [])
     try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": pythonpath()})  # the checkout, and the caller's entries
     except subprocess.TimeoutExpired:
         return "the planner did not answer within 60 s"
     text = (proc.stdout + ("\n" + proc.stderr if proc.returncode else "")).strip()
     return f"`{' '.join(cmd[1:])}` (exit {proc.returncode}):\n\n```\n{text[-4000:]}\n```"
 
 
-def summarize(args, cfg, steps: list[dict]) -> dict:
+def summarize(args, cfg, steps: list[dict], skipped: list[dict] = ()) -> dict:
     timed = steps[args.warmup:] or steps[-1:]
 
     def median(key):
@@ -153,7 +167,7 @@ def summarize(args, cfg, steps: list[dict]) -> dict:
             "timed_steps": len(timed), "step_time_s": median("step_time_s"),
             "tflops_per_device": median("tflops_per_device"), "mfu": median("mfu"),
             "peak_mem_gib": max((s["peak_mem_gib"] for s in steps), default=None),
-            "loss": [s["loss"] for s in steps]}
+            "loss": [s["loss"] for s in steps], "skipped_steps": [s["step"] for s in skipped]}
 
 
 def main(argv=None) -> int:
@@ -174,6 +188,7 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, help="per-device peak for MFU (default: known GPUs)")
     p.add_argument("--out", type=Path, help="also write the report (markdown) here")
     p.add_argument("--json", type=Path, help="also write the numbers (JSON) here")
+    p.add_argument("--jsonl", type=Path, help="append each step's metrics here as one JSON line, as it is measured")
     args = p.parse_args(argv)
 
     import logging
@@ -182,8 +197,8 @@ def main(argv=None) -> int:
     logging.getLogger("megatron").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         model_file, cfg = model_config_file(args, Path(tmp))
-        steps = run_steps(args, model_file, Path(tmp) / "run")
-        result = summarize(args, cfg, steps)
+        steps, skipped = run_steps(args, model_file, Path(tmp) / "run")
+        result = summarize(args, cfg, steps, skipped)
         result["planner"] = planner_prediction(args, model_file)
     from hcustom_mc.device import compute_device, uses_cuda
 
@@ -205,6 +220,9 @@ def main(argv=None) -> int:
         "attention 12*H*S^2 per block, forward + backward, recomputation not counted).",
         "", f"planner prediction: {result['planner']}",
     ]
+    if skipped:
+        lines[1:1] = ["", f"**{len(skipped)} of {args.warmup + args.steps} steps skipped: non-finite loss or gradient "
+                          f"norm** (steps {', '.join(str(s['step']) for s in skipped)}; the table holds the others)"]
     write_report(args.out, "Training step", "\n".join(lines), argv)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

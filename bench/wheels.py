@@ -1,7 +1,7 @@
 """The wheels the GPU check needs on a bare GPU image, fetched here and carried with the working tree.
 
 The GPU image (Python 3.12, torch, triton, numpy, einops, pyyaml, safetensors, psutil, tqdm, packaging,
-transformers) lacks megatron-core, which importing hcustom_mc's model, training loop and sampler needs;
+transformers, pytest, pytest-timeout) lacks megatron-core, which importing hcustom_mc's model, training loop and sampler needs;
 nothing else the check runs imports a missing package (mlflow is only used by the training loop's
 Tracker, which bench/train_step.py replaces with a recorder). PyAV (35 MB) is optional: only the data
 part uses it, and that part also needs DALI, whose 199 MB wheel cannot travel. The wheels, plus the

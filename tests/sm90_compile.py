@@ -8,7 +8,8 @@ No kernel executes: every `kernel[grid](...)` launch is recorded instead, with t
 options the launcher chose for those shapes, and each distinct launch is then compiled ahead of time by
 Triton (with its bundled ptxas) for sm_90: the same front end, optimisation passes and register allocation
 a GPU run would go through. A launch whose kernel does not compile, or needs more shared memory than an
-H100 has, fails the run. Printed per kernel: shared memory, registers and spill stack (cuobjdump).
+H100 has, fails the run. Printed per kernel: shared memory, registers and spill stack (cuobjdump); the JSON
+also counts each kernel's own barriers (tl.debug_barrier in its Triton IR).
 
 What it cannot show: run-time faults and numbers (the interpreter tests and the GPU check do that).
 """
@@ -167,6 +168,9 @@ def main(argv=None) -> int:
         try:
             compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=TARGET, options=options)
             row["shared_bytes"] = compiled.metadata.shared
+            # barriers the kernel itself asks for (tl.debug_barrier), before the compiler adds its own
+            # (gpu.barrier in Triton <= 3.5, ttg.barrier later)
+            row["barriers"] = len(re.findall(r"\b(?:gpu|ttg)\.barrier\b", compiled.asm["ttir"]))
             row["resources"] = resources(compiled.asm["cubin"], tmp)
             row["ok"] = row["shared_bytes"] <= SM90_SHARED_BYTES
             if not row["ok"]:
@@ -176,7 +180,8 @@ def main(argv=None) -> int:
         failed += not row["ok"]
         results.append(row)
         print(f"{'ok  ' if row['ok'] else 'FAIL'} {name} {row['constexprs']} warps={options.get('num_warps', 4)} "
-              f"shared={row.get('shared_bytes')} {row.get('resources', '')} {row.get('error', '')}", flush=True)
+              f"shared={row.get('shared_bytes')} barriers={row.get('barriers')} {row.get('resources', '')} "
+              f"{row.get('error', '')}", flush=True)
     tmp.unlink(missing_ok=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

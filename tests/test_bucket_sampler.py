@@ -18,6 +18,7 @@ from hcustom_mc.data.sampler import (
     cpp_available,
     group_ids_from_keys,
 )
+from tests.torchrun import child_pythonpath
 
 BUILDERS = [build_batch_index_python] + ([build_batch_index_cpp] if cpp_available() else [])
 needs_cpp = pytest.mark.skipif(
@@ -157,7 +158,7 @@ def test_env_var_forces_the_builder():
         )
         code = block + "import logging; logging.basicConfig(level=logging.INFO)\n" \
             "from hcustom_mc.data import sampler; print('BUILDER', sampler.INDEX_BUILDER)"
-        env = {**os.environ, "HCUSTOM_INDEX_BUILDER": value}
+        env = {**os.environ, "HCUSTOM_INDEX_BUILDER": value, "PYTHONPATH": child_pythonpath()}
         return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
 
     out = run("python")

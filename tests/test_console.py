@@ -181,6 +181,7 @@ console.run_entry_point(main, lambda: (Mine,), key="t")
 def test_run_entry_point_reports_the_users_errors_and_lets_bugs_show(torch_loaded, body, code, stderr):
     """The one way every entry point ends: its code; the user's errors as one line, exit 2; a bug's traceback."""
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    env["PYTHONPATH"] = child_pythonpath()
     r = subprocess.run([sys.executable, "-c", ENTRY.format(torch=torch_loaded, body=body)], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == code, r.stderr

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hcustom_mc.device import BACKEND_ENV, uses_cuda
-from tests.torchrun import REPO, torchrun
+from tests.torchrun import REPO, child_pythonpath, torchrun
 
 SCRIPT = REPO / "tests" / "dist_scripts" / "cpu_compat_check.py"
 GLOO = {BACKEND_ENV: "gloo"}
@@ -54,7 +54,7 @@ assert not hasattr(DistributedOptimizer.__init__, "__hcustom_cpu_compat__")
 assert not hasattr(p2p_communication._batched_p2p_ops, "__hcustom_cpu_compat__")
 print("untouched")
 """
-    env = {k: v for k, v in os.environ.items() if k != BACKEND_ENV}
+    env = {**{k: v for k, v in os.environ.items() if k != BACKEND_ENV}, "PYTHONPATH": child_pythonpath()}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "untouched" in proc.stdout, proc.stderr[-3000:]
 

@@ -50,6 +50,21 @@ def test_fp32_forward_backward(monkeypatch, kernel_device, B, F, N, M, d, block_
         torch.testing.assert_close(a, b, **TOL[torch.float32], msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("per_program", [1, 2, 3, 5])
+def test_dk_dv_accumulate_over_row_blocks(monkeypatch, kernel_device, per_program):
+    """dK/dV partials summed over 1, 2, 3 and 5 row blocks per backward program (5 row blocks of 16 rows, the
+    last one masked): each program loads, adds to and stores its partial rows once per row block, with a
+    barrier between row blocks (tests/sm90_compile.py checks that it is compiled in)."""
+    _blocks(monkeypatch, 16, 16)
+    n_blocks = 5
+    monkeypatch.setattr(fa, "_split", lambda n, frames, device: (-(-n // per_program), per_program))
+    q, k, v, dout = _inputs(1, 2, 16 * n_blocks - 3, 16, 24, device=kernel_device, seed=2)
+    got = _run(fa.frame_cross_attention, q, k, v, dout)
+    ref = _run(fa.frame_cross_attention_reference, q, k, v, dout)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        torch.testing.assert_close(a, b, **TOL[torch.float32], msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M", [16, 5])
 def test_half_precision(monkeypatch, kernel_device, dtype, M):

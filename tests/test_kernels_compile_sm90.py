@@ -39,3 +39,7 @@ def test_every_kernel_compiles_for_sm90_at_13b_shapes(tmp_path):
     assert {r["kernel"] for r in rows} == jit_kernels()  # a new kernel cannot go unchecked
     ring = {r["kernel"]: r for r in rows if r["kernel"].startswith("block_attention.")}
     assert ring["block_attention._fwd_kernel"]["constexprs"]["BLOCK_D"] == "128"  # the 13B head dim, compiled
+    # frame attention's backward re-reads the dK/dV partials other threads stored in the previous row block:
+    # its barrier must survive into the compiled kernel (the interpreter runs programs whole and cannot race)
+    frame_bwd = [r for r in rows if r["kernel"] == "frame_attention._bwd_kernel"]
+    assert frame_bwd and all(r["barriers"] >= 1 for r in frame_bwd), frame_bwd

@@ -15,7 +15,7 @@ SBATCH = REPO / "examples" / "13b" / "train.sbatch"
 
 def _bash(script, *args, env=None, cwd=None, timeout=60):
     return subprocess.run(["bash", str(script), *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={"PATH": os.environ["PATH"], **(env or {})})
+                          timeout=timeout, env={"PATH": os.environ["PATH"], "PYTHONPATH": child_pythonpath(), **(env or {})})
 
 
 def test_multinode_command_spells_out_the_rendezvous_from_any_directory(tmp_path):
@@ -71,7 +71,7 @@ def test_sbatch_outside_the_repository_says_so(tmp_path):
 def test_multinode_launcher_really_trains_on_one_node(tmp_path):
     """The spelled-out rendezvous works: one node of 2 workers (TP 2) trains 2 steps through the launcher."""
     env = {"NNODES": "1", "NPROC_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-           "PYTHONPATH": child_pythonpath(), "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1"}
     proc = _bash(MULTINODE, REPO / "examples" / "tiny_3d.yaml", "--tensor-model-parallel-size", "2",
                  "--train-iters", "2", "--global-batch-size", "1", "--run-dir", tmp_path / "run", cwd=tmp_path,
                  env=env, timeout=300)

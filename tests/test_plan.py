@@ -140,17 +140,22 @@ def test_mid_size_peak_matches_cuda_allocator(recompute, tmp_path):
     check_prediction("mid", recompute, True, tmp_path, target="gpu")
 
 
-def test_parameter_count_is_the_models(single_process):
-    """The planner's parameter arithmetic equals the built model (meta device: nothing allocated)."""
+def test_parameter_count_is_the_models(single_process, device):
+    """The planner's parameter arithmetic equals the built model (meta device: nothing allocated), also with the
+    device's default device set (CUDA: a `gpu` variant, under the NCCL world a GPU host initialises)."""
     from hcustom_mc.model.config import get_model_config
     from hcustom_mc.plan.memory import stage_parameters
     from hcustom_mc.training.loop import whole_model
 
-    for name, variant in (("tiny", "base"), ("tiny", "audio"), ("tiny", "editing"), ("13b", "audio")):
-        cfg = get_model_config(name, variant)
-        layers = range(cfg.num_double_blocks + cfg.num_single_blocks)
-        planned = sum(n for n, _ in stage_parameters(cfg, 1, layers).values())
-        assert planned == sum(p.numel() for p in whole_model(cfg).parameters()), (name, variant)
+    before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    with torch.device(device):
+        for name, variant in (("tiny", "base"), ("tiny", "audio"), ("tiny", "editing"), ("13b", "audio")):
+            cfg = get_model_config(name, variant)
+            layers = range(cfg.num_double_blocks + cfg.num_single_blocks)
+            planned = sum(n for n, _ in stage_parameters(cfg, 1, layers).values())
+            assert planned == sum(p.numel() for p in whole_model(cfg).parameters()), (name, variant)
+    if device.type == "cuda":
+        assert single_process.device.type == "cuda" and torch.cuda.memory_allocated() - before < 1 << 20
 
 
 def test_help_is_fast_and_imports_no_torch():

@@ -2,6 +2,7 @@
 planner ranks first for its GPU count on 80 GB GPUs (and says fits), with the header's planner command."""
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.torchrun import REPO
+from tests.torchrun import REPO, child_pythonpath
 
 RECIPES = sorted((REPO / "examples" / "13b").glob("*.yaml"))
 
@@ -57,20 +58,22 @@ def test_recipe_validates_and_is_the_planners_first_choice(path, tmp_path):
     assert min(map(int, _flag(plan_args, "--size").split("x"))) == cfg.data.short_side
     assert ("--ema" in plan_args) == bool(cfg.ema_decay) and cfg.bf16 and cfg.recompute_granularity == "full"
     run = [sys.executable, "-m", "hcustom_mc.plan", *plan_args]
-    fits = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=60)
+    env = {**os.environ, "PYTHONPATH": child_pythonpath()}
+    fits = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
     assert fits.returncode == 0, fits.stdout + fits.stderr  # 0: fits in --gpu-memory
     # the header's wall time is the planner's, for the recipe's own number of steps
     from hcustom_mc.plan.__main__ import wall_time
 
     assert int(_flag(plan_args, "--train-iters")) == cfg.train_steps
-    est = json.loads(subprocess.run([*run, "--json"], cwd=REPO, capture_output=True, text=True, timeout=60).stdout)
+    est = json.loads(subprocess.run([*run, "--json"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                                    env=env).stdout)
     assert (f"# Wall time: ~{est['step_time_s']:.0f} s per step (50% MFU of 989 TFLOP/s, full recompute and pipeline "
             f"bubble included), {cfg.train_steps} steps = {wall_time(est['run_time_s'])}.") in path.read_text()
     # and nothing ranks above it among the layouts of this many GPUs
     search = [a for i, a in enumerate(plan_args) if a not in ("--tp", "--pp", "--cp", "--dp", "--cp-comm-type")
               and plan_args[i - 1] not in ("--tp", "--pp", "--cp", "--dp", "--cp-comm-type")]
     ranked = subprocess.run([sys.executable, "-m", "hcustom_mc.plan", *search, "--gpus", str(world), "--top", "1"],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
+                            cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
     first = next(line for line in ranked.stdout.splitlines() if line.startswith("TP "))
     mode = f" ({p.cp_mode})" if p.context_parallel > 1 else ""
     expected = (f"TP {p.tensor_parallel}{' +SP' if p.sequence_parallel else ''} x PP {p.pipeline_parallel} x "

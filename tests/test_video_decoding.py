@@ -8,6 +8,7 @@ checked for being refused here.
 
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -21,7 +22,7 @@ from hcustom_mc.data import video as V
 from hcustom_mc.data.buckets import BUCKET_RATIOS, bucket_for, buckets
 from hcustom_mc.data.errors import DataError
 from hcustom_mc.data.tiny_dataset import make_tiny_dataset, write_video
-from tests.torchrun import REPO
+from tests.torchrun import REPO, child_pythonpath
 
 HAVE_DALI = V.dali_available()
 needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")
@@ -311,7 +312,8 @@ def test_tiny_dataset(tmp_path):
 def test_bench_data_runs_tiny(tmp_path):
     out = tmp_path / "data.md"
     proc = subprocess.run([sys.executable, "bench/data.py", "--size", "64x48", "--frames", "17", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": child_pythonpath()})
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = out.read_text()
     assert "command: `python bench/data.py --size 64x48 --frames 17" in table

@@ -110,6 +110,10 @@ def _probe_cached(path: str, _size: int, _mtime: int) -> VideoInfo:
                 end = stop if end is None else max(end, stop)
         single_stream = len(container.streams) == 1
         container_duration = container.duration
+        # the stream's own fields, read while the container is open (PyAV 19 refuses them after close)
+        rate = stream.average_rate or stream.guessed_rate or 0
+        time_base, stream_duration, start = stream.time_base, stream.duration, stream.start_time or 0
+        height, width = stream.height, stream.width
     except av.error.FFmpegError as e:
         raise DataError("corrupt", path, f"demux failed: {e}") from None
     finally:
@@ -118,18 +122,16 @@ def _probe_cached(path: str, _size: int, _mtime: int) -> VideoInfo:
         raise DataError("corrupt", path, "no video packets (empty or truncated file)")
     if declared and count < declared:
         raise DataError("corrupt", path, f"truncated: header lists {declared} frames, file holds {count}")
-    rate = stream.average_rate or stream.guessed_rate or 0
     fps = float(rate) if rate else 0.0
     # No frame count in the header (WebM): compare the packets' end time with the declared duration.
-    duration = stream.duration * stream.time_base if stream.duration else None
+    duration = stream_duration * time_base if stream_duration else None
     if duration is None and container_duration and single_stream:
         duration = container_duration / 1_000_000
     if not declared and duration and end is not None and fps:
-        start = stream.start_time or 0
-        covered = float((end - start) * stream.time_base)
+        covered = float((end - start) * time_base)
         if covered < float(duration) - 1.5 / fps:
             raise DataError("corrupt", path, f"truncated: packets cover {covered:.3f}s of {float(duration):.3f}s")
-    return VideoInfo(num_frames=count, fps=fps, height=stream.height, width=stream.width, codec=codec)
+    return VideoInfo(num_frames=count, fps=fps, height=height, width=width, codec=codec)
 
 
 def clip_indices(num_frames: int, clip_frames: int, stride: int, start: int, path: str = "") -> list[int]:

@@ -20,6 +20,7 @@ point-to-point messages by order, pairs them as gloo does by tag.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -54,10 +55,21 @@ class _Shift:
 
 
 def _paddings(B: int, S: int, L: int, text_valid: list[int], device) -> tuple[Padding, Padding]:
-    """Padding of the local queries [image S ; text L] against image keys, and against the text keys."""
-    tv = torch.tensor(text_valid, device=device)
-    txt_pad = torch.arange(L, device=device)[None, :] >= tv[:, None]  # [B, L]
-    q_pad = torch.cat([torch.zeros(B, S, dtype=torch.bool, device=device), txt_pad], dim=1)
+    """Padding of the local queries [image S ; text L] against image keys, and against the text keys.
+
+    Built once per batch geometry, not per call: every layer's forward, recomputed forward and backward of
+    one model forward share it (the text lengths are host ints, so the key needs no device sync)."""
+    return _build_paddings(B, S, L, tuple(text_valid), torch.device(device))
+
+
+@functools.lru_cache(maxsize=8)  # a few geometries alive at once (CFG branches, sampler and training shapes)
+def _build_paddings(B: int, S: int, L: int, text_valid: tuple[int, ...], device: torch.device) -> tuple[Padding, Padding]:
+    # normal tensors even when first built under inference_mode (the sampler), so training may reuse them
+    with torch.inference_mode(False):
+        # a pageable host-to-device copy, which drains the stream: once per geometry, never per layer call
+        tv = torch.tensor(text_valid, device=device)
+        txt_pad = torch.arange(L, device=device)[None, :] >= tv[:, None]  # [B, L]
+        q_pad = torch.cat([torch.zeros(B, S, dtype=torch.bool, device=device), txt_pad], dim=1)
     first = min(text_valid)  # host ints: no device sync
     return (Padding(q_pad, S + first), Padding(q_pad, S + first, txt_pad, first))
 

@@ -15,20 +15,34 @@ from hcustom_mc.model.flops import model_flops_per_sample  # noqa: F401  (the lo
 
 log = logging.getLogger("hcustom_mc")
 
-# Dense peak TFLOP/s per device (bf16 tensor cores, and fp32 via TF32), from the vendor data sheets.
-PEAK_TFLOPS = {"H100": (989.0, 494.7), "H200": (989.0, 494.7), "A100": (312.0, 156.0)}
+# Dense peak TFLOP/s per device (bf16 tensor cores, and fp32 via TF32), from the vendor data sheets (the
+# sparsity figures halved), keyed by the exact torch.cuda.get_device_name(): one product line holds cards of
+# different peaks (H100 SXM 989, NVL 835, PCIe 756), so a name that merely contains "H100" says nothing.
+PEAK_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": (989.0, 494.7),  # H100 SXM5
+    "NVIDIA H100 NVL": (835.0, 417.5),
+    "NVIDIA H100 PCIe": (756.0, 378.0),
+    "NVIDIA H200": (989.0, 494.7),  # H200 SXM
+    "NVIDIA H200 NVL": (835.0, 417.5),
+    "NVIDIA A100-SXM4-80GB": (312.0, 156.0),
+    "NVIDIA A100-SXM4-40GB": (312.0, 156.0),
+    "NVIDIA A100 80GB PCIe": (312.0, 156.0),
+    "NVIDIA A100-PCIE-40GB": (312.0, 156.0),
+}
 
 
 def peak_tflops(bf16: bool, override: float | None) -> float | None:
+    """Per-device peak for MFU: `override`, else this card's data-sheet figure, else None (no MFU reported)."""
     if override:
         return override
     if not uses_cuda():
         return None
     name = torch.cuda.get_device_name()
-    for key, (b, f) in PEAK_TFLOPS.items():
-        if key in name:
-            return b if bf16 else f
-    return None
+    if name not in PEAK_TFLOPS:
+        log.warning("no MFU: the peak TFLOP/s of %r is not known here; pass --peak-tflops", name)
+        return None
+    bf16_peak, tf32_peak = PEAK_TFLOPS[name]
+    return bf16_peak if bf16 else tf32_peak
 
 
 def peak_memory_gib() -> float:

@@ -14,7 +14,9 @@ Kernels (the [B, F, N, M] score/probability tensor never exists in memory; it li
       rowsum(dO * O), without reading O), dS = P * (dP - delta) / sqrt(d); a second loop over d
       writes dQ = dS k and accumulates dK = dS^T q and dV = P^T dO into the program's own fp32
       partial rows of a [2, B*F, n_split, M, d] buffer (no atomics: deterministic), which torch
-      sums over n_split afterwards.
+      sums over n_split afterwards. The [M, d] accumulator is too large for registers at the model's
+      head dim (16 x 1024 fp32 per program), so it lives in that buffer: a barrier at the top of each
+      row block orders the previous block's stores before this block's load-add-store.
 """
 
 from __future__ import annotations
@@ -127,6 +129,11 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, dq_ptr, dk_part_ptr, dv_pa
     nb_lo = sp * blocks_per_prog
     nb_hi = tl.minimum(nb_lo + blocks_per_prog, n_blocks)
     for nb in range(nb_lo, nb_hi):
+        # The partial rows are read back and rewritten by the next row block, and nothing makes the threads
+        # that load an element the ones that stored it (the load's and the store's layouts are the compiler's
+        # choice). The CTA barrier orders every thread's stores of the previous row block before any thread's
+        # loads of this one (global writes before bar.sync are visible to the whole block after it).
+        tl.debug_barrier()
         rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
         row_idx = rows[:, None] * D + cols[None, :]

@@ -55,7 +55,7 @@ def main() -> None:
                  "--tensor-model-parallel-size", str(args.tp)] + (["--sequence-parallel"] if args.sequence_parallel else [])
         base_argv = bench.train_argv
         bench.train_argv = lambda *a: base_argv(*a) + extra
-    args.warmup, args.peak_tflops = 0, None
+    args.warmup, args.peak_tflops, args.jsonl = 0, None, None  # bench/train_step.py flags this script does not take
     with tempfile.TemporaryDirectory() as tmp:
         model_file, _ = bench.model_config_file(args, Path(tmp))
         if torch.cuda.is_available():
