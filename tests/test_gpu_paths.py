@@ -24,7 +24,7 @@ def test_nccl_world_of_one_computes_on_the_gpu(single_process):
 @pytest.mark.parametrize("backend", ["flash", "te", "sdpa"])
 def test_attention_backend_bf16_matches_fp32_reference(monkeypatch, backend):
     """13B head geometry (head dim 128), a padded batch: the release's two segments per sample."""
-    from hcustom_mc.model import attention as A
+    from hcustom_mc import segments as A
 
     if backend == "flash" and A._flash_attn() is None:
         pytest.skip("flash-attn is not installed")
