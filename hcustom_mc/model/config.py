@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hcustom_mc.errors import ConfigError  # noqa: F401  (raised here; the model config's error type)
+
 MODES = ("release", "paper")
 VARIANTS = ("base", "audio", "editing")
 
@@ -30,10 +32,6 @@ def load_yaml(text: str):
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
                                  list("-+0123456789."))
     return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass: no object construction)
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot describe a valid model or run."""
 
 
 @dataclass

@@ -88,7 +88,7 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
     `adapter_base` (LoRA, see checkpoint.lora.base_fingerprint): store only the trained parameters, with this pointer to the base."""
     from megatron.core import dist_checkpointing
 
-    from hcustom_mc.training.overlap import params_ready
+    from hcustom_mc.training.param_sync import params_ready
 
     params_ready(model_chunks)  # overlap_param_gather leaves the parameters incomplete until the next forward
 
