@@ -33,15 +33,34 @@ def test_tp2_and_cp2_models_side_by_side_equal_one_process(single_process, tmp_p
             assert err <= 1e-4 * grad.norm() + 1e-12, f"{name} {key}: |diff| {err:.3g} vs |grad| {grad.norm():.3g}"
 
 
+LIBRARIES = ("/megatron/", "/torch/distributed/")  # what our parallel code calls into
+
+
 def caused_by_our_call(warning) -> bool:
-    """A warning reported at our code, or raised inside megatron-core entered straight from our code (the frame
-    that called into megatron is ours: e.g. a mapping or a layer constructor we call without a group). megatron
-    entered through torch (a layer's forward via nn.Module.__call__, an autograd backward) is megatron's own."""
+    """A warning reported at our code, or raised inside megatron-core or torch.distributed entered straight from
+    our code (the frame that called into the library is ours: e.g. a mapping or a layer constructor we call
+    without a group, a deprecated collective). A library entered through torch (a layer's forward via
+    nn.Module.__call__, an autograd backward) or through megatron is the library's own call."""
     if "/hcustom_mc/" in warning["filename"]:
         return True
     stack = warning["stack"]
-    first = next((i for i, frame in enumerate(stack) if "/megatron/" in frame[0]), None)
-    return first is not None and first > 0 and "/hcustom_mc/" in stack[first - 1][0]
+    for library in LIBRARIES:
+        first = next((i for i, frame in enumerate(stack) if library in frame[0]), None)
+        if first is not None and first > 0 and "/hcustom_mc/" in stack[first - 1][0]:
+            return True
+    return False
+
+
+def test_the_call_site_rule():
+    """Our code calling a library directly is ours; a library reached through a torch layer call is not."""
+    direct = [("/r/hcustom_mc/parallel/context.py", 90, "backward"), ("/v/torch/distributed/c10d_logger.py", 81, "wrapper")]
+    built = [("/r/hcustom_mc/model/spec.py", 100, "build_column"), ("/v/megatron/core/transformer/spec_utils.py", 1, "b"),
+             ("/v/megatron/core/utils.py", 585, "get_tensor_model_parallel_group_if_none")]
+    via_layer = [("/r/hcustom_mc/model/blocks.py", 108, "forward"), ("/v/torch/nn/modules/module.py", 1789, "_call_impl"),
+                 ("/v/megatron/core/tensor_parallel/layers.py", 1459, "forward")]
+    assert caused_by_our_call({"filename": "/v/torch/distributed/c10d_logger.py", "stack": direct})
+    assert caused_by_our_call({"filename": "/v/megatron/core/transformer/spec_utils.py", "stack": built})
+    assert not caused_by_our_call({"filename": "/v/megatron/core/tensor_parallel/layers.py", "stack": via_layer})
 
 
 def test_no_deprecation_from_our_call_sites_at_tp2_cp2_pp2(tmp_path):
