@@ -27,10 +27,10 @@ log = logging.getLogger("hcustom_mc")
 class RowParallelLinearOnGroup(RowParallelLinear):
     """megatron's local RowParallelLinear, whose forward hands its GEMM the layer's own `tp_group`.
 
-    megatron-core (0.16 to 0.19) calls `_forward_impl(..., tp_group=None)` from RowParallelLinear.forward; the
-    row GEMM does not communicate, but the None makes megatron look up its global TP group with a
-    "tp_group is None" deprecation warning on every call, and would tie a model built on its own process
-    groups (hcustom_mc.parallel.groups) to the global layout."""
+    megatron-core (0.16 to 0.19) calls `_forward_impl(..., tp_group=None)` from RowParallelLinear.forward. The
+    row GEMM itself does not communicate (no input-gradient all-reduce, no sequence gather), so the group
+    changes no number; but the None makes megatron look up its global TP group, with a "tp_group is None"
+    deprecation warning on every call, and fail once megatron makes the group mandatory."""
 
     def _forward_impl(self, input, weight, *args, tp_group=None, **kwargs):
         return super()._forward_impl(input, weight, *args, tp_group=self.tp_group if tp_group is None else tp_group,
