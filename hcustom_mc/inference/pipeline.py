@@ -28,7 +28,7 @@ from hcustom_mc.inference.scheduler import FlowMatchEulerScheduler, branches_nee
 from hcustom_mc.model import HunyuanCustomDiT
 from hcustom_mc.model.config import ConfigError, ModelConfig
 from hcustom_mc.device import compute_device
-from hcustom_mc.parallel.groups import group_rank, group_size
+from hcustom_mc.parallel.groups import group_rank, group_size, process_groups_of
 
 log = logging.getLogger("hcustom_mc")
 CHECKPOINT_FORMATS = ("auto", "mcore", "release", "diffusers")
@@ -143,7 +143,7 @@ def _gather_frames(v: torch.Tensor, frames: range, total: int, group) -> torch.T
 class ParallelSampler:
     def __init__(self, model: HunyuanCustomDiT, layout: SamplerLayout):
         self.model, self.layout = model, layout
-        self.groups = model.pg_collection  # cp: the frames' gather; dp: the CFG group (one branch per rank)
+        self.groups = process_groups_of(model)  # cp: the frames' gather; dp: the CFG group (one branch per rank)
         self.cfg_rank = group_rank(self.groups.dp) if layout.cfg_parallel > 1 else 0
         self.device = next(model.parameters()).device
 

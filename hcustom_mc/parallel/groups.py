@@ -60,11 +60,16 @@ def new_process_groups(tensor_parallel: int = 1, context_parallel: int = 1, pipe
     return groups
 
 
-def tensor_parallel_group(module):
-    """The TP group `module` runs on: the `tp` of the collection it was built with (HunyuanCustomDiT's
-    `pg_collection`), or, for a module without one, the layout's."""
+def process_groups_of(module) -> ProcessGroupCollection:
+    """The groups `module` runs on: the collection it was built with (HunyuanCustomDiT's `pg_collection`),
+    or, for a module without one (a plain torch module standing in for the model), the layout's."""
     groups = getattr(module, "pg_collection", None)
-    return groups.tp if groups is not None else layout_process_groups().tp
+    return groups if groups is not None else layout_process_groups()
+
+
+def tensor_parallel_group(module):
+    """The TP group `module` runs on (process_groups_of)."""
+    return process_groups_of(module).tp
 
 
 def group_size(group) -> int:
