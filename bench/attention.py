@@ -5,7 +5,7 @@
     python bench/attention.py --seq 122000 --heads 6 ...          # 720p x 129 frames, heads per rank at TP4
 
 13B geometry: 24 heads x 128 (pass --heads 24/TP for one tensor-parallel rank); 720p x 129 frames is
-about 119k image + 256 text tokens. For every kernel usable here (model/attention.py's dispatch order,
+about 119k image + 256 text tokens. For every kernel usable here (hcustom_mc/segments.py's dispatch order,
 plus `blockwise`, the plain-torch tile kernel of ring attention, and on a GPU `blockwise-triton`, its fused
 Triton tiles) the table gives the median forward and
 forward + backward time and the achieved TFLOP/s, counted as
@@ -34,8 +34,8 @@ from bench.checkout import use_checkout  # noqa: E402
 use_checkout()  # hcustom_kernels from kernels/ when the checkout is not installed
 
 from bench.report import append_jsonl, median_seconds, write_report  # noqa: E402
-from hcustom_mc.model import attention  # noqa: E402
-from hcustom_mc.model.attention import Segments  # noqa: E402
+from hcustom_mc import segments as attention  # noqa: E402
+from hcustom_mc.segments import Segments  # noqa: E402
 from hcustom_mc.parallel import blockwise  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -33,7 +33,6 @@ KNOWN_WARNINGS = tuple(re.compile(p) for p in (
     r"Transformer Engine and Apex are not installed",
     r"Apex is not installed",
     r"full scope is deprecated",
-    r"tp_group is None",
     r"`torch\.distributed\.\w+` is deprecated",  # megatron still calls the old collective names
     r"`load_state_dict` is deprecated and will be removed",  # megatron's dist-checkpoint loader (torch dcp)
     r"The \.grad attribute of a Tensor that is not a leaf Tensor",  # megatron's optimizer probes main_grad

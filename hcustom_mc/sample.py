@@ -232,9 +232,9 @@ def _write_outputs(job, n, video, latents, ckpt, fmt, model_cfg, layout, world, 
     frames = to_uint8_frames(video)
     audio = None
     if job.task == "audio":
-        from hcustom_mc.encoders.audio import load_audio
+        from hcustom_mc.data.encode import read_audio
 
-        audio = load_audio(job.audio, sample_rate=16000).numpy()
+        audio = read_audio(job.audio, sample_rate=16000).numpy()
     out = Path(job.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_mp4(_named(out, ".mp4"), frames, job.fps, audio=audio, audio_rate=16000)

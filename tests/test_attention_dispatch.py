@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from hcustom_mc.console import log_once
-from hcustom_mc.model import attention
-from hcustom_mc.model.attention import Segments, choose_backend
+from hcustom_mc import segments as attention
+from hcustom_mc.segments import Segments, choose_backend
 
 ALL = {"fa3": True, "cudnn": True, "flash": True, "te": True, "sdpa": True}
 BF16 = torch.bfloat16

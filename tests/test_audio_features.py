@@ -8,7 +8,7 @@ import torch
 
 from hcustom_mc.data.errors import DataError
 from hcustom_mc.encoders.audio import (
-    LEAD_ZEROS, WINDOW, WhisperAudioEncoder, encoder_stride, frame_windows, load_audio, save_tiny_whisper,
+    LEAD_ZEROS, WINDOW, AudioFileError, WhisperAudioEncoder, encoder_stride, frame_windows, load_audio, save_tiny_whisper,
 )
 
 
@@ -164,22 +164,33 @@ def test_load_aac(tmp_path, name, rate, channels):
 
 def test_load_errors_name_the_path(tmp_path):
     missing = tmp_path / "absent.wav"
-    with pytest.raises(DataError, match="absent.wav") as err:
+    with pytest.raises(AudioFileError, match="absent.wav") as err:
         load_audio(missing)
     assert err.value.kind == "missing"
     corrupt = tmp_path / "noise.m4a"
     corrupt.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
-    with pytest.raises(DataError, match="noise.m4a") as err:
+    with pytest.raises(AudioFileError, match="noise.m4a") as err:
         load_audio(corrupt)
     assert err.value.kind == "corrupt"
     tone = _write_tone(tmp_path / "rate.wav", "pcm_s16le", 44100, 440.0)
-    with pytest.raises(DataError, match="rate.wav") as err:
+    with pytest.raises(AudioFileError, match="rate.wav") as err:
         load_audio(tone, expected_rate=16000)
     assert err.value.kind == "sample_rate" and "44100" in str(err.value)
     assert len(load_audio(tone, expected_rate=44100)) > 0
     empty = tmp_path / "empty.wav"
     with wave.open(str(empty), "wb") as w:
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(b"")
-    with pytest.raises(DataError, match="empty.wav") as err:
+    with pytest.raises(AudioFileError, match="empty.wav") as err:
         load_audio(empty)
     assert err.value.kind == "too_short"
+
+
+
+def test_data_code_reports_bad_audio_as_data_error(tmp_path):
+    """The encoders raise their own AudioFileError; the data layer's read_audio turns it into its DataError."""
+    from hcustom_mc.data.encode import read_audio
+
+    with pytest.raises(DataError, match="absent.wav") as err:
+        read_audio(tmp_path / "absent.wav")
+    assert err.value.kind == "missing"
+    assert len(read_audio(_write_tone(tmp_path / "ok.wav", "pcm_s16le", 16000, 440.0), expected_rate=16000)) > 0

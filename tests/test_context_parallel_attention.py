@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hcustom_mc.model.attention import Segments, segment_attention
+from hcustom_mc.segments import Segments, segment_attention
 from hcustom_mc.parallel import context
 from hcustom_mc.parallel.context import cp_joint_attention, frame_partition
 from tests.torchrun import torchrun

@@ -41,7 +41,7 @@ def _unusable(A, backend: str) -> str | None:
 def _padded_batch(equal=False):
     """13B head geometry (head dim 128), B = 2: the release's two segments per sample, the second sample's text
     padded (as in CFG: an empty negative prompt), fp32 on the CPU, with an output gradient."""
-    from hcustom_mc.model import attention as A
+    from hcustom_mc import segments as A
 
     S_img, L, B, H, D = 300, 16, 2, 4, 128
     mask = torch.ones(B, L, dtype=torch.long)
@@ -57,7 +57,7 @@ def _padded_batch(equal=False):
 def _check_bf16_against_fp64(run, seg, qkv, dout):
     """`run(q, k, v)` on bf16 CUDA tensors [S, B, H, D] (what the model hands attention: [B, H, S, D] views of them
     are not contiguous) against the fp64 reference, forward and backward."""
-    from hcustom_mc.model import attention as A
+    from hcustom_mc import segments as A
 
     ref_in = [t.double().requires_grad_() for t in qkv]
     ref = A.sdpa_segment_attention(*ref_in, seg)
@@ -78,7 +78,7 @@ def _check_bf16_against_fp64(run, seg, qkv, dout):
 def test_attention_backend_bf16_matches_fp32_reference(monkeypatch, backend):
     """Every backend `auto` may pick (cuDNN on the bare image, FA3 on Hopper with it installed), forced, on the
     padded B=2 batch, forward and backward."""
-    from hcustom_mc.model import attention as A
+    from hcustom_mc import segments as A
 
     reason = _unusable(A, backend)
     if reason:
@@ -96,7 +96,7 @@ def test_cudnn_attention_itself_takes_the_strided_views():
     had stride bugs, PyTorch PR 138354), forward and backward."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from hcustom_mc.model import attention as A
+    from hcustom_mc import segments as A
 
     reason = _unusable(A, "cudnn")
     if reason:

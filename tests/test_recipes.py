@@ -94,7 +94,7 @@ def _readme_commands(script: str) -> list[list[str]]:
 
 
 def test_the_readme_preprocessing_command_names_a_recipe_with_the_released_encoders():
-    from hcustom_mc.data.preprocess_cli import parse_args
+    from hcustom_mc.preprocess import parse_args
     from hcustom_mc.training.config import build_config
 
     (commands,) = [_readme_commands("tools/preprocess.py")]

@@ -4,7 +4,7 @@ never recomputes the attention core; megatron-style --recompute-method plans."""
 import pytest
 import torch
 
-from hcustom_mc.model import attention
+from hcustom_mc.parallel import context as attention  # the single-rank strategy calls its segment_attention
 from hcustom_mc.model.model import recompute_plan
 from tests.conftest import tiny_inputs
 

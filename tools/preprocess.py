@@ -9,6 +9,6 @@ Re-running the same command after a crash skips finished shards. Then train with
 
 if __name__ == "__main__":
     from hcustom_mc import console
-    from hcustom_mc.data.preprocess_cli import USER_ERRORS, main
+    from hcustom_mc.preprocess import USER_ERRORS, main
 
     console.run_entry_point(main, lambda: USER_ERRORS)

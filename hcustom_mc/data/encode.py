@@ -59,6 +59,16 @@ def editing_condition(source: torch.Tensor, mask: torch.Tensor, encode) -> torch
     return torch.cat([encode(masked, "masked"), encode((mask * 2 - 1).expand_as(source), "mask")], 0)
 
 
+def read_audio(path, sample_rate: int = 16000, expected_rate: int | None = None) -> torch.Tensor:
+    """The encoders' `load_audio`, with a bad file reported as the data layer's DataError (same kind and path)."""
+    from hcustom_mc.encoders.audio import AudioFileError, load_audio
+
+    try:
+        return load_audio(path, sample_rate=sample_rate, expected_rate=expected_rate)
+    except AudioFileError as exc:
+        raise DataError(exc.kind, exc.path, exc.reason) from exc
+
+
 def _generator(seed: int, position: int, what: str) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{what}:{seed}:{position}".encode()))
 
@@ -103,11 +113,9 @@ class SampleEncoder:
         return out
 
     def _audio(self, entry: ManifestEntry, start: int, fps: float, latent_frames: int, num_identity: int):
-        from hcustom_mc.encoders.audio import load_audio
-
         if self.whisper is None:
             raise ValueError(f"sample {entry.id} has audio but data.encoders.whisper is not set")
-        samples = load_audio(entry.audio, sample_rate=16000, expected_rate=self.spec.audio_rate)
+        samples = read_audio(entry.audio, sample_rate=16000, expected_rate=self.spec.audio_rate)
         if not fps > 0:
             raise DataError("mismatch", entry.video, "the video has no frame rate: cannot align its audio")
         offset = int(round(start / fps * 16000))  # the clip's first frame, in audio samples

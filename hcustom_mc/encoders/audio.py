@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hcustom_mc.data.errors import DataError
 from hcustom_mc.model.conditions import audio_frames_expected, pad_audio_features_paper
 
 SAMPLE_RATE = 16000
@@ -32,28 +31,36 @@ LEAD_ZEROS = 4  # zero states prepended before frame 0
 WINDOW = 10  # encoder states per video frame
 
 
+class AudioFileError(Exception):
+    """An audio file that cannot be used, of one `kind`; the data code turns it into its DataError (same kind)."""
+
+    def __init__(self, kind: str, path, reason: str):
+        self.kind, self.path, self.reason = kind, str(path), reason
+        super().__init__(f"{kind}: {path}: {reason}")
+
+
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, expected_rate: int | None = None) -> torch.Tensor:
     """Decode the first audio stream of any file PyAV reads -> float32 mono samples [N] at `sample_rate`.
 
-    Bad files raise DataError naming the path: "missing", "corrupt" (undecodable / no audio stream),
+    Bad files raise AudioFileError naming the path: "missing", "corrupt" (undecodable / no audio stream),
     "codec" (no decoder for the stream), "sample_rate" (native rate != `expected_rate`), "too_short" (no samples).
     """
     import av
 
     path = Path(path)
     if not path.is_file():
-        raise DataError("missing", path, "audio file does not exist")
+        raise AudioFileError("missing", path, "audio file does not exist")
     try:
         container = av.open(str(path))
     except av.error.FFmpegError as e:
-        raise DataError("corrupt", path, f"cannot open: {e}") from e
+        raise AudioFileError("corrupt", path, f"cannot open: {e}") from e
     try:
         if not container.streams.audio:
-            raise DataError("corrupt", path, "no audio stream")
+            raise AudioFileError("corrupt", path, "no audio stream")
         stream = container.streams.audio[0]
         native = stream.codec_context.sample_rate or stream.rate
         if expected_rate is not None and native != expected_rate:
-            raise DataError("sample_rate", path, f"native sample rate {native} Hz, data contract requires {expected_rate} Hz")
+            raise AudioFileError("sample_rate", path, f"native sample rate {native} Hz, data contract requires {expected_rate} Hz")
         # Resample keeping the channel layout (planar float -> [channels, n]) and downmix by averaging,
         # as librosa.load(mono=True) in the release does; swresample's own stereo->mono matrix would
         # scale by sqrt(1/2) per channel instead of 1/2.
@@ -65,11 +72,11 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, expected_rate: 
             chunks += [f.to_ndarray().mean(axis=0) for f in resampler.resample(None)]  # flush the resampler delay
         except av.error.FFmpegError as e:
             kind = "codec" if isinstance(e, getattr(av.error, "DecoderNotFoundError", ())) else "corrupt"
-            raise DataError(kind, path, f"decoding failed: {e}") from e
+            raise AudioFileError(kind, path, f"decoding failed: {e}") from e
     finally:
         container.close()
     if not chunks or sum(c.size for c in chunks) == 0:
-        raise DataError("too_short", path, "no audio samples decoded")
+        raise AudioFileError("too_short", path, "no audio samples decoded")
     return torch.from_numpy(np.concatenate(chunks).astype(np.float32, copy=False))
 
 

@@ -432,9 +432,8 @@ def prepare_conditions(job: SampleJob, encoders: EncoderSet, model_cfg, device, 
     """{"branches": {"uncond", "cond"[, "ip"]: DiT keyword inputs (batch 1) without latents, timestep and
     guidance (the sampler adds those)}, "latent_shape": (C, f, h, w) of the noise}. Branches as in the
     module docstring; "uncond" is always built, the sampler skips it when cfg_scale == 1."""
-    from hcustom_mc.data.encode import editing_condition
+    from hcustom_mc.data.encode import editing_condition, read_audio
     from hcustom_mc.data.video import read_clip, read_image, read_mask_clip
-    from hcustom_mc.encoders.audio import load_audio
 
     llava = encoders.llava
     if (llava.mode, llava.max_subjects) != (model_cfg.mode, model_cfg.max_identity_images):
@@ -472,7 +471,7 @@ def prepare_conditions(job: SampleJob, encoders: EncoderSet, model_cfg, device, 
             ip["identity_latents"] = real
 
     if job.task == "audio":
-        feats = encoders.whisper.features_for_latents(load_audio(job.audio), f, num_identity=len(subjects),
+        feats = encoders.whisper.features_for_latents(read_audio(job.audio), f, num_identity=len(subjects),
                                                       mode=model_cfg.mode, fps=job.fps)[None]
         cond["audio_features"], uncond["audio_features"] = feats, torch.zeros_like(feats)
         if ip is not None:

@@ -1,8 +1,10 @@
 """The parallel denoising loop: the training model, loaded by the training loaders, under TP x CP x CFG.
 
 Layout: world = TP x CP x CFG. megatron's parallel_state is initialised exactly as for training with
-PP = 1, so its data-parallel group *is* the CFG group: with CFG-parallel 2 (or 3 for ip-cfg) each of its
-ranks runs one guidance branch, otherwise every rank runs all branches as one batch. Per step:
+PP = 1 (the checkpoint loaders read it), and the model is built on that layout's process groups
+(hcustom_mc.parallel.groups.layout_process_groups): its data-parallel group `dp` *is* the CFG group. With
+CFG-parallel 2 (or 3 for ip-cfg) each of its ranks runs one guidance branch, otherwise every rank runs all
+branches as one batch. The sampler reads every group from the model's collection. Per step:
 
     velocity of my branches  (TP: megatron's column/row-parallel linears; CP: my latent frames only)
     -> all-gather frames over CP -> all-gather branches over CFG -> guidance -> Euler step in fp32
@@ -27,6 +29,7 @@ from hcustom_mc.model import HunyuanCustomDiT
 from hcustom_mc.checkpoint.verify_modes import DEFAULT_VERIFY
 from hcustom_mc.model.config import ConfigError, ModelConfig
 from hcustom_mc.device import compute_device
+from hcustom_mc.parallel.groups import group_rank, group_size, process_groups_of
 
 log = logging.getLogger("hcustom_mc")
 CHECKPOINT_FORMATS = ("auto", "mcore", "release", "diffusers")
@@ -101,12 +104,14 @@ def model_config_for(path: Path, fmt: str, fallback: ModelConfig | None) -> Mode
 
 def load_model(path: Path, fmt: str, model_cfg: ModelConfig, dtype: torch.dtype, cp_mode: str,
                load_key: str = "module") -> HunyuanCustomDiT:
-    """Collective: build this rank's shard of the DiT (the training module) and fill it from the checkpoint;
-    `load_key="ema"` takes the EMA weights (a release file's `ema` entry, or a training run's --ema-decay)."""
+    """Collective: build this rank's shard of the DiT (the training module) on the TP x CP x CFG layout's
+    process groups and fill it from the checkpoint; `load_key="ema"` takes the EMA weights (a release
+    file's `ema` entry, or a training run's --ema-decay)."""
+    from hcustom_mc.parallel.groups import layout_process_groups
     from hcustom_mc.parallel.sharding import load_full_state_dict
 
     device = compute_device()
-    model = HunyuanCustomDiT(model_cfg, params_dtype=dtype, cp_mode=cp_mode)
+    model = HunyuanCustomDiT(model_cfg, params_dtype=dtype, cp_mode=cp_mode, pg_collection=layout_process_groups())
     if fmt == "mcore":
         from hcustom_mc.checkpoint.mcore import load_mcore_checkpoint
 
@@ -122,14 +127,11 @@ def load_model(path: Path, fmt: str, model_cfg: ModelConfig, dtype: torch.dtype,
 
 
 # ----------------------------------------------------------------------------- the loop
-def _gather_frames(v: torch.Tensor, frames: range, total: int) -> torch.Tensor:
-    """[B, C, f_here, H, W] on each CP rank -> [B, C, total, H, W] on all of them."""
-    from megatron.core import parallel_state as ps
-
-    cp = ps.get_context_parallel_world_size()
+def _gather_frames(v: torch.Tensor, frames: range, total: int, group) -> torch.Tensor:
+    """[B, C, f_here, H, W] on each rank of the CP `group` -> [B, C, total, H, W] on all of them."""
+    cp = group_size(group)
     if cp == 1:
         return v
-    group = ps.get_context_parallel_group()
     starts = [torch.zeros(2, dtype=torch.long, device=v.device) for _ in range(cp)]
     dist.all_gather(starts, torch.tensor([frames.start, len(frames)], device=v.device), group=group)
     most = max(int(s[1]) for s in starts)
@@ -146,10 +148,9 @@ def _gather_frames(v: torch.Tensor, frames: range, total: int) -> torch.Tensor:
 
 class ParallelSampler:
     def __init__(self, model: HunyuanCustomDiT, layout: SamplerLayout):
-        from megatron.core import parallel_state as ps
-
         self.model, self.layout = model, layout
-        self.cfg_rank = ps.get_data_parallel_rank() if layout.cfg_parallel > 1 else 0
+        self.groups = process_groups_of(model)  # cp: the frames' gather; dp: the CFG group (one branch per rank)
+        self.cfg_rank = group_rank(self.groups.dp) if layout.cfg_parallel > 1 else 0
         self.device = next(model.parameters()).device
 
     def _my_branches(self, names: list[str]) -> list[str]:
@@ -159,8 +160,6 @@ class ParallelSampler:
     def velocities(self, latents: torch.Tensor, timestep: float, branches: dict[str, dict], names: list[str],
                    guidance: float | None) -> dict[str, torch.Tensor]:
         """The model's velocity for every branch in `names`, full frames, on every rank (fp32)."""
-        from megatron.core import parallel_state as ps
-
         mine = self._my_branches(names)
         B = latents.shape[0]
         dtype = next(self.model.parameters()).dtype
@@ -173,11 +172,11 @@ class ParallelSampler:
         pt, ph, pw = self.model.cfg.patch_size
         f, hw = latents.shape[2] // pt, (latents.shape[3] // ph) * (latents.shape[4] // pw)
         frames = self.model.video_frames_here(K, f, hw)
-        v = _gather_frames(v, range(frames.start * pt, frames.stop * pt), latents.shape[2])
+        v = _gather_frames(v, range(frames.start * pt, frames.stop * pt), latents.shape[2], self.groups.cp)
         out = dict(zip(mine, v.split(B)))
         if self.layout.cfg_parallel > 1:  # each CFG rank computed one branch: share them
             parts = [torch.empty_like(v) for _ in range(self.layout.cfg_parallel)]
-            dist.all_gather(parts, v.contiguous(), group=ps.get_data_parallel_group())
+            dist.all_gather(parts, v.contiguous(), group=self.groups.dp)
             out = dict(zip(names, parts))
         return out
 

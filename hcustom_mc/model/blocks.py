@@ -21,18 +21,19 @@ from hcustom_mc.model.attention import JointAttention, masked_attention
 from hcustom_mc.model.layers import Modulation, RMSNorm, affine_layer_norm
 from hcustom_mc.model.recompute import consume
 from hcustom_mc.model.spec import LinearSubmodules, build_column, build_row
+from hcustom_mc.parallel.groups import group_size
 from hcustom_mc.parallel.sharding import mark_tp_split
 
 
-def _column(sub, in_f, out_f, config, segments):
-    layer = build_column(sub.column, in_f, out_f, config)
+def _column(sub, in_f, out_f, config, tp_group, segments):
+    layer = build_column(sub.column, in_f, out_f, config, tp_group)
     mark_tp_split(layer.weight, 0, segments)
     mark_tp_split(layer.bias, 0, segments)
     return layer
 
 
-def _row(sub, in_f, out_f, config, segments):
-    layer = build_row(sub.row, in_f, out_f, config)
+def _row(sub, in_f, out_f, config, tp_group, segments):
+    layer = build_row(sub.row, in_f, out_f, config, tp_group)
     mark_tp_split(layer.weight, 1, segments)  # bias is added after the all-reduce: replicated
     return layer
 
@@ -41,10 +42,10 @@ class MLP(nn.Module):
     """fc1 (column) -> activation -> fc2 (row). Under selective recompute the activation output (the
     4x-wide input fc2 keeps) is freed after fc2 and recomputed in backward."""
 
-    def __init__(self, hidden, mlp_hidden, config, sub, activation):
+    def __init__(self, hidden, mlp_hidden, config, sub, tp_group, activation):
         super().__init__()
-        self.fc1 = _column(sub, hidden, mlp_hidden, config, [mlp_hidden])
-        self.fc2 = _row(sub, mlp_hidden, hidden, config, [mlp_hidden])
+        self.fc1 = _column(sub, hidden, mlp_hidden, config, tp_group, [mlp_hidden])
+        self.fc2 = _row(sub, mlp_hidden, hidden, config, tp_group, [mlp_hidden])
         self.activation = activation
 
     def forward(self, x, selective: bool = False):
@@ -77,17 +78,17 @@ def split_heads(x: torch.Tensor, parts: int, head_dim: int) -> list[torch.Tensor
 
 
 class DoubleStreamBlock(nn.Module):
-    def __init__(self, cfg, config, sub: LinearSubmodules, tp: int):
+    def __init__(self, cfg, config, sub: LinearSubmodules, tp_group):
         super().__init__()
         H, D, M = cfg.hidden_size, cfg.head_dim, cfg.mlp_hidden
         self.head_dim, self.eps = D, cfg.norm_eps
         for stream in ("img", "txt"):
-            setattr(self, f"{stream}_mod", Modulation(H, 6, config, sub))
-            setattr(self, f"{stream}_attn_qkv", _column(sub, H, 3 * H, config, [H, H, H]))
+            setattr(self, f"{stream}_mod", Modulation(H, 6, config, sub, tp_group))
+            setattr(self, f"{stream}_attn_qkv", _column(sub, H, 3 * H, config, tp_group, [H, H, H]))
             setattr(self, f"{stream}_attn_q_norm", RMSNorm(D, cfg.norm_eps))
             setattr(self, f"{stream}_attn_k_norm", RMSNorm(D, cfg.norm_eps))
-            setattr(self, f"{stream}_attn_proj", _row(sub, H, H, config, [H]))
-            setattr(self, f"{stream}_mlp", MLP(H, M, config, sub, gelu_tanh))
+            setattr(self, f"{stream}_attn_proj", _row(sub, H, H, config, tp_group, [H]))
+            setattr(self, f"{stream}_mlp", MLP(H, M, config, sub, tp_group, gelu_tanh))
 
     def _qkv(self, stream: str, x, shift, scale, selective):
         out = norm_linear(selective, getattr(self, f"{stream}_attn_qkv"), x, shift, scale, self.eps)
@@ -114,16 +115,16 @@ class DoubleStreamBlock(nn.Module):
 class SingleStreamBlock(nn.Module):
     """linear1 = [q; k; v; mlp_in] (column), linear2 on [attn; gelu(mlp)] (row)."""
 
-    def __init__(self, cfg, config, sub: LinearSubmodules, tp: int):
+    def __init__(self, cfg, config, sub: LinearSubmodules, tp_group):
         super().__init__()
         H, D, M = cfg.hidden_size, cfg.head_dim, cfg.mlp_hidden
         self.head_dim, self.eps = D, cfg.norm_eps
-        self.qkv_local = 3 * H // tp
-        self.linear1 = _column(sub, H, 3 * H + M, config, [H, H, H, M])
-        self.linear2 = _row(sub, H + M, H, config, [H, M])
+        self.qkv_local = 3 * H // group_size(tp_group)
+        self.linear1 = _column(sub, H, 3 * H + M, config, tp_group, [H, H, H, M])
+        self.linear2 = _row(sub, H + M, H, config, tp_group, [H, M])
         self.q_norm = RMSNorm(D, cfg.norm_eps)
         self.k_norm = RMSNorm(D, cfg.norm_eps)
-        self.modulation = Modulation(H, 3, config, sub)
+        self.modulation = Modulation(H, 3, config, sub, tp_group)
 
     def forward(self, x, vec, rotary: ops.Rotary, attend: JointAttention):
         image_len, sel, seq = attend.image_len, attend.selective, attend.layout
@@ -144,16 +145,16 @@ class SingleStreamBlock(nn.Module):
 class RefinerBlock(nn.Module):
     """IndividualTokenRefinerBlock: affine LayerNorms, SiLU MLP, gates (gate_msa, gate_mlp) only."""
 
-    def __init__(self, cfg, config, sub: LinearSubmodules, tp: int):
+    def __init__(self, cfg, config, sub: LinearSubmodules, tp_group):
         super().__init__()
         H, D, M = cfg.hidden_size, cfg.head_dim, cfg.mlp_hidden
         self.head_dim = D
         self.norm1 = affine_layer_norm(H, eps=cfg.norm_eps)
-        self.self_attn_qkv = _column(sub, H, 3 * H, config, [H, H, H])
-        self.self_attn_proj = _row(sub, H, H, config, [H])
+        self.self_attn_qkv = _column(sub, H, 3 * H, config, tp_group, [H, H, H])
+        self.self_attn_proj = _row(sub, H, H, config, tp_group, [H])
         self.norm2 = affine_layer_norm(H, eps=cfg.norm_eps)
-        self.mlp = MLP(H, M, config, sub, F.silu)
-        modulation = build_column(sub.modulation, H, 2 * H, config, gather=True)
+        self.mlp = MLP(H, M, config, sub, tp_group, F.silu)
+        modulation = build_column(sub.modulation, H, 2 * H, config, tp_group, gather=True)
         mark_tp_split(modulation.weight, 0, [2 * H])
         mark_tp_split(modulation.bias, 0, [2 * H])
         self.adaLN_modulation = nn.ModuleList([nn.SiLU(), modulation])
@@ -168,7 +169,7 @@ class RefinerBlock(nn.Module):
 class TokenRefiner(nn.Module):
     """`txt_in`: project LLaVA states to hidden and refine them conditioned on t and pooled text."""
 
-    def __init__(self, cfg, config, sub: LinearSubmodules, tp: int):
+    def __init__(self, cfg, config, sub: LinearSubmodules, tp_group):
         super().__init__()
         from hcustom_mc.model.layers import TextProjection, TimestepEmbedder
 
@@ -178,7 +179,7 @@ class TokenRefiner(nn.Module):
         self.c_embedder = TextProjection(cfg.text_dim, H)
         self.individual_token_refiner = nn.Module()
         self.individual_token_refiner.blocks = nn.ModuleList(
-            [RefinerBlock(cfg, config, sub, tp) for _ in range(cfg.num_refiner_blocks)]
+            [RefinerBlock(cfg, config, sub, tp_group) for _ in range(cfg.num_refiner_blocks)]
         )
 
     def forward(self, text: torch.Tensor, timestep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

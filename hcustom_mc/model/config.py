@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hcustom_mc.errors import ConfigError  # noqa: F401  (raised here; the model config's error type)
+
 MODES = ("release", "paper")
 VARIANTS = ("base", "audio", "editing")
 
@@ -37,10 +39,6 @@ def load_yaml(text: str, source: str = "<text>"):
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
         problem = " ".join(filter(None, [getattr(exc, "context", None), getattr(exc, "problem", None)]))
         raise ConfigError(f"{where}: not valid YAML: {problem or str(exc).splitlines()[0]}") from None
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot describe a valid model or run."""
 
 
 @dataclass

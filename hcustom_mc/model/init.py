@@ -12,6 +12,7 @@ import zlib
 
 import torch
 
+from hcustom_mc.parallel.groups import group_rank, group_size, tensor_parallel_group
 from hcustom_mc.parallel.sharding import get_tp_split, shard_full_tensor
 
 ZERO_INIT = ("_mod.linear.", "modulation.linear.", "adaLN_modulation.1.", "final_layer.linear.", ".to_out.", "bg_proj.6.")
@@ -29,9 +30,8 @@ def initialize_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.02,
                        names: set[str] | None = None) -> None:
     """Normal(0, std) weights, zero biases, unit norms; `zero_init=False` randomises everything (tests).
     `names` initialises only those parameters (the modules a pretrained source lacks)."""
-    from megatron.core import parallel_state as ps
-
-    rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    group = tensor_parallel_group(model)
+    rank, tp = group_rank(group), group_size(group)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.is_meta or (names is not None and name not in names):

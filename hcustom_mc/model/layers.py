@@ -137,10 +137,10 @@ class Modulation(nn.Module):
     Under sequence parallelism the vectors modulate only this rank's tokens: `seq.replicated` sums
     their gradient over TP in backward (parallel/sequence.py)."""
 
-    def __init__(self, hidden: int, factor: int, config, submodules: LinearSubmodules):
+    def __init__(self, hidden: int, factor: int, config, submodules: LinearSubmodules, tp_group):
         super().__init__()
         self.factor = factor
-        self.linear = build_column(submodules.modulation, hidden, factor * hidden, config, gather=True)
+        self.linear = build_column(submodules.modulation, hidden, factor * hidden, config, tp_group, gather=True)
         mark_tp_split(self.linear.weight, 0, [factor * hidden])
         mark_tp_split(self.linear.bias, 0, [factor * hidden])
 

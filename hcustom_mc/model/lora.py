@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hcustom_mc.parallel.groups import group_rank, group_size, tensor_parallel_group
 from hcustom_mc.parallel.sharding import get_tp_split, mark_tp_split, shard_full_tensor
 
 DEFAULT_TARGETS = (
@@ -60,12 +61,6 @@ def is_lora_name(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in LORA_PARAMS
 
 
-def _tp():
-    from megatron.core import parallel_state as ps
-
-    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-
-
 class _LoRAMixin:
     lora_rank: int
     lora_scale: float
@@ -74,13 +69,13 @@ class _LoRAMixin:
         return F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.lora_scale
 
 
-def _tp_input(x: torch.Tensor, sequence_parallel: bool, group=None) -> torch.Tensor:
+def _tp_input(x: torch.Tensor, sequence_parallel: bool, group) -> torch.Tensor:
     """A column layer's input as its GEMM sees it: replicated (backward all-reduce of the input gradient),
     or under SP all-gathered along the sequence (backward reduce-scatter)."""
     from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
                                                         gather_from_sequence_parallel_region)
 
-    if _tp()[1] == 1:
+    if group_size(group) == 1:
         return x
     if sequence_parallel:
         return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True, group=group)
@@ -95,21 +90,21 @@ class _ColumnLoRA(_LoRAMixin):
             out, bias = super().forward(x, *args, **kwargs)
         else:  # transformer-engine: the adapter's input gradient needs its own all-reduce / reduce-scatter
             out, bias = super().forward(input_, *args, **kwargs)
-            x = _tp_input(input_, sp)
+            x = _tp_input(input_, sp, self.tp_group)
         delta = self._lora(x)
         if getattr(self, "gather_output", False):
             from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
-            delta = gather_from_tensor_model_parallel_region(delta)
+            delta = gather_from_tensor_model_parallel_region(delta, group=self.tp_group)
         return out + delta.to(out.dtype), bias
 
 
-def _tp_output(partial: torch.Tensor, sequence_parallel: bool, group=None) -> torch.Tensor:
+def _tp_output(partial: torch.Tensor, sequence_parallel: bool, group) -> torch.Tensor:
     """A row layer's partial output summed over TP: all-reduced, or under SP reduce-scattered along the sequence."""
     from megatron.core.tensor_parallel.mappings import (reduce_from_tensor_model_parallel_region,
                                                         reduce_scatter_to_sequence_parallel_region)
 
-    if _tp()[1] == 1:
+    if group_size(group) == 1:
         return partial
     if sequence_parallel:
         return reduce_scatter_to_sequence_parallel_region(partial, group=group)
@@ -121,13 +116,13 @@ class _RowLoRA(_LoRAMixin):
         sp = self._lora_sequence_parallel
         if not getattr(self, "_lora_shared_input", False):  # transformer-engine: reduce the [S, B, r] partial
             out, bias = super().forward(input_)
-            h = _tp_output(F.linear(self.lora_dropout(input_), self.lora_A), sp)
+            h = _tp_output(F.linear(self.lora_dropout(input_), self.lora_A), sp, self.tp_group)
             return out + (F.linear(h, self.lora_B) * self.lora_scale).to(out.dtype), bias
         # megatron's RowParallelLinear.forward (input_is_parallel, bias added after the reduction), with
         # the adapter's partial output joining the base's before the one all-reduce / reduce-scatter
         partial = self._forward_impl(input=input_, weight=self.weight, bias=None,
                                      gradient_accumulation_fusion=self.gradient_accumulation_fusion,
-                                     allreduce_dgrad=False, sequence_parallel=False, tp_group=None,
+                                     allreduce_dgrad=False, sequence_parallel=False, tp_group=self.tp_group,
                                      grad_output_buffer=None)
         partial = partial + self._lora(input_).to(partial.dtype)
         out = _tp_output(partial, sp, self.tp_group)
@@ -181,7 +176,8 @@ def apply_lora(model: nn.Module, targets=DEFAULT_TARGETS, rank: int = 8, alpha: 
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     alpha = float(rank if alpha is None else alpha)
-    tp_rank, tp = _tp()
+    tp_group = tensor_parallel_group(model)  # the chunk's own (its ProcessGroupCollection's `tp`)
+    tp_rank, tp = group_rank(tp_group), group_size(tp_group)
     names = match_targets(model, targets)
     for name in names:
         module = model.get_submodule(name)

@@ -4,6 +4,10 @@ Token sequence: [identity-image tokens (K*H'*W') ; noisy-video tokens (f*H'*W') 
 Identity latents use the same patch embed as the video, are never noised, get the same timestep
 modulation, and are dropped before the final layer. Parameter names equal the released
 checkpoint keys, so at TP=1 `state_dict()` is the release layout.
+
+Parallelism comes from outside: the model is given its process groups (a megatron-core
+ProcessGroupCollection, hcustom_mc.parallel.groups) and its context-parallel attention strategy is built
+from them (parallel/context.py); the block maths reads no global parallel state.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from einops import rearrange
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
-from hcustom_mc.model.attention import ContextParallel, JointAttention, Segments
+from hcustom_mc.model.attention import JointAttention
 from hcustom_mc.model.blocks import DoubleStreamBlock, SingleStreamBlock, TokenRefiner
 from hcustom_mc.model.conditions import (
     AudioCrossAttention,
@@ -33,7 +37,10 @@ from hcustom_mc.model.ops import Rotary
 from hcustom_mc.device import place_module, resolve_device
 from hcustom_mc.model.spec import (LinearSubmodules, get_linear_submodules, local_linear_submodules, megatron_config,
                                   without_sequence_parallel)
+from hcustom_mc.parallel.context import context_parallel_attention
+from hcustom_mc.parallel.groups import group_rank, group_size, layout_process_groups, layout_virtual_pipeline
 from hcustom_mc.parallel.sequence import SequenceLayout
+from hcustom_mc.segments import Segments
 
 
 class InputError(ValueError):
@@ -78,21 +85,31 @@ class ForwardContext:
 class HunyuanCustomDiT(MegatronModule):
     def __init__(self, cfg: ModelConfig, submodules: LinearSubmodules | None = None, params_dtype=torch.float32,
                  vp_stage: int | None = None, layers: range | None = None, cp_mode: str = "ulysses",
-                 device: torch.device | str | None = None, config_overrides: dict | None = None):
+                 device: torch.device | str | None = None, config_overrides: dict | None = None,
+                 pg_collection=None):
         """Build the whole model, or one pipeline stage of it.
 
-        Layers are numbered globally over [double blocks ; single blocks]. By default the stage is the
-        one of this rank in megatron parallel_state (the whole model at PP=1). Blocks live in
+        `pg_collection`: the process groups (megatron's ProcessGroupCollection, hcustom_mc.parallel.groups)
+        this model runs on: `tp` shards every parallel linear, `cp` (`hcp` under usp) splits the image tokens,
+        `pp` picks the stage. Default: the groups of the layout `initialize_parallel` set up, and that
+        layout's virtual pipeline size (with a collection given, pass it as the config override
+        virtual_pipeline_model_parallel_size, as megatron's own models read it from their config).
+        Layers are numbered globally over [double blocks ; single blocks]. By default the stage is this
+        rank's in the `pp` group (the whole model at PP=1). Blocks live in
         ModuleDicts keyed by their global index, so parameter names are the same at any PP.
         Every stage keeps the small conditioning embedders (time_in, vector_in, guidance_in, and
         audio_proj where it has audio blocks) because every block needs the modulation vector.
-        `cp_mode` picks the context-parallel attention (ulysses or ring) when CP > 1.
+        `cp_mode` picks the context-parallel attention (ulysses, ring or usp; parallel/context.py) when CP > 1.
         Every parameter is created on `device` (default: `hcustom_mc.device.compute_device()`);
         `device="meta"` builds the structure without allocating anything (names and shapes).
         `config_overrides`: megatron TransformerConfig fields set by training (gradient_accumulation_fusion,
         sequence_parallel: the blocks then work on this rank's rows of the sequence, see parallel/sequence.py).
         """
         cfg.validate()
+        config_overrides = dict(config_overrides or {})
+        if pg_collection is None:
+            pg_collection = layout_process_groups()
+            config_overrides.setdefault("virtual_pipeline_model_parallel_size", layout_virtual_pipeline())
         device = resolve_device(device)
         if submodules is None and device.type == "meta":
             # megatron's TE linears cannot be built on the meta device: a non-CUDA device means
@@ -100,8 +117,9 @@ class HunyuanCustomDiT(MegatronModule):
             # megatron then copies a meta master weight into it (NotImplementedError). megatron's local
             # linears have the same parameter names and per-rank shapes, which is all a meta build gives.
             submodules = local_linear_submodules()
-        config = megatron_config(cfg, params_dtype, device, **(config_overrides or {}))
+        config = megatron_config(cfg, pg_collection, params_dtype, device, **config_overrides)
         super().__init__(config)
+        self.pg_collection = pg_collection
         with torch.device(device):
             self._build(cfg, config, submodules, vp_stage, layers, cp_mode)
         self.to(params_dtype)
@@ -109,23 +127,22 @@ class HunyuanCustomDiT(MegatronModule):
             place_module(self, device)
 
     def _build(self, cfg, config, submodules, vp_stage, layers, cp_mode) -> None:
-        from megatron.core import parallel_state as ps
-
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.share_embeddings_and_output_weights = False  # read by megatron's finalize_model_grads
         self.vp_stage = vp_stage
         self.input_tensor = None
         self.cfg, self.cp_mode = cfg, cp_mode
+        self.context_parallel = context_parallel_attention(cp_mode, self.pg_collection)
         # None | "full" (block inputs only, see run_layers) | "selective" (norms, modulation, MLP
         # activation, QK norm + RoPE recomputed; never the attention core: model/recompute.py)
         self.recompute_granularity: str | None = None
         self.recompute_method: str | None = None  # full only: None (every block) | "uniform" | "block"
         self.recompute_num_layers: int | None = None
         sub = submodules or get_linear_submodules()
-        tp = ps.get_tensor_model_parallel_world_size()
+        tp_group = self.pg_collection.tp
         total = cfg.num_double_blocks + cfg.num_single_blocks
         if layers is None:
-            chunks, chunk = stage_chunk(vp_stage)
+            chunks, chunk = stage_chunk(self.pg_collection.pp, config.virtual_pipeline_model_parallel_size, vp_stage)
             self.layers, self.stage = split_layers(total, chunks)[chunk], (chunks, chunk)
         else:
             self.layers, self.stage = layers, (1, 0)
@@ -136,7 +153,7 @@ class HunyuanCustomDiT(MegatronModule):
         if self.pre_process:
             self.img_in = PatchEmbed(cfg.patch_size, cfg.in_channels, H)
             # the refiner runs on the text alone, before the hidden state enters the SP region
-            self.txt_in = TokenRefiner(cfg, without_sequence_parallel(config), sub, tp)
+            self.txt_in = TokenRefiner(cfg, without_sequence_parallel(config), sub, tp_group)
             if cfg.video_condition:
                 self.bg_in = PatchEmbed(cfg.patch_size, cfg.video_condition_channels, H)
                 self.bg_proj = video_condition_projection(cfg)
@@ -144,8 +161,8 @@ class HunyuanCustomDiT(MegatronModule):
         self.vector_in = MLPEmbedder(cfg.pooled_text_dim, H)
         if cfg.guidance_embed:
             self.guidance_in = TimestepEmbedder(H)
-        self.double_blocks = nn.ModuleDict({str(i): DoubleStreamBlock(cfg, config, sub, tp) for i in self.layers if i < D})
-        self.single_blocks = nn.ModuleDict({str(i - D): SingleStreamBlock(cfg, config, sub, tp) for i in self.layers if i >= D})
+        self.double_blocks = nn.ModuleDict({str(i): DoubleStreamBlock(cfg, config, sub, tp_group) for i in self.layers if i < D})
+        self.single_blocks = nn.ModuleDict({str(i - D): SingleStreamBlock(cfg, config, sub, tp_group) for i in self.layers if i >= D})
         if cfg.audio:
             self.audio_slots = {i: n for n, i in enumerate(cfg.audio_insert_blocks) if str(i) in self.double_blocks}
             if self.audio_slots:
@@ -228,24 +245,14 @@ class HunyuanCustomDiT(MegatronModule):
         """megatron's pipeline schedules hand a stage its input here (a list of one tensor)."""
         self.input_tensor = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
 
-    def _context_parallel(self, num_frames: int, tokens_per_frame: int) -> tuple[range, ContextParallel | None]:
-        from megatron.core import parallel_state as ps
-
-        cp = ps.get_context_parallel_world_size() if ps.model_parallel_is_initialized() else 1
-        if cp == 1:
-            return range(num_frames), None
-        from hcustom_mc.parallel.context import frame_partition
-
-        parts = frame_partition(num_frames, cp)
-        from hcustom_mc.parallel.state import context_parallel_groups
-
-        info = ContextParallel(group=context_parallel_groups(self.cp_mode), mode=self.cp_mode,
-                               image_lens=[len(r) * tokens_per_frame for r in parts])
-        return parts[ps.get_context_parallel_rank()], info
+    def image_frames_here(self, num_frames: int) -> tuple[range, list[range]]:
+        """(the image frames this rank holds, every CP rank's frames): the model's CP strategy decides."""
+        parts = self.context_parallel.frames_per_rank(num_frames)
+        return parts[self.context_parallel.rank], parts
 
     def video_frames_here(self, num_identity: int, latent_frames: int, tokens_per_frame: int) -> range:
         """The video frames (0..f-1) whose velocity this rank predicts (all of them without CP)."""
-        frames, _ = self._context_parallel(num_identity + latent_frames, tokens_per_frame)
+        frames, _ = self.image_frames_here(num_identity + latent_frames)
         K = num_identity
         return range(max(frames.start, K) - K, max(frames.stop, K) - K)
 
@@ -261,7 +268,7 @@ class HunyuanCustomDiT(MegatronModule):
         if cfg.guidance_embed:
             vec = vec + self.guidance_in(guidance)
         K = 0 if identity_latents is None else identity_latents.shape[2]
-        frames, cp = self._context_parallel(K + grid[0], hw)
+        frames, parts = self.image_frames_here(K + grid[0])
         rotary = Rotary(grid, K, cfg.mode, tuple(cfg.rope_dims), cfg.rope_theta, frames, latents.device)
         audio, audio_start = None, 0
         if audio_features is not None and getattr(self, "audio_slots", None):
@@ -270,8 +277,10 @@ class HunyuanCustomDiT(MegatronModule):
             first = K if cfg.mode == "release" else 0
             lo, hi = max(frames.start, first), max(frames.stop, first)
             audio, audio_start = audio[:, lo - first : hi - first], (lo - frames.start) * hw
-        layout = SequenceLayout.build(len(frames) * hw, text_mask.shape[1], self.config.sequence_parallel)
-        attend = JointAttention(Segments.from_text_mask((K + grid[0]) * hw, text_mask), len(frames) * hw, layout, cp,
+        layout = SequenceLayout.build(len(frames) * hw, text_mask.shape[1], self.config.sequence_parallel,
+                                      self.pg_collection.tp)
+        attend = JointAttention(Segments.from_text_mask((K + grid[0]) * hw, text_mask), len(frames) * hw, layout,
+                                self.context_parallel, [len(r) * hw for r in parts],
                                 selective=self.recompute_granularity == "selective" and self.training)
         ctx = ForwardContext(batch=B, grid=grid, num_identity=K, frames=frames, image_len=len(frames) * hw, rotary=rotary,
                              attend=attend, audio=audio, audio_start=audio_start)
@@ -395,12 +404,11 @@ def recompute_plan(layers: list[int], method: str | None, num_layers: int | None
     raise ValueError(f"recompute_method must be uniform or block, got {method!r}")
 
 
-def stage_chunk(vp_stage: int | None = None) -> tuple[int, int]:
-    """(number of model chunks, index of this rank's chunk) in megatron's interleaved order."""
-    from megatron.core import parallel_state as ps
-
-    pp, rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
-    vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
+def stage_chunk(pp_group, virtual_pipeline: int | None = None, vp_stage: int | None = None) -> tuple[int, int]:
+    """(number of model chunks, index of this rank's chunk) in megatron's interleaved order, for this rank of
+    the pipeline group `pp_group` with `virtual_pipeline` chunks per rank."""
+    pp, rank = group_size(pp_group), group_rank(pp_group)
+    vpp = virtual_pipeline or 1
     if vpp > 1 and vp_stage is None:
         raise ValueError("virtual pipeline parallelism is on: pass vp_stage to build each model chunk")
     return pp * vpp, (vp_stage or 0) * pp + rank

@@ -24,6 +24,19 @@ from hcustom_mc.device import resolve_device, uses_cuda
 log = logging.getLogger("hcustom_mc")
 
 
+class RowParallelLinearOnGroup(RowParallelLinear):
+    """megatron's local RowParallelLinear, whose forward hands its GEMM the layer's own `tp_group`.
+
+    megatron-core (0.16 to 0.19) calls `_forward_impl(..., tp_group=None)` from RowParallelLinear.forward. The
+    row GEMM itself does not communicate (no input-gradient all-reduce, no sequence gather), so the group
+    changes no number; but the None makes megatron look up its global TP group, with a "tp_group is None"
+    deprecation warning on every call, and fail once megatron makes the group mandatory."""
+
+    def _forward_impl(self, input, weight, *args, tp_group=None, **kwargs):
+        return super()._forward_impl(input, weight, *args, tp_group=self.tp_group if tp_group is None else tp_group,
+                                     **kwargs)
+
+
 @dataclass
 class LinearSubmodules:
     column: ModuleSpec  # sharded output features (heads, MLP width)
@@ -61,7 +74,7 @@ def get_linear_submodules(use_te: bool | None = None) -> LinearSubmodules:
 
 def local_linear_submodules() -> LinearSubmodules:
     """megatron's local linears (no log line: also what a meta-device build uses, see HunyuanCustomDiT)."""
-    return LinearSubmodules(column=ModuleSpec(module=ColumnParallelLinear), row=ModuleSpec(module=RowParallelLinear),
+    return LinearSubmodules(column=ModuleSpec(module=ColumnParallelLinear), row=ModuleSpec(module=RowParallelLinearOnGroup),
                             modulation=ModuleSpec(module=ColumnParallelLinear))
 
 
@@ -81,25 +94,30 @@ def without_sequence_parallel(config):
     return plain
 
 
-def build_column(spec: ModuleSpec, in_f: int, out_f: int, config, *, bias: bool = True, gather: bool = False):
+def build_column(spec: ModuleSpec, in_f: int, out_f: int, config, tp_group, *, bias: bool = True,
+                 gather: bool = False):
+    """A column-parallel linear sharded over `tp_group` (the model's ProcessGroupCollection `tp`)."""
     if gather:  # gathered outputs are per-sample vectors here: never sequence parallel
         config = without_sequence_parallel(config)
     return build_module(
         spec, in_f, out_f, config=config, init_method=_no_init, bias=bias, gather_output=gather,
-        skip_bias_add=False, is_expert=False,
+        skip_bias_add=False, is_expert=False, tp_group=tp_group,
     )
 
 
-def build_row(spec: ModuleSpec, in_f: int, out_f: int, config, *, bias: bool = True):
+def build_row(spec: ModuleSpec, in_f: int, out_f: int, config, tp_group, *, bias: bool = True):
+    """A row-parallel linear sharded over `tp_group`."""
     return build_module(
         spec, in_f, out_f, config=config, init_method=_no_init, bias=bias, input_is_parallel=True,
-        skip_bias_add=False, is_expert=False,
+        skip_bias_add=False, is_expert=False, tp_group=tp_group,
     )
 
 
-def megatron_config(cfg, params_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                    gradient_accumulation_fusion: bool = False, sequence_parallel: bool = False):
-    """The megatron TransformerConfig that parallel linear layers read (sizes, dtype, TP, SP).
+def megatron_config(cfg, pg_collection, params_dtype: torch.dtype = torch.float32,
+                    device: torch.device | str | None = None, gradient_accumulation_fusion: bool = False,
+                    sequence_parallel: bool = False, virtual_pipeline_model_parallel_size: int | None = None):
+    """The megatron TransformerConfig that parallel linear layers read (sizes, dtype, SP); the parallel
+    sizes are those of the model's process groups `pg_collection` (hcustom_mc.parallel.groups).
 
     `sequence_parallel` (TP > 1 only): the blocks' column/row linears all-gather / reduce-scatter the
     sequence (parallel/sequence.py has the layout), and finalize_model_grads sums the row biases' grads.
@@ -108,18 +126,19 @@ def megatron_config(cfg, params_dtype: torch.dtype = torch.float32, device: torc
     then it allocates on the default device, which the model sets to `device` (CPU, or meta for a
     build that allocates nothing). So only a CUDA `device` takes megatron's own CUDA path.
     """
-    from megatron.core import parallel_state as ps
     from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from hcustom_mc.parallel.groups import group_size
 
     return TransformerConfig(
         num_layers=cfg.num_double_blocks + cfg.num_single_blocks,
         hidden_size=cfg.hidden_size,
         num_attention_heads=cfg.num_heads,
         ffn_hidden_size=cfg.mlp_hidden,
-        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        virtual_pipeline_model_parallel_size=ps.get_virtual_pipeline_model_parallel_world_size(),
-        context_parallel_size=ps.get_context_parallel_world_size(),
+        tensor_model_parallel_size=group_size(pg_collection.tp),
+        pipeline_model_parallel_size=group_size(pg_collection.pp),
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        context_parallel_size=group_size(pg_collection.cp),
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,

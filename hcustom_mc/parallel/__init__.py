@@ -1,1 +1,3 @@
-"""Parallel setup: config validation, megatron parallel_state, TP sharding, CPU compatibility."""
+"""Parallel setup, below the model: layout config and validation (from plain sizes), megatron parallel_state,
+the model's process groups (groups.py), how attention is split across ranks (context.py, ring.py), sequence
+parallelism, TP sharding, CPU compatibility. Nothing here imports hcustom_mc.model."""

@@ -1,14 +1,16 @@
 """One parallel configuration (TP, PP, VPP, CP, DP) and its up-front validation.
 
 Every rank validates the same config before any collective runs, so a bad layout fails on all
-ranks with the same message instead of hanging in the first all-reduce.
+ranks with the same message instead of hanging in the first all-reduce. The model's sizes come in as
+any object with `num_heads`, `hidden_size`, `mlp_hidden`, `num_double_blocks` and `num_single_blocks`
+(a ModelConfig): the parallel layer does not import the model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hcustom_mc.model.config import ConfigError, ModelConfig
+from hcustom_mc.errors import ConfigError
 
 CP_MODES = ("ulysses", "ring", "usp")
 
@@ -32,7 +34,7 @@ class ParallelConfig:
     def data_parallel(self, world_size: int) -> int:
         return world_size // (self.tensor_parallel * self.pipeline_parallel * self.context_parallel)
 
-    def validate(self, world_size: int, model: ModelConfig | None = None) -> "ParallelConfig":
+    def validate(self, world_size: int, model=None) -> "ParallelConfig":
         tp, pp, cp, vpp = self.tensor_parallel, self.pipeline_parallel, self.context_parallel, self.virtual_pipeline_parallel
         errors = []
         for name, value in (("tensor_parallel", tp), ("pipeline_parallel", pp), ("context_parallel", cp)):

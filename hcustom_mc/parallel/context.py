@@ -1,9 +1,14 @@
-"""Context-parallel (CP) joint attention over [image tokens ; text tokens].
+"""How attention is split across ranks: the context-parallel (CP) joint attention over [image tokens ; text tokens].
+
+The model's attention (model/attention.py `JointAttention`) calls one strategy object built here from the
+layout and the model's process groups (`context_parallel_attention(cp_mode, pg_collection)`): `NoContextParallel`,
+`Ulysses`, `Ring` or `Usp`. Each says how the latent frames are split over its CP ranks (`frames_per_rank`)
+and runs the attention of this rank's rows (`attend`); the model knows no strategy by name.
 
 Each CP rank holds a contiguous run of whole latent frames of the image tokens; the text tokens are
 replicated on every rank. The result equals single-process `segment_attention` over
 [all image tokens in rank order ; text], i.e. per sample the segments [image + valid text] and
-[text padding]. Two modes:
+[text padding]. The modes:
 
   ulysses: all-to-all heads <-> sequence, attention on H/cp heads of the full sequence, all-to-all back.
            Needs heads % cp == 0; uses the regular attention backends (flash / TE / SDPA).
@@ -11,8 +16,9 @@ replicated on every rank. The result equals single-process `segment_attention` o
            flash-style tiles merged through the log-sum-exp, transfers overlapped with compute,
            backward recomputed from the saved log-sum-exp. Any head count; memory O(sequence).
   usp:     both (hybrid Ulysses x ring): Ulysses inside groups of `u` consecutive CP ranks, ring
-           across the cp/u groups. Needs heads % u == 0. `group` is then the pair of sub-groups
-           (Ulysses, ring) that `parallel/state.py` creates once (megatron's hierarchical CP groups).
+           across the cp/u groups. Needs heads % u == 0. Its groups are the pair of sub-groups (Ulysses, ring):
+           the collection's `hcp` (megatron's hierarchical CP groups, made once by parallel/state.py or
+           parallel/groups.py).
 
 Every collective is an autograd.Function whose backward is the adjoint collective, so gradients
 are exact. Gradients of the replicated text q/k/v are per-rank partial sums: summing them over the
@@ -21,12 +27,14 @@ CP group (as the data/CP gradient reduction does for replicated parameters) give
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hcustom_mc.model.attention import Segments, segment_attention
 from hcustom_mc.parallel.ring import ring_attention
+from hcustom_mc.segments import Segments, segment_attention
 
 MODES = ("ulysses", "ring", "usp")
 
@@ -189,12 +197,110 @@ def _usp(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, group
     return img.reshape(img.shape[0], B, H * D), txt.reshape(L, B, H * D)
 
 
-# ----------------------------------------------------------------------------- entry point
+# ----------------------------------------------------------------------------- strategies (what the model holds)
+
+
+class ContextParallelAttention(ABC):
+    """Joint attention with this rank's image tokens and the replicated text, as the model calls it.
+
+    `frames_per_rank(num_frames)`: the latent frames each CP rank holds (whole frames, rank order);
+    `attend(q, k, v, segments, image_lens, cache)`: q, k, v [image rows here ; text rows, L] x [B, H, D],
+    `segments` of the whole (all ranks') sequence, `image_lens` the image tokens of every CP rank,
+    `cache` a dict living for one forward. Returns this rank's rows [image here ; text] x [B, H*D]."""
+
+    size: int = 1
+    rank: int = 0
+
+    def frames_per_rank(self, num_frames: int) -> list[range]:
+        return frame_partition(num_frames, self.size)
+
+    @abstractmethod
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, segments: Segments, image_lens: list[int],
+               cache: dict) -> Tensor:
+        """This rank's attention output [image here ; text] x [B, H*D]."""
+
+
+class NoContextParallel(ContextParallelAttention):
+    """One CP rank: every token is here; attention over the forward's segments as they are."""
+
+    def attend(self, q, k, v, segments, image_lens, cache):
+        return segment_attention(q, k, v, segments)
+
+
+class _Split(ContextParallelAttention):
+    """The image sequence split over a CP group of more than one rank: `split_attention` takes the image and
+    text parts apart (cp_joint_attention's arguments) and returns (image rows here, text rows)."""
+
+    def attend(self, q, k, v, segments, image_lens, cache):
+        n = image_lens[self.rank]
+        # the text is the tail of the whole sequence on every rank: its valid length per sample
+        text_valid = [valid - segments.seq_len + (q.shape[0] - n) for valid in segments.valid]
+        img, txt = self.split_attention(q[:n], k[:n], v[:n], q[n:], k[n:], v[n:], text_valid, list(image_lens), cache)
+        return torch.cat([img, txt])
+
+    @abstractmethod
+    def split_attention(self, q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, cache):
+        """(image rows here [S_local, B, H*D], text rows [L, B, H*D])."""
+
+
+class Ulysses(_Split):
+    """All-to-all heads <-> sequence over the CP group."""
+
+    def __init__(self, group):
+        self.group = group
+        self.size, self.rank = _group_size_rank(group)
+
+    def split_attention(self, q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, cache):
+        return _ulysses(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, self.group, cache)
+
+
+class Ring(_Split):
+    """K/V chunks around the CP group (parallel/ring.py)."""
+
+    def __init__(self, group):
+        self.group = group
+        self.size, self.rank = _group_size_rank(group)
+
+    def split_attention(self, q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, cache):
+        return ring_attention(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, self.group)
+
+
+class Usp(_Split):
+    """Ulysses inside `ulysses_group` (consecutive CP ranks), ring across `ring_group`."""
+
+    def __init__(self, ulysses_group, ring_group):
+        self.groups = (ulysses_group, ring_group)
+        (u, ur), (r, rr) = _group_size_rank(ulysses_group), _group_size_rank(ring_group)
+        self.size, self.rank = u * r, rr * u + ur
+
+    def split_attention(self, q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, cache):
+        return _usp(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid, image_lens, self.groups, cache)
+
+
+def context_parallel_attention(cp_mode: str, pg_collection) -> ContextParallelAttention:
+    """The strategy for `cp_mode` over the CP group of `pg_collection` (hcustom_mc.parallel.groups):
+    NoContextParallel for a CP group of one, whatever the mode."""
+    if cp_mode not in MODES:
+        raise ValueError(f"context-parallel attention mode must be one of {MODES}, got {cp_mode!r}")
+    group = getattr(pg_collection, "cp", None)
+    if group is None or _group_size_rank(group)[0] == 1:
+        return NoContextParallel()
+    if cp_mode == "usp":
+        sub = getattr(pg_collection, "hcp", None)
+        if not sub or len(sub) != 2:
+            raise RuntimeError("cp_mode usp needs the process groups' usp sub-groups (hcp = [ulysses, ring]): "
+                               "ParallelConfig.ulysses_degree with initialize_parallel, or new_process_groups(cp_sub_sizes=...)")
+        return Usp(*sub)
+    return Ulysses(group) if cp_mode == "ulysses" else Ring(group)
+
+
+# ----------------------------------------------------------------------------- functional form
 
 
 def cp_joint_attention(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid: list[int], image_lens: list[int],
                        mode: str, group, cache: dict | None = None) -> tuple[Tensor, Tensor]:
-    """Joint attention with the image sequence split over the CP `group`.
+    """Joint attention with the image sequence split over the CP `group` (under usp the pair (Ulysses, ring)):
+    the strategy of `mode`, for a caller that holds a mode and a group rather than a strategy.
 
     q/k/v_img: this rank's image tokens [image_lens[rank], B, H, D]; q/k/v_txt: the replicated text
     [L, B, H, D]; text_valid[b]: valid text tokens of sample b. Returns (img_out [S_local, B, H*D],
@@ -205,10 +311,11 @@ def cp_joint_attention(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid: lis
     if mode == "usp":
         if not isinstance(group, (tuple, list)) or len(group) != 2:
             raise ValueError("usp needs group = (ulysses_group, ring_group)")
-        (u, ur), (r, rr) = _group_size_rank(group[0]), _group_size_rank(group[1])
-        cp, rank = u * r, rr * u + ur
+        strategy = Usp(*group)
     else:
-        cp, rank = _group_size_rank(group)
+        group = dist.group.WORLD if group is None else group  # p2p needs a concrete group for rank lookup
+        strategy = Ulysses(group) if mode == "ulysses" else Ring(group)
+    cp, rank = strategy.size, strategy.rank
     if len(image_lens) != cp or image_lens[rank] != q_img.shape[0]:
         raise ValueError(f"image_lens {image_lens} does not match CP size {cp} / local image tokens "
                          f"{q_img.shape[0]} on CP rank {rank}")
@@ -219,10 +326,4 @@ def cp_joint_attention(q_img, k_img, v_img, q_txt, k_txt, v_txt, text_valid: lis
         seg = Segments(seq_len=n + q_txt.shape[0], valid=[n + v for v in text_valid])
         out = segment_attention(torch.cat([q_img, q_txt]), torch.cat([k_img, k_txt]), torch.cat([v_img, v_txt]), seg)
         return out[:n], out[n:]
-    args = (q_img, k_img, v_img, q_txt, k_txt, v_txt, list(text_valid), list(image_lens))
-    if mode == "usp":
-        return _usp(*args, tuple(group), cache)
-    group = dist.group.WORLD if group is None else group  # p2p needs a concrete group for rank lookup
-    if mode == "ulysses":
-        return _ulysses(*args, group, cache)
-    return ring_attention(*args, group)
+    return strategy.split_attention(q_img, k_img, v_img, q_txt, k_txt, v_txt, list(text_valid), list(image_lens), cache)

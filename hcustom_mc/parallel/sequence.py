@@ -23,7 +23,7 @@ them over TP (the training step calls it, training/loop.py `_finalize`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -47,15 +47,16 @@ class SequenceLayout:
     image_len: int
     text_len: int
     tp: int = 1  # 1: no sequence parallelism
+    group: object = field(default=None, compare=False)  # the TP group the sequence is split over
 
     @classmethod
-    def build(cls, image_len: int, text_len: int, sequence_parallel: bool) -> "SequenceLayout":
-        tp = 1
-        if sequence_parallel:
-            from megatron.core import parallel_state as ps
+    def build(cls, image_len: int, text_len: int, sequence_parallel: bool, tp_group=None) -> "SequenceLayout":
+        """`tp_group`: the model's TP group (its ProcessGroupCollection's `tp`)."""
+        if not sequence_parallel:
+            return cls(image_len, text_len)
+        from hcustom_mc.parallel.groups import group_size
 
-            tp = ps.get_tensor_model_parallel_world_size()
-        return cls(image_len, text_len, tp)
+        return cls(image_len, text_len, group_size(tp_group), tp_group)
 
     @property
     def active(self) -> bool:
@@ -122,7 +123,7 @@ class SequenceLayout:
             return x
         from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
 
-        return scatter_to_sequence_parallel_region(self.interleave(self.pad(x)))
+        return scatter_to_sequence_parallel_region(self.interleave(self.pad(x)), group=self.group)
 
     def gather(self, x: Tensor) -> Tensor:
         """Leave the SP region: local rows -> [image ; text] on every rank, used replicated downstream
@@ -131,7 +132,8 @@ class SequenceLayout:
             return x
         from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
-        return self.unpad(self.streams(gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)))
+        gathered = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False, group=self.group)
+        return self.unpad(self.streams(gathered))
 
     def replicated(self, t: Tensor) -> Tensor:
         """A TP-replicated tensor (modulation vectors) used on this rank's tokens only: forward identity,
@@ -140,7 +142,7 @@ class SequenceLayout:
             return t
         from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
-        return copy_to_tensor_model_parallel_region(t)
+        return copy_to_tensor_model_parallel_region(t, group=self.group)
 
 
 NO_SP = SequenceLayout(0, 0, 1)  # for callers without a sequence (the identity layout)

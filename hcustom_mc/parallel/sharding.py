@@ -56,10 +56,12 @@ class StateDictError(KeyError):
         return str(self.args[0])
 
 
-def _tp():
-    from megatron.core import parallel_state as ps
+def _tp(model: torch.nn.Module):
+    """(TP group, rank in it, its size) of `model`: the group it was built with (parallel/groups.py)."""
+    from hcustom_mc.parallel.groups import group_rank, group_size, tensor_parallel_group
 
-    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    group = tensor_parallel_group(model)
+    return group, group_rank(group), group_size(group)
 
 
 def _ignored(name: str) -> bool:
@@ -71,7 +73,7 @@ def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor], 
 
     Raises StateDictError listing every missing and unexpected key and every shape mismatch.
     """
-    rank, tp = _tp()
+    _, rank, tp = _tp(model)
     params = {n: p for n, p in model.state_dict(keep_vars=True).items() if not _ignored(n)}
     missing = sorted(set(params) - set(full))
     unexpected = sorted(set(full) - set(params))
@@ -107,9 +109,8 @@ def full_state_dict(model: torch.nn.Module, grads: bool = False) -> dict[str, to
     row biases under sequence parallelism) are summed, as training's finalize step does.
     """
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
-    rank, tp = _tp()
+    group, rank, tp = _tp(model)
     out = {}
     for name, param in model.state_dict(keep_vars=True).items():
         if _ignored(name) or (grads and not isinstance(param, torch.nn.Parameter)):
@@ -119,11 +120,11 @@ def full_state_dict(model: torch.nn.Module, grads: bool = False) -> dict[str, to
         tensor = (param.grad if grads else param).detach()
         if grads and tp > 1 and (getattr(param, "hc_tp_partial_grad", False) or getattr(param, "sequence_parallel", False)):
             tensor = tensor.clone()
-            dist.all_reduce(tensor, group=ps.get_tensor_model_parallel_group())
+            dist.all_reduce(tensor, group=group)
         split = get_tp_split(param)
         if split is not None and tp > 1:
             gathered = [torch.empty_like(tensor) for _ in range(tp)]
-            dist.all_gather(gathered, tensor.contiguous(), group=ps.get_tensor_model_parallel_group())
+            dist.all_gather(gathered, tensor.contiguous(), group=group)
             tensor = unshard_tensors(gathered, split)
         out[name] = tensor.clone()
     return out

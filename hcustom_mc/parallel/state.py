@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from hcustom_mc.model.config import ModelConfig
 from hcustom_mc.parallel.config import ParallelConfig
 from hcustom_mc.device import compute_device, dist_backend, local_cuda_index
 
@@ -55,10 +54,12 @@ def _init_process_group(timeout_s: float) -> None:
 
 
 def initialize_parallel(
-    pcfg: ParallelConfig, model: ModelConfig | None = None, seed: int = 1234, timeout_s: float = 600,
+    pcfg: ParallelConfig, model=None, seed: int = 1234, timeout_s: float = 600,
     dp_name: str | None = "DP",
 ) -> ParallelInfo:
-    """Validate `pcfg` (on every rank, before any collective), then set up megatron parallel_state.
+    """Validate `pcfg` (on every rank, before any collective; `model`: the model's sizes, a ModelConfig, see
+    ParallelConfig.validate), then set up megatron parallel_state. The model takes its process groups from
+    this layout through hcustom_mc.parallel.groups.layout_process_groups().
 
     `dp_name`: what the remaining (data-parallel) factor is called in the layout line, e.g. "CFG-parallel" for
     the sampler; None: no layout line (the caller logs its own)."""
@@ -109,19 +110,6 @@ def current_parallel_info() -> ParallelInfo:
         cp_rank=ps.get_context_parallel_rank(), cp_size=ps.get_context_parallel_world_size(),
         dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(), device=compute_device(),
     )
-
-
-def context_parallel_groups(mode: str):
-    """What CP attention takes as its group: the CP group, or (ulysses, ring) sub-groups under usp."""
-    from megatron.core import parallel_state as ps
-
-    if mode == "usp":
-        groups = ps.get_hierarchical_context_parallel_groups(check_initialized=False)
-        if not groups or len(groups) != 2:
-            raise RuntimeError("cp_mode usp needs parallel_state initialised with the usp sub-groups "
-                               "(ParallelConfig.ulysses_degree; see initialize_parallel)")
-        return tuple(groups)
-    return ps.get_context_parallel_group()
 
 
 def destroy_parallel() -> None:

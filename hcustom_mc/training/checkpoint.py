@@ -91,7 +91,7 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
     `loaded`: the checkpoint this run resumed from, which pruning never deletes."""
     from megatron.core import dist_checkpointing
 
-    from hcustom_mc.training.overlap import params_ready
+    from hcustom_mc.training.param_sync import params_ready
 
     params_ready(model_chunks)  # overlap_param_gather leaves the parameters incomplete until the next forward
 

@@ -22,6 +22,7 @@ from hcustom_mc.model import HunyuanCustomDiT
 from hcustom_mc.model.init import initialize_weights
 from hcustom_mc.model.lora import apply_lora, is_lora_name
 from hcustom_mc.model.ops import set_kernel_backend
+from hcustom_mc.parallel.groups import group_size, layout_process_groups, layout_virtual_pipeline
 from hcustom_mc.parallel.sequence import SequenceLayout
 from hcustom_mc.parallel.state import current_parallel_info, destroy_parallel, initialize_parallel
 from hcustom_mc.training import checkpoint as ckpt
@@ -61,16 +62,16 @@ def build_model_chunks(cfg: TrainConfig, model_cfg, cp_mode: str, device: torch.
     `initialize=False` leaves the weights for a checkpoint to fill (resume, pretrained); `config_overrides` are
     megatron TransformerConfig fields (overlap / fusion, training/overlap.py); sequence_parallel comes from
     cfg.parallel."""
-    from megatron.core import parallel_state as ps
-
-    config_overrides = {**(config_overrides or {}), "sequence_parallel": cfg.parallel.sequence_parallel}
+    vpp = layout_virtual_pipeline()
+    config_overrides = {**(config_overrides or {}), "sequence_parallel": cfg.parallel.sequence_parallel,
+                        "virtual_pipeline_model_parallel_size": vpp}
     device = resolve_device(device)
-    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    groups = layout_process_groups()  # every chunk runs on the groups of the layout initialize_parallel set up
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     chunks = []
     for v in range(vpp or 1):
         chunk = HunyuanCustomDiT(model_cfg, params_dtype=dtype, vp_stage=v if vpp else None, cp_mode=cp_mode,
-                                 device=device, config_overrides=config_overrides)
+                                 device=device, config_overrides=config_overrides, pg_collection=groups)
         if initialize:
             initialize_weights(chunk, seed=cfg.init_seed, zero_init=cfg.zero_init)
         if cfg.lora_rank:
@@ -84,7 +85,7 @@ def build_model_chunks(cfg: TrainConfig, model_cfg, cp_mode: str, device: torch.
                 # copies on later stages are left out of the grad norm, as megatron does for tied weights
                 param.shared = _stage_replica(chunk, name) != 0
         chunks.append(chunk)
-    if not any(p.requires_grad for c in chunks for p in c.parameters()) and ps.get_pipeline_model_parallel_world_size() == 1:
+    if not any(p.requires_grad for c in chunks for p in c.parameters()) and group_size(groups.pp) == 1:
         raise ValueError("no trainable parameters (check --trainable and freeze)")
     return chunks
 
@@ -188,13 +189,14 @@ def seq_length_arg(model_chunk, mb: dict) -> int:
     _, _, f, h, w = inputs["latents"].shape
     pt, ph, pw = dit.cfg.patch_size
     hw = (h // ph) * (w // pw)
-    frames, _ = dit._context_parallel(K + f // pt, hw)
+    frames, _ = dit.image_frames_here(K + f // pt)
     # megatron's schedules divide the length they are given by the CP size (and under sequence
     # parallelism by TP) to get the per-rank shape; CP shards can differ by a frame and SP pads each
     # stream, so hand over this rank's exact rows times CP (x TP)
     from megatron.core import parallel_state as ps
 
-    layout = SequenceLayout.build(len(frames) * hw, inputs["text_states"].shape[1], dit.config.sequence_parallel)
+    layout = SequenceLayout.build(len(frames) * hw, inputs["text_states"].shape[1], dit.config.sequence_parallel,
+                                  dit.pg_collection.tp)
     return layout.local_rows * layout.tp * ps.get_context_parallel_world_size()
 
 

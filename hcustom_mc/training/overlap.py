@@ -19,7 +19,7 @@ Everything turned on here is exact (the same sums, in the same buckets, only iss
 
 With overlap_param_gather the model's parameters are only complete after the next forward has
 gathered them: anything that reads them between steps (checkpoint saving, weight averaging) first
-calls `params_ready(model_chunks)`, which forces the gather (a no-op otherwise).
+calls `params_ready(model_chunks)` (training/param_sync.py), which forces the gather (a no-op otherwise).
 """
 
 from __future__ import annotations
@@ -114,10 +114,3 @@ def set_cuda_connections(tensor_parallel: int) -> None:
     if tensor_parallel > 1:
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
-
-def params_ready(model_chunks) -> None:
-    """Force the pending parameter all-gather of overlap_param_gather, so the parameters are complete."""
-    for m in model_chunks:
-        ddp_config = getattr(m, "ddp_config", None)
-        if ddp_config is not None and ddp_config.overlap_param_gather:
-            m.start_param_sync(force_sync=True)

@@ -33,7 +33,7 @@ def usp_groups(u: int):
 
 
 def check_case(mode, *, batch, heads, frames, tokens_per_frame, text_valid, dtype, dim=8, text_len=7, seed=0):
-    from hcustom_mc.model.attention import Segments, sdpa_segment_attention_looped
+    from hcustom_mc.segments import Segments, sdpa_segment_attention_looped
     from hcustom_mc.parallel.context import cp_joint_attention, frame_partition
 
     cp, rank = dist.get_world_size(), dist.get_rank()

@@ -1,5 +1,7 @@
-"""tools/preprocess.py's command line: the training-config flags plus the preprocessing ones, parsed (and --help
-answered) before the encoding module loads torch."""
+"""The preprocessing entry point (tools/preprocess.py, `python -m hcustom_mc.preprocess`): the training-config
+flags plus the preprocessing ones, parsed (and --help answered) before the encoding module loads torch, then
+hcustom_mc/data/preprocess.py encodes the manifest. An entry point like hcustom_mc/sample.py: it sits above
+training (whose config it reads) and data."""
 
 from __future__ import annotations
 
@@ -53,3 +55,9 @@ def main(argv=None) -> int:
 
 # what tools/preprocess.py reports as the user's to fix (ConfigError is a ValueError), once for all ranks, exit 2
 USER_ERRORS = (ValueError, FileNotFoundError)
+
+
+if __name__ == "__main__":
+    from hcustom_mc import console
+
+    console.run_entry_point(main, lambda: USER_ERRORS)
