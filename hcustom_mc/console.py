@@ -46,6 +46,9 @@ KNOWN_WARNINGS = tuple(re.compile(p) for p in (
     r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to (load|save) in a single",
     r"MCore's async save is deprecated",
     r"absl\.logging is not installed",
+    r"MimoModelConfig is experimental",  # megatron-core 0.19 defines it at import, whether used or not
+    # torch's CUDA build (what PyPI serves on Linux) on a machine without a GPU, once per process
+    r"No CUDA runtime is found, using CUDA_HOME",
 ))
 # third-party loggers that report routine steps at INFO (mlflow's "Creating initial MLflow database tables")
 QUIET_LOGGERS = ("mlflow", "alembic", "megatron", "urllib3", "git")
@@ -78,6 +81,7 @@ def setup(verbose: bool = False) -> None:
     quiet_third_party_loggers()
     for handler in logging.getLogger().handlers:
         handler.addFilter(_known_record)
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_known_record)  # torch's own handler, not the root's
     warnings.showwarning = _showwarning
     if not verbose:
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10's own warnings, for workers started later
