@@ -90,3 +90,19 @@ def test_a_parallel_layout_started_without_torchrun_says_how_to_launch_it():
                      expect_ok=False, timeout=120)
     assert "this is one process: launch 2 or a multiple with `torchrun --nproc-per-node 2 ...`" in out, out
     assert "Traceback" not in out
+
+
+def test_an_output_folder_that_cannot_be_made_is_refused_before_the_model_loads(tmp_path):
+    """The sampler claims every output folder (sample.run calls claim_outputs before load_model): a folder that
+    cannot be created is one line naming it. (A parent that is a file: permissions mean nothing to root.)"""
+    from types import SimpleNamespace
+
+    from hcustom_mc.sample import claim_outputs
+
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConfigError, match=r"^--out: cannot create .*a_file"):
+        claim_outputs([SimpleNamespace(output=str(tmp_path / "a_file" / "out" / "000_t2v"))], overwrite=False)
+    locks = claim_outputs([SimpleNamespace(output=str(tmp_path / "fine" / "000_t2v"))], overwrite=False)
+    assert (tmp_path / "fine").is_dir() and len(locks) == 1
+    for lock in locks:
+        lock.release()
