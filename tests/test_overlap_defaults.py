@@ -59,14 +59,15 @@ def test_cuda_connections_only_with_tp(monkeypatch):
 def test_resume_keeps_the_checkpoint_optimizer_format(tmp_path):
     import json
 
-    ck = tmp_path / "iter_0000002"
-    ck.mkdir()
-    (tmp_path / "latest").write_text("iter_0000002\n")
-    cfg = base_cfg()
-    cfg.checkpoint.load = str(tmp_path)
-    (ck / "train_state.json").write_text(json.dumps({"step": 2, "distributed_optimizer": True}))
-    assert ddp_and_optimizer_overlap(cfg, info(1), fusion_usable=False).ddp["use_distributed_optimizer"]
-    (ck / "train_state.json").write_text(json.dumps({"step": 2, "distributed_optimizer": False}))
-    assert not ddp_and_optimizer_overlap(cfg, info(2), fusion_usable=False).ddp["use_distributed_optimizer"]
-    (ck / "train_state.json").write_text(json.dumps({"step": 2}))  # written before the key existed
-    assert ddp_and_optimizer_overlap(cfg, info(1), fusion_usable=False).ddp["use_distributed_optimizer"]
+    from hcustom_mc.checkpoint.integrity import seal_folder
+
+    for flag, dp in ((True, 1), (False, 2)):
+        root = tmp_path / str(flag)
+        ck = root / "iter_0000002"
+        ck.mkdir(parents=True)
+        (root / "latest").write_text("iter_0000002\n")
+        (ck / "train_state.json").write_text(json.dumps({"step": 2, "distributed_optimizer": flag}))
+        seal_folder(ck)  # a folder we wrote carries its manifest (one without is not loaded: issue 20)
+        cfg = base_cfg()
+        cfg.checkpoint.load = str(root)
+        assert ddp_and_optimizer_overlap(cfg, info(dp), fusion_usable=False).ddp["use_distributed_optimizer"] is flag

@@ -73,7 +73,8 @@ def resumed_optimizer_format(cfg) -> bool | None:
     from hcustom_mc.training.checkpoint import latest_checkpoint, read_train_state
 
     try:
-        path = latest_checkpoint(cfg.checkpoint.load)
+        # only its optimizer format is read here: sizes suffice (the loop verifies what it loads as configured)
+        path = latest_checkpoint(cfg.checkpoint.load, verify="size")
     except Exception:
         return None  # the loop reports a broken checkpoint itself
     if path is None:
