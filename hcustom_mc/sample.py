@@ -115,9 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_jobs(args) -> list:
-    from hcustom_mc.model.config import load_yaml
-
-    from hcustom_mc.inference.inputs import SampleJob
+    from hcustom_mc.inference.inputs import SampleJob, read_job_list
 
     base = {k: getattr(args, k) for k in JOB_FLAGS if getattr(args, k) is not None}
     base = {k: str(v) if isinstance(v, Path) else v for k, v in base.items()}
@@ -129,13 +127,7 @@ def build_jobs(args) -> list:
                 raise ConfigError(f"--image expects NAME=PATH, got {item!r}")
             subjects.append([name, path])
         base["subjects"] = subjects
-    entries = [{}]
-    if args.jobs is not None:
-        if not args.jobs.is_file():
-            raise ConfigError(f"--jobs {args.jobs} does not exist")
-        entries = load_yaml(args.jobs.read_text(), f"--jobs {args.jobs}")  # JSON is YAML
-        if not isinstance(entries, list) or not entries or not all(isinstance(x, dict) for x in entries):
-            raise ConfigError(f"--jobs {args.jobs} must hold a non-empty list of mappings")
+    entries = [{}] if args.jobs is None else read_job_list(args.jobs)
     jobs, outputs = [], {}
     for n, entry in enumerate(entries):
         merged = {**base, **entry}

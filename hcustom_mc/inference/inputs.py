@@ -107,6 +107,19 @@ class SampleJob:
         return d
 
 
+def read_job_list(path, flag: str = "--jobs") -> list[dict[str, Any]]:
+    """The job mappings of a YAML (or JSON) list file, checked to be a non-empty list of mappings; errors name `flag`."""
+    from hcustom_mc.model.config import ConfigError, load_yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{flag} {path} does not exist")
+    entries = load_yaml(path.read_text(), f"{flag} {path}")  # JSON is YAML
+    if not isinstance(entries, list) or not entries or not all(isinstance(x, dict) for x in entries):
+        raise ConfigError(f"{flag} {path} must hold a non-empty list of mappings")
+    return entries
+
+
 def resolve_job(job: SampleJob) -> SampleJob:
     """A copy with every None default filled in (editing probes the source video; an unreadable one
     leaves its fields None for validate_job to report)."""

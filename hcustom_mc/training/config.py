@@ -77,6 +77,21 @@ class LoggingConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """Sampling fixed jobs with the weights being trained, scored with the metrics (training/validation.py)."""
+
+    jobs: str | None = None  # a YAML/JSON list of sampling jobs (the sampler's --jobs format); None = no validation
+    interval: int = 0  # every N steps, and at the end of training; 0 = at the end only
+    models: str | None = None  # the metrics' models folder (README "Scoring videos"); None: the no-download metrics
+    metrics: list[str] = field(default_factory=lambda: ["face_sim", "dino_sim", "clip_score", "temporal_consistency",
+                                                        "dynamic_degree"])
+    frames: int = 32  # frames scored per video by the per-frame metrics
+    text_len: int = 256  # LLaVA tokens of a job's prompt (the sampler's --text-len; the release uses 256)
+    face_backend: str = "auto"  # auto | insightface | dlib
+    flow_backend: str = "auto"  # auto | raft | farneback
+
+
+@dataclass
 class TrainConfig:
     model: str = "tiny"  # tiny | 13b | a ModelConfig JSON/YAML file
     variant: str = "base"  # base | audio | editing
@@ -108,6 +123,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def validate(self, world_size: int) -> "TrainConfig":
         from hcustom_mc.training.config_check import field_errors
@@ -182,6 +198,7 @@ class TrainConfig:
         if self.kernels == "triton" and not _triton_can_run():
             errors.append("kernels=triton (--kernels triton) needs a CUDA GPU and this host has none: use --kernels "
                           "auto or torch (or TRITON_INTERPRET=1, the slow Triton interpreter)")
+        errors += _validation_errors(self)
         run_dir = Path(self.logging.run_dir)
         if run_dir.exists() and not run_dir.is_dir():
             errors.append(f"logging.run_dir {run_dir} is a file, not a folder (--run-dir): pass a folder")
@@ -264,6 +281,17 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--run-dir": ("logging.run_dir", str, "run folder (logs, MLflow store)"),
     "--run-name": ("logging.run_name", str, "MLflow run name"),
     "--peak-tflops": ("logging.peak_tflops", float, "per-device peak TFLOP/s for MFU"),
+    "--eval-jobs": ("validation.jobs", str, "sample these jobs (a YAML/JSON list, the sampler's --jobs format) with the "
+                    "weights being trained (the EMA when --ema-decay is on), on the training ranks, write the videos "
+                    "to RUN_DIR/validation/step_N/, score them and log both to MLflow"),
+    "--eval-interval": ("validation.interval", int, "validate every N steps and at the end (0: at the end only)"),
+    "--eval-models": ("validation.models", str, "the metrics' models folder (README \"Scoring videos\")"),
+    "--eval-metrics": ("validation.metrics", list, "metrics to log: face_sim dino_sim clip_score temporal_consistency "
+                       "dynamic_degree"),
+    "--eval-frames": ("validation.frames", int, "frames scored per video by the per-frame metrics"),
+    "--eval-text-len": ("validation.text_len", int, "LLaVA tokens of the jobs' prompts (the sampler's --text-len)"),
+    "--eval-face-backend": ("validation.face_backend", str, "face_sim: auto | insightface | dlib"),
+    "--eval-flow-backend": ("validation.flow_backend", str, "dynamic_degree: auto | raft | farneback"),
 }
 
 
@@ -275,9 +303,36 @@ TOP_LEVEL_GROUP = {"model": "model", "variant": "model", "mode": "model", "train
                    "micro_batch_size": "optimizer", "global_batch_size": "optimizer", "train_steps": "optimizer",
                    "exit_after_steps": "optimizer", "skip_nonfinite_steps": "optimizer"}
 SECTION_GROUP = {"parallel": "parallel", "optim": "optimizer", "data": "data", "checkpoint": "checkpoint",
-                 "logging": "logging"}
+                 "logging": "logging", "validation": "validation"}
 GROUPS = {"model": "model", "parallel": "parallel layout", "data": "data", "optimizer": "optimizer, batch and schedule",
-          "checkpoint": "checkpoint", "logging": "logging and console"}
+          "checkpoint": "checkpoint", "logging": "logging and console",
+          "validation": "validation during training (sampling and metrics)"}
+
+
+def _validation_errors(cfg: TrainConfig) -> list[str]:
+    """What can be checked of --eval-* before anything loads (the jobs themselves: training/validation.py)."""
+    v, errors = cfg.validation, []
+    if v.jobs is None:
+        if v.interval:
+            errors.append("--eval-interval needs --eval-jobs (the jobs to sample)")
+        return errors
+    if not Path(v.jobs).is_file():
+        errors.append(f"--eval-jobs {v.jobs} does not exist")
+    lacking = [name for name in ("llava", "clip", "vae") if not getattr(cfg.data.encoders, name)]
+    if lacking:
+        errors.append(f"--eval-jobs needs data.encoders.{{{', '.join(lacking)}}}: validation encodes its jobs' prompts "
+                      f"and images and decodes the videos with the data's encoders")
+    if v.models is not None and not Path(v.models).is_dir():
+        errors.append(f"--eval-models {v.models} is not a folder")
+    known = ("face_sim", "dino_sim", "clip_score", "temporal_consistency", "dynamic_degree")
+    unknown = [m for m in v.metrics if m not in known]
+    if unknown:
+        errors.append(f"--eval-metrics: unknown {unknown}; known: {', '.join(known)}")
+    if v.face_backend not in ("auto", "insightface", "dlib"):
+        errors.append(f"--eval-face-backend must be auto, insightface or dlib, got {v.face_backend!r}")
+    if v.flow_backend not in ("auto", "raft", "farneback"):
+        errors.append(f"--eval-flow-backend must be auto, raft or farneback, got {v.flow_backend!r}")
+    return errors
 
 
 def _invalid(errors: list[str]) -> str:
@@ -318,7 +373,8 @@ UNSET_MEANS = {"checkpoint.save": "no checkpoints", "checkpoint.load": "a fresh 
                "recompute_granularity": "no recomputation", "recompute_method": "every block",
                "recompute_num_layers": "the method's own", "ema_decay": "no EMA", "logging.run_name": "MLflow's generated name",
                "data.path": "synthetic data needs none", "logging.peak_tflops": "known GPUs only, else no MFU",
-               "logging.mlflow_tracking_uri": "sqlite:///RUN_DIR/mlflow.db", "lora_alpha": "the rank (scale 1)"}
+               "logging.mlflow_tracking_uri": "sqlite:///RUN_DIR/mlflow.db", "lora_alpha": "the rank (scale 1)",
+               "validation.jobs": "no validation", "validation.models": "only the metrics that need no download"}
 
 
 def _default_text(dotted: str, typ) -> str:
@@ -357,7 +413,8 @@ def training_parser(prog: str = "pretrain_custom.py", description: str | None = 
         if typ is bool or typ == "false":
             group.add_argument(flag, action="store_true", default=None, help=help_)
         elif typ is list:
-            group.add_argument(flag, nargs="+", default=None, metavar="PREFIX", help=help_)
+            group.add_argument(flag, nargs="+", default=None, metavar="NAME" if dest == "validation.metrics" else "PREFIX",
+                               help=help_)
         else:
             group.add_argument(flag, type=typ, default=None, metavar=dest.split(".")[-1].upper(), help=help_)
     return p

@@ -54,6 +54,7 @@ RANGES: dict[str, Range] = {
     "optim.adam_beta2": Range(0, 1, hi_open=True), "optim.adam_eps": POSITIVE,
     "optim.clip_grad": NON_NEGATIVE,  # 0 turns clipping off (megatron's convention)
     "objective.logit_std": POSITIVE, "objective.shift": POSITIVE,
+    "validation.interval": NON_NEGATIVE, "validation.frames": AT_LEAST_1, "validation.text_len": AT_LEAST_1,
     "data.num_samples": AT_LEAST_1, "data.frames": AT_LEAST_1, "data.frame_stride": AT_LEAST_1,
     "data.short_side": Range(16), "data.audio_rate": AT_LEAST_1, "data.latent_height": AT_LEAST_1,
     "data.latent_width": AT_LEAST_1, "data.text_len": AT_LEAST_1, "data.text_drop": PROBABILITY,

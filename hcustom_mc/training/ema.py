@@ -76,29 +76,57 @@ class WeightEMA:
             torch._foreach_lerp_(shadows, mains, 1.0 - self.decay)
 
     # ------------------------------------------------------------------ checkpoints
+    def _full(self, param, entry) -> torch.Tensor:
+        """The EMA of one trainable parameter, shaped like it (fp32). Collective over the distributed optimizer's
+        group: the shards are summed into place."""
+        if self.group is None:
+            return entry.shadow.view(param.shape).clone()
+        flat = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+        if entry is not None:
+            flat[entry.start : entry.end] = entry.shadow
+        dist.all_reduce(flat, group=self.group)
+        return flat.view(param.shape)
+
     @torch.no_grad()
     def full_tensors(self, trainable_only: bool = False) -> list[dict[str, torch.Tensor]]:
         """Per model chunk: parameter name -> EMA shaped like the (TP/PP-local) parameter. Collective over the
         distributed optimizer's group: a rank holds shards of only some parameters, so every rank walks every
-        parameter in model order and the shards are summed into place. `trainable_only` (LoRA adapter-only
-        checkpoints): leave out the frozen weights, whose average is the base itself."""
+        parameter in model order. `trainable_only` (LoRA adapter-only checkpoints): leave out the frozen weights,
+        whose average is the base itself."""
         by_param = {id(e.param): e for e in self.entries}
         out: list[dict[str, torch.Tensor]] = [{} for _ in self.chunks]
         for i, chunk in enumerate(self.chunks):
             for name, param in chunk.named_parameters():
-                e = by_param.get(id(param))
                 if not param.requires_grad:  # frozen weights never change: their average is themselves
                     if not trainable_only:
                         out[i][name] = param.detach().float().clone()
-                elif self.group is not None:
-                    flat = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
-                    if e is not None:
-                        flat[e.start : e.end] = e.shadow
-                    dist.all_reduce(flat, group=self.group)
-                    out[i][name] = flat.view(param.shape)
                 else:
-                    out[i][name] = e.shadow.view(param.shape).clone()
+                    out[i][name] = self._full(param, by_param.get(id(param)))
         return out
+
+    @torch.no_grad()
+    def swap_into_model(self) -> list[torch.Tensor]:
+        """Put the EMA into the model's trainable parameters (in their dtype), one parameter at a time (no second
+        copy of the model on the device); returns the weights it replaced, on the CPU, for `restore_model`.
+        Collective, like `full_tensors`."""
+        by_param = {id(e.param): e for e in self.entries}
+        saved = []
+        for chunk in self.chunks:
+            for param in chunk.parameters():
+                if param.requires_grad:
+                    ema = self._full(param, by_param.get(id(param)))
+                    saved.append(param.detach().to("cpu", copy=True))
+                    param.data.copy_(ema)
+        return saved
+
+    @torch.no_grad()
+    def restore_model(self, saved: list[torch.Tensor]) -> None:
+        """Undo `swap_into_model`: the model's own weights back, bit for bit."""
+        it = iter(saved)
+        for chunk in self.chunks:
+            for param in chunk.parameters():
+                if param.requires_grad:
+                    param.data.copy_(next(it))
 
     def sharded_state_dict(self, trainable_only: bool = False) -> dict:
         from hcustom_mc.checkpoint.mcore import model_sharded_state_dict

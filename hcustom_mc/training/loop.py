@@ -243,6 +243,13 @@ def train(cfg: TrainConfig) -> dict:
                  info.world_size, info.tp_size, info.pp_size, cfg.parallel.virtual_pipeline_parallel, info.cp_size,
                  cfg.parallel.cp_mode, info.dp_size, device, _sp_status(cfg))
 
+    # Validation jobs: checked, and their conditions encoded on rank 0, before the model takes the device.
+    validation = None
+    if cfg.validation.jobs:
+        from hcustom_mc.training.validation import Validation
+
+        validation = Validation(cfg, model_cfg, info, torch.bfloat16 if cfg.bf16 else torch.float32)
+
     # Where the weights come from: a checkpoint to resume (--load), a pretrained model, or a fresh init.
     resume = (ckpt.latest_checkpoint(cfg.checkpoint.load, cfg.checkpoint.verify)
               if cfg.checkpoint.load and Path(cfg.checkpoint.load).exists() else None)
@@ -370,6 +377,8 @@ def train(cfg: TrainConfig) -> dict:
             metrics = _metrics(cfg, model_cfg, micro[0], loss, grad_norm, optimizer, step_time, info, peak, task)
             metrics["data_wait_s"] = batches.data_wait_s  # time this step waited for its batch (in step_time)
             tracker.log_step(step, cfg.train_steps, task, metrics)
+            # the loss per task beside the mixed curve: tasks of different difficulty make the mix noise
+            tracker.log_metrics(step, {f"loss/{task}": loss})
         stopping = stop.agreed() or (cfg.exit_after_steps is not None and step - start_step >= cfg.exit_after_steps)
         interval = cfg.checkpoint.save_interval
         if cfg.checkpoint.save and (stopping or step == cfg.train_steps or (interval and step % interval == 0)):
@@ -380,6 +389,8 @@ def train(cfg: TrainConfig) -> dict:
                                   "lora": {"rank": cfg.lora_rank, "alpha": float(cfg.lora_rank if cfg.lora_alpha is None else cfg.lora_alpha),
                                            "targets": list(cfg.lora_targets)} if cfg.lora_rank else None},
                                  model_cfg, cfg.checkpoint.keep_last, ema=ema, adapter_base=adapter_base, loaded=resume)
+        if validation is not None and not stopping and validation.due(step, last=step == cfg.train_steps):
+            validation.run(step, model, ema, tracker)  # after the save: a failure here loses no checkpoint
         if stopping:
             if info.rank == 0:
                 reason = f"signal {stop.signal}" if stop.signal else f"--exit-after-iters {cfg.exit_after_steps}"
@@ -390,7 +401,10 @@ def train(cfg: TrainConfig) -> dict:
     history.update(run_dir=str(Path(cfg.logging.run_dir).resolve()), mlflow_run_id=tracker.run_id,
                    tracking_uri=getattr(tracker, "tracking_uri", None), experiment=cfg.logging.mlflow_experiment,
                    total_steps=cfg.train_steps, start_step=start_step, elapsed_s=time.time() - t_start,
-                   checkpoint=_latest_saved(cfg.checkpoint.save))
+                   checkpoint=_latest_saved(cfg.checkpoint.save),
+                   validation_runs=validation.runs if validation else 0,
+                   validation_s=validation.total_s if validation else 0.0,
+                   validation_dir=str((Path(cfg.logging.run_dir) / "validation").resolve()) if validation else None)
     tracker.finish()
     history["trainable_numel"] = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
     history["optimizer_state_numel"] = _optimizer_state_numel(optimizer)  # this rank's Adam moments

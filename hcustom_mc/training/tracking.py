@@ -122,6 +122,10 @@ class Tracker:
         if self.enabled:
             self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
+    def log_artifacts(self, folder, artifact_path: str) -> None:
+        if self.enabled:
+            self.mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+
     def finish(self) -> None:
         if self.enabled and self.run is not None:
             self.mlflow.end_run()
@@ -170,6 +174,12 @@ def summary_lines(history: dict) -> list[str]:
         command = mlflow_ui_command(history.get("tracking_uri"))
         if command:
             lines.append(f"open it: {command}   (needs full mlflow: pip install 'hcustom-mc[ui]')")
+    if history.get("validation_runs"):
+        share = history["validation_s"] / max(history.get("elapsed_s") or 0.0, 1e-9)
+        spent = history["validation_s"]
+        lines.append(f"validation: {history['validation_runs']} runs in "
+                     f"{f'{spent:.1f} s' if spent < 100 else _fmt_time(spent)} "
+                     f"({share:.0%} of the run); videos and scores in {history.get('validation_dir')}")
     if history.get("skipped_steps"):
         lines.append(f"skipped non-finite steps: {history['skipped_steps']}")
     note = console.hidden_note()
