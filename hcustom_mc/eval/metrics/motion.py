@@ -30,7 +30,9 @@ Flow backends, one decision code (`decide_dynamic`, which takes the per-pair flo
   correlation pyramid of radius 4, the ConvGRU update and the convex 8x upsampling), so with C_T_V1 this backend is
   VBench's flow up to float rounding. raft-things.pth itself does not load (other key names: module.fnet.*,
   module.update_block.*); C_T_V2 (torchvision's own Chairs+Things training) loads through `raft_path` and is
-  recorded by its file name, but is not VBench's weights.
+  recorded by its file name, but is not VBench's weights. Unlike the original, torchvision's correlation pyramid
+  needs 128 px after padding (it raises on smaller frames). pair_batch pairs run in one call (eval mode, so the
+  same flows): at 720x1280 each pair's correlation volume is about 1 GB.
 - "farneback": OpenCV's calcOpticalFlowFarneback on the grey frames (a classical method, no weights, so dynamic
   degree runs with no download). Same frames, pairs, magnitude, threshold and decision, but the flow is not
   RAFT's: its numbers are NOT VBench's, and every row records the backend that made it.
