@@ -379,7 +379,8 @@ def train(cfg: TrainConfig) -> dict:
             tracker.log_step(step, cfg.train_steps, task, metrics)
             # the loss per task beside the mixed curve: tasks of different difficulty make the mix noise
             tracker.log_metrics(step, {f"loss/{task}": loss})
-        stopping = stop.agreed() or (cfg.exit_after_steps is not None and step - start_step >= cfg.exit_after_steps)
+        signalled = stop.agreed()
+        stopping = signalled or (cfg.exit_after_steps is not None and step - start_step >= cfg.exit_after_steps)
         interval = cfg.checkpoint.save_interval
         if cfg.checkpoint.save and (stopping or step == cfg.train_steps or (interval and step % interval == 0)):
             ckpt.save_checkpoint(cfg.checkpoint.save, step, model, optimizer, scheduler,
@@ -389,8 +390,9 @@ def train(cfg: TrainConfig) -> dict:
                                   "lora": {"rank": cfg.lora_rank, "alpha": float(cfg.lora_rank if cfg.lora_alpha is None else cfg.lora_alpha),
                                            "targets": list(cfg.lora_targets)} if cfg.lora_rank else None},
                                  model_cfg, cfg.checkpoint.keep_last, ema=ema, adapter_base=adapter_base, loaded=resume)
-        if validation is not None and not stopping and validation.due(step, last=step == cfg.train_steps):
-            validation.run(step, model, ema, tracker)  # after the save: a failure here loses no checkpoint
+        # after the save (a failure here loses no checkpoint); a signal asks to leave now: no validation then
+        if validation is not None and not signalled and validation.due(step, last=step == cfg.train_steps):
+            validation.run(step, model, ema, tracker)
         if stopping:
             if info.rank == 0:
                 reason = f"signal {stop.signal}" if stop.signal else f"--exit-after-iters {cfg.exit_after_steps}"

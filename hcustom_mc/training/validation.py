@@ -96,7 +96,11 @@ class Validation:
         self.run_dir = Path(cfg.logging.run_dir)
         self.total_s, self.runs = 0.0, 0
         self.jobs = load_validation_jobs(v.jobs, model_cfg, info.tp_size, info.cp_size, cfg.parallel.cp_mode)
-        self.conditions = self._encode()
+        rng = _rng_states()  # building the encoders draws random initial weights before loading theirs
+        try:
+            self.conditions = self._encode()
+        finally:
+            _restore_rng(rng)
 
     def _encode(self) -> list[dict]:
         """Rank 0 runs the encoders over every job once; every rank receives the DiT inputs (on the CPU)."""
