@@ -302,6 +302,24 @@ def test_insightface_several_subjects(tmp_path, reference_app, insightface_metri
     assert got["face_sim_frames"] == 5 and got["face_sim_no_face_frames"] == 1
 
 
+def test_identity_image_with_two_faces(tmp_path, reference_app, insightface_metric):
+    """The identity image's largest face is the identity (OpenS2V get_face_keypoints), not the first found."""
+    identity = gray()
+    draw_face(identity, at(8, 6), 40, "A")
+    draw_face(identity, at(6, 3), 64, "B")
+    frames = []
+    for i, name in enumerate(("A", "B", "B")):
+        f = gray()
+        draw_face(f, at(6, 3), 64, name, noise_seed=40 + i)
+        frames.append(f)
+    ref = reference_face(reference_app, identity)
+    sims = [max(0.0, float(np.dot(ref.normed_embedding, reference_face(reference_app, f).normed_embedding)))
+            for f in frames]
+    assert len(reference_app.get(cv2.cvtColor(identity, cv2.COLOR_RGB2BGR))) == 2 and sims[1] > sims[0] + 0.2
+    got = insightface_metric.score(sample(frames, [("bob", save(identity, tmp_path / "two.png"))]))
+    assert got["face_sim"] == pytest.approx(float(np.mean(sims)), abs=1e-6)
+
+
 def test_no_identity_face_and_t2v(tmp_path, insightface_metric):
     frames = [identity_plain("A")] * 3
     got = insightface_metric.score(sample(frames, [("someone", save(gray(), tmp_path / "blank.png"))]))
