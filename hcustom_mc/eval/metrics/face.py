@@ -1,7 +1,7 @@
 """Face-Sim: identity consistency between a job's identity image(s) and the faces in its video.
 
-Definition (issue 23, following OpenS2V-Eval's `eval/get_facesim.py` in PKU-YuanGroup/OpenS2V-Nexus, the
-`arc_score` it reports; HunyuanCustom's Face-Sim is the same ArcFace cosine):
+Definition (issue 23: the ArcFace cosine, following OpenS2V-Eval's `eval/get_facesim.py` in
+PKU-YuanGroup/OpenS2V-Nexus, the `arc_score` it reports):
 
 1. Frames: `num_frames` (32) frames spread uniformly over the video (OpenS2V `sample_video_frames`:
    np.linspace(0, F-1, 32) rounded down; see `common.uniform_frame_indices`).
@@ -13,7 +13,8 @@ Definition (issue 23, following OpenS2V-Eval's `eval/get_facesim.py` in PKU-Yuan
 3. Alignment and embedding: insightface's recogniser aligns the face on its 5 detected landmarks to the ArcFace
    112x112 template (`face_align.norm_crop`, inside `FaceAnalysis.get`) and embeds it with ArcFace
    (buffalo_l: w600k_r50, antelopev2: glintr100). OpenS2V builds `FaceAnalysis(root=..., providers=[CUDA])`
-   with every module of the pack and `prepare(ctx_id=0, det_size=(320, 320))`; we load only "detection" and
+   (no name: insightface's default pack, buffalo_l) with every module of the pack and
+   `prepare(ctx_id=0, det_size=(320, 320))`; we load only "detection" and
    "recognition" (the other modules do not touch the embedding) with the same det_size and default det_thresh.
 4. Score: per frame, cosine(identity embedding, frame embedding) clamped at 0 (`max(0.0, cos)`, per frame, as
    OpenS2V does); Face-Sim = the mean over the frames in which a face was found.
@@ -27,9 +28,9 @@ Where we differ from OpenS2V, and why:
   `face_sim_note`. t2v jobs (no identity image): None.
 - Short videos: OpenS2V's linspace keeps duplicate indices when the video has fewer than 32 frames (those frames
   count twice); we look at each frame once.
-- OpenS2V's headline number is FaceSim-Cur (a CurricularFace IR-101 model on a 224 crop, `cur_score`, which also
-  drops frames whose clamped score is 0); issue 23 asks for the ArcFace number (`arc_score`, zeros kept), so
-  that is what we compute.
+- OpenS2V's headline number is FaceSim-Cur (`cur_score`: a CurricularFace IR-101 model on the same faces,
+  which also drops frames whose clamped score is 0); issue 23 asks for the ArcFace number (`arc_score`, zeros
+  kept), so that is what we compute.
 - Several identity images (multi-subject jobs; OpenS2V only ever scores the one human image of a job): each
   identity image in which a face is found is a face subject. With one face subject the rule above applies
   unchanged (largest face per frame). With two or more, each subject is scored against the face of each frame
@@ -47,13 +48,14 @@ Backends (the one used is recorded with every number, `face_sim_backend` and `fa
   package: the pipeline of the `face_recognition` library (HOG, one upsampling, the 5-point model). HOG rather
   than dlib's CNN (mmod) detector: dlib-bin is built without CUDA, and the CNN detector takes about 9 s per 720p
   frame on a CPU core against 0.1-0.5 s for HOG; HOG finds frontal faces only, and frames where it finds none
-  are counted in `face_sim_no_face_frames`. One upsampling lets HOG find faces down to about 40 px, about what
-  SCRFD finds in a 720p frame shrunk to det_size 320.
+  are counted in `face_sim_no_face_frames`. One upsampling lets HOG find faces down to about 40 px, near what
+  SCRFD finds in a 720p frame shrunk to det_size 320 (its smallest anchors, 16 px, are 64 px there).
   Its numbers are NOT on ArcFace's scale: dlib's descriptors of different people still have cosines around
   0.8-0.9 (dlib's same-person rule is a Euclidean distance below 0.6, about cosine > 0.91 at the descriptors'
   typical norm of 1.4), where ArcFace gives different people about 0-0.3. Compare dlib Face-Sim with dlib
   Face-Sim only.
-- "auto" (default): insightface when `models_dir/insightface/models/<pack>` exists, else dlib (logged at INFO).
+- "auto" (default): insightface when `models_dir/insightface/models/<pack>` exists, else dlib (logged once at
+  INFO). A pack folder that exists but is incomplete is an error, not a quiet fall-back to dlib.
 """
 
 from __future__ import annotations
@@ -64,11 +66,15 @@ import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hcustom_mc.console import log_once
 from hcustom_mc.eval.common import MissingModelError, VideoSample, uniform_frame_indices
+
+if TYPE_CHECKING:
+    import torch
 
 METRIC = "face_sim"
 DET_SIZE = (320, 320)  # OpenS2V-Eval get_facesim.py: face_arc_model.prepare(ctx_id=0, det_size=(320, 320))
@@ -136,7 +142,7 @@ class InsightFaceBackend:
 
     name = "insightface"
 
-    def __init__(self, models_dir: Path, pack: str, device: str | object = "cpu"):
+    def __init__(self, models_dir: Path, pack: str, device: torch.device | str = "cpu"):
         pack_dir = insightface_pack_dir(models_dir, pack)
         how = HOW_TO_GET
         if not pack_dir.is_dir():
@@ -246,8 +252,8 @@ class FaceSim:
     def expected_path(models_dir: Path) -> Path:
         return insightface_pack_dir(models_dir, "buffalo_l")
 
-    def __init__(self, models_dir: Path, device: str | object = "cpu", backend: str = "auto", num_frames: int = 32,
-                 pack: str = "buffalo_l", dlib_upsample: int = 1):
+    def __init__(self, models_dir: Path, device: torch.device | str = "cpu", backend: str = "auto",
+                 num_frames: int = 32, pack: str = "buffalo_l", dlib_upsample: int = 1):
         if backend not in ("auto", "insightface", "dlib"):
             raise ValueError(f"face_sim backend must be auto, insightface or dlib, not {backend!r}")
         if num_frames < 1:
