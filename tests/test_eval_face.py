@@ -28,9 +28,6 @@ from hcustom_mc.eval.metrics import face as face_module
 from hcustom_mc.eval.metrics.face import FaceSim
 
 cv2 = pytest.importorskip("cv2")
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("insightface")
-pytest.importorskip("onnxruntime")
 
 # insightface's face_align calls scikit-image's SimilarityTransform.estimate, deprecated in scikit-image 0.26
 pytestmark = pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")
@@ -52,7 +49,7 @@ def build_detector(path: Path) -> None:
     SCRFD's input units) and the cell GRAY_LEFT to its left is mid-gray (outside the image is not); the box is
     centred on the cell's anchor (its top-left corner) with a half-size set by the cell's blue value (0.5 + B + 1
     strides), and the landmarks are ArcFace's template scaled to the box. Strides 8 and 16 score 0."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, checker, helper, numpy_helper, save_model
 
     nodes, inits = [], []
 
@@ -106,14 +103,14 @@ def build_detector(path: Path) -> None:
                               outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    checker.check_model(model)
+    save_model(model, str(path))
 
 
 def build_recogniser(path: Path, dim: int = 64, seed: int = 0) -> None:
     """An ArcFace-routed recogniser (square 112 input, one output): 8x8 average pooling and a random linear map.
     Linear without bias, so a face drawn in the negated texture embeds to about minus the original."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, checker, helper, numpy_helper, save_model
 
     weight = np.random.default_rng(seed).standard_normal((3 * 14 * 14, dim)).astype(np.float32)
     nodes = [helper.make_node("AveragePool", ["input.1"], ["pooled"], name="pool", kernel_shape=[8, 8],
@@ -126,12 +123,14 @@ def build_recogniser(path: Path, dim: int = 64, seed: int = 0) -> None:
                               [numpy_helper.from_array(weight, "fc_w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    checker.check_model(model)
+    save_model(model, str(path))
 
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory) -> Path:
+    for package in ("onnx", "onnxruntime", "insightface"):
+        pytest.importorskip(package)
     root = tmp_path_factory.mktemp("models")
     pack = root / "insightface" / "models" / PACK
     pack.mkdir(parents=True)
@@ -354,6 +353,8 @@ def test_frame_sampling_32_of_129(tmp_path, monkeypatch, insightface_metric):
 
 
 def test_missing_pack_raises_without_download(tmp_path, monkeypatch, caplog):
+    pytest.importorskip("insightface")
+    pytest.importorskip("dlib")
     import insightface.app
     import insightface.utils.storage
 
@@ -389,6 +390,7 @@ def test_auto_picks_insightface_pack(models_dir):
 
 
 def test_dlib_models_found_without_importing_their_package(monkeypatch):
+    pytest.importorskip("dlib")
     # face_recognition_models' __init__ imports pkg_resources: make that import fail, so importing it would too
     monkeypatch.setitem(sys.modules, "pkg_resources", None)
     monkeypatch.delitem(sys.modules, "face_recognition_models", raising=False)
@@ -466,6 +468,7 @@ def dlib_reference(frames: list[np.ndarray], identity: np.ndarray) -> tuple[floa
 
 @pytest.fixture(scope="module")
 def dlib_metric(tmp_path_factory) -> FaceSim:
+    pytest.importorskip("dlib")
     return FaceSim(tmp_path_factory.mktemp("no_models"), backend="dlib")
 
 
