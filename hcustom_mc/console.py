@@ -49,6 +49,8 @@ KNOWN_WARNINGS = tuple(re.compile(p) for p in (
     r"MimoModelConfig is experimental",  # megatron-core 0.19 defines it at import, whether used or not
     # torch's CUDA build (what PyPI serves on Linux) on a machine without a GPU, once per process
     r"No CUDA runtime is found, using CUDA_HOME",
+    # insightface's face alignment (face_sim) calls scikit-image 0.26's deprecated SimilarityTransform.estimate
+    r"`estimate` is deprecated since version 0\.26",
 ))
 # third-party loggers that report routine steps at INFO (mlflow's "Creating initial MLflow database tables")
 QUIET_LOGGERS = ("mlflow", "alembic", "megatron", "urllib3", "git")

@@ -18,60 +18,13 @@ import torch
 from hcustom_mc.eval.common import MissingModelError, VideoSample, uniform_frame_indices
 from hcustom_mc.eval.metrics.clip_score import CLIP_DIR, ClipScore, clip_image_features, load_clip
 from hcustom_mc.eval.metrics.dino import DINO_DIR, DinoSim, TemporalConsistency, box_pixels
+from hcustom_mc.eval.tiny import save_tiny_clip_model, save_tiny_dinov2
 
 pytest.importorskip("torchmetrics")
 transformers = pytest.importorskip("transformers")
 
 CLAMP_CASES = ("a dog runs", "x")  # a positive mean, a negative one (clamped to 0)
 WORDS = "a b c d e f g h i j k l m n o p q r s t u v w x y z".split()
-
-
-def save_tiny_clip_model(folder: Path, seed: int = 0) -> Path:
-    """A tiny random CLIPModel + the real CLIPTokenizer (byte-level vocab, no merges: one token per character)
-    + CLIPImageProcessor, laid out like openai/clip-vit-base-patch32 (end-of-text the highest id, the legacy
-    eos_token_id 2 in the text config, so the text feature pools at the highest token id, as there)."""
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"),
-                              model_max_length=77)
-    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=2,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=8)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPModel(config)
-    model.save_pretrained(folder)
-    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
-
-
-def save_tiny_dinov2(folder: Path, seed: int = 0) -> Path:
-    """A tiny random Dinov2Model + BitImageProcessor configured like facebook/dinov2-base's (shortest side,
-    bicubic, centre crop, ImageNet mean/std), at 32 px."""
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
-
-    config = Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=8,
-                          image_size=32)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Dinov2Model(config)
-    model.save_pretrained(folder)
-    BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}, resample=3,
-                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from hcustom_mc.eval.metrics import compare
-from hcustom_mc.eval.metrics.compare import compare_tables, frame_psnr_ssim, json_safe
+from hcustom_mc.eval.common import json_safe
+from hcustom_mc.eval.metrics.compare import compare_tables, frame_psnr_ssim
 
 pytest.importorskip("torchmetrics")
 

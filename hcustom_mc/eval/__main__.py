@@ -78,10 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def metric_options(args) -> dict[str, dict]:
-    """Each metric's constructor options from the flags."""
-    return {"face_sim": {"backend": args.face_backend, "pack": args.face_pack, "num_frames": args.frames},
-            "dino_sim": {"num_frames": args.frames}, "clip_score": {"num_frames": args.frames},
-            "dynamic_degree": {"backend": args.flow_backend}}
+    from hcustom_mc.eval.score import metric_options_from
+
+    return metric_options_from(args.frames, args.face_backend, args.face_pack, args.flow_backend)
 
 
 def resolve_device(name: str):
@@ -102,10 +101,34 @@ def score_folder(folder: Path, metrics: list) -> list[dict]:
     return score_samples(metrics, (read_sample(s) for s in find_jobs(folder)), progress=True)
 
 
+def compare_folders(folder_a: Path, folder_b: Path, metrics: list) -> list[dict]:
+    """One row per job name in either folder: PSNR and SSIM between the two videos (jobs in both, of one size) and
+    every metric's A, B and delta (B - A)."""
+    from hcustom_mc.eval.folder import find_jobs, read_sample
+    from hcustom_mc.eval.metrics.compare import compare_tables, frame_psnr_ssim
+
+    rows_a, rows_b = score_folder(folder_a, metrics), score_folder(folder_b, metrics)
+    tasks = {r["name"]: r["task"] for r in rows_a + rows_b}
+    sidecars = {folder: {p.name[: -len(".json")]: p for p in find_jobs(folder)} for folder in (folder_a, folder_b)}
+    out = []
+    for row in compare_tables(rows_a, rows_b):
+        row = {"name": row["name"], "task": tasks[row["name"]], **{k: v for k, v in row.items() if k != "name"}}
+        if row["in"] == "both":
+            a = read_sample(sidecars[folder_a][row["name"]]).frames
+            b = read_sample(sidecars[folder_b][row["name"]]).frames
+            if a.shape == b.shape:
+                pair = frame_psnr_ssim(a, b)
+                row.update(psnr=pair["psnr"], ssim=pair["ssim"], psnr_identical_frames=pair["psnr_identical_frames"])
+            else:
+                row["note"] = f"videos of different shapes {a.shape} and {b.shape}: no PSNR/SSIM"
+        out.append(row)
+    return out
+
+
 def run(args) -> int:
     from hcustom_mc.eval.folder import find_jobs
     from hcustom_mc.eval.report import summary_lines, table_lines, write_report
-    from hcustom_mc.eval.score import load_metrics, summarize
+    from hcustom_mc.eval.score import load_metrics, reported, summarize
 
     folders = [args.folder_a, args.folder_b] if args.compare else [args.folder]
     for folder in folders:
@@ -117,19 +140,16 @@ def run(args) -> int:
     info = {"folders": [str(f.resolve()) for f in folders], "models": str(args.models) if args.models else None,
             "device": str(device), "frames": args.frames, "metrics": names, "not_scored": skipped}
     if args.compare:
-        from hcustom_mc.eval.metrics.compare import compare_folders
-
-        rows = compare_folders(args.folder_a, args.folder_b, lambda f: score_folder(f, metrics))
+        rows = compare_folders(args.folder_a, args.folder_b, metrics)
         out = args.out or args.folder_b / "compare"
-        columns = ["name", "task", "psnr", "ssim"] + [f"{n}_delta" for n in names] + ["only_in"]
-        summary = summarize(rows, ["psnr", "ssim", *(f"{n}_delta" for n in names)])
+        deltas = [c for r in rows for c in r if c.endswith("_delta")]
+        columns = list(dict.fromkeys(["name", "task", "in", "psnr", "ssim", *deltas, "note"]))
+        summary = summarize(rows, ["psnr", "ssim", *dict.fromkeys(deltas)])
     else:
         rows = score_folder(args.folder, metrics)
         out = args.out or args.folder / "eval"
-        columns = ["name", "task", "frames"] + [c for r in rows for c in r if c not in ("name", "task", "frames",
-                                                                                    "score_s")]
-        columns = list(dict.fromkeys(columns))
-        summary = summarize(rows, names)
+        columns = ["name", "task", "frames", *reported(names)]  # every value and backend is in the JSON
+        summary = summarize(rows, reported(names))
     info["elapsed_s"] = round(time.time() - t0, 2)
     files = write_report(out, rows, summary, columns, info)
     print("\n".join(table_lines(rows, columns) + [""] + summary_lines(summary)), flush=True)

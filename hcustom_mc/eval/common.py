@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,3 +43,15 @@ def uniform_frame_indices(num_frames: int, count: int) -> list[int]:
     if count >= num_frames:
         return list(range(num_frames))
     return sorted(set(np.linspace(0, num_frames - 1, count).astype(int).tolist()))
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float written as the string "inf", "-inf" or "nan" (JSON has none of them;
+    Python's json would write the non-standard Infinity)."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value

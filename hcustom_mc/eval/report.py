@@ -8,6 +8,8 @@ import math
 import os
 from pathlib import Path
 
+from hcustom_mc.eval.common import json_safe
+
 
 def _cell(value) -> str:
     if value is None:
@@ -34,24 +36,13 @@ def summary_lines(summary: dict) -> list[str]:
     return table_lines(rows, ["jobs", "metric", "mean", "std", "min", "max", "n"]) if rows else ["(no metric scored)"]
 
 
-def _jsonable(value):
-    # JSON has no inf/NaN: PSNR of identical frames is inf, written as the string "inf"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "inf" if value > 0 else "-inf" if value < 0 else "nan"
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def write_report(out: str | Path, rows: list[dict], summary: dict, columns: list[str], info: dict) -> dict[str, Path]:
     """out/scores.json (rows, summary, `info`: what was scored with which models) and out/scores.md (both tables).
     Written atomically: a reader never sees half a report."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": out / "scores.json", "table": out / "scores.md"}
-    text = {"json": json.dumps(_jsonable({"info": info, "summary": summary, "jobs": rows}), indent=2, sort_keys=True),
+    text = {"json": json.dumps(json_safe({"info": info, "summary": summary, "jobs": rows}), indent=2, sort_keys=True),
             "table": "\n".join(["# per job", "", *table_lines(rows, columns), "", "# summary", "",
                                 *summary_lines(summary)])}
     for key, path in files.items():

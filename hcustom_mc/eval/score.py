@@ -23,11 +23,29 @@ METRICS = {
 }
 
 
+# besides each metric's own value: the values summarised and shown in the table (all of them are in the JSON)
+SECONDARY = {"face_sim": ["face_sim_no_face_frames"], "temporal_consistency": ["temporal_consistency_vbench"],
+             "dynamic_degree": ["motion_magnitude"]}
+
+
+def reported(names: Iterable[str]) -> list[str]:
+    """The value keys of metrics `names` that tables and summaries show: each metric's own, then its SECONDARY."""
+    return [key for name in names for key in (name, *SECONDARY.get(name, []))]
+
+
 def metric_class(name: str):
     if name not in METRICS:
         raise ValueError(f"unknown metric {name!r}; known: {', '.join(METRICS)}")
     module, cls = METRICS[name]
     return getattr(importlib.import_module(f"hcustom_mc.eval.metrics.{module}"), cls)
+
+
+def metric_options_from(frames: int, face_backend: str = "auto", face_pack: str = "buffalo_l",
+                        flow_backend: str = "auto") -> dict[str, dict]:
+    """Each metric's constructor options (the CLI's flags and validation's config give the same)."""
+    return {"face_sim": {"backend": face_backend, "pack": face_pack, "num_frames": frames},
+            "dino_sim": {"frames": frames}, "clip_score": {"frames": frames},
+            "dynamic_degree": {"backend": flow_backend}}
 
 
 def load_metrics(models_dir: str | Path | None, device="cpu", names: Iterable[str] | None = None,

@@ -201,15 +201,13 @@ class Validation:
 
     def _writer_tools(self):
         from hcustom_mc.encoders.vae import VideoVAE
-        from hcustom_mc.eval.score import load_metrics
+        from hcustom_mc.eval.score import load_metrics, metric_options_from
 
         device = self.info.device
         vae = VideoVAE.from_pretrained(self.cfg.data.encoders.vae, device=device,
                                        dtype=torch.float32 if device.type == "cpu" else torch.float16)
         v = self.cfg.validation
-        options = {"face_sim": {"backend": v.face_backend, "num_frames": v.frames},
-                   "dino_sim": {"num_frames": v.frames}, "clip_score": {"num_frames": v.frames},
-                   "dynamic_degree": {"backend": v.flow_backend}}
+        options = metric_options_from(v.frames, v.face_backend, flow_backend=v.flow_backend)
         metrics, self.skipped = load_metrics(self.models, device, v.metrics, options)
         return vae, metrics
 
@@ -238,12 +236,12 @@ class Validation:
 
     def _report(self, step: int, rows: list[dict], folder: Path, elapsed: float, tracker) -> dict:
         from hcustom_mc.eval.report import write_report
-        from hcustom_mc.eval.score import METRICS, flat_metrics, summarize
+        from hcustom_mc.eval.score import METRICS, flat_metrics, reported, summarize
 
         rows.sort(key=lambda r: r["name"])
-        names = [m for m in METRICS if m in self.cfg.validation.metrics]
+        names = reported(m for m in METRICS if m in self.cfg.validation.metrics)
         summary = summarize(rows, names)
-        columns = list(dict.fromkeys(["name", "task", *(c for r in rows for c in r if c not in ("score_s",))]))
+        columns = ["name", "task", "frames", *names]
         info = {"step": step, "models": self.models, "not_scored": getattr(self, "skipped", {}),
                 "elapsed_s": round(elapsed, 2)}
         write_report(folder, rows, summary, columns, info)

@@ -11,7 +11,7 @@ and the SSIM map against scikit-image's Gaussian SSIM (equal wherever the window
 differs in the 5-pixel border, which torchmetrics averages with reflect padding and scikit-image crops away).
 
 An identical frame has PSNR +inf (MSE 0). The mean `psnr` is over the frames that differ (`psnr_identical_frames`
-counts the others), +inf only when every frame is identical. JSON has no infinity: `json_safe` writes it as the
+counts the others), +inf only when every frame is identical. JSON has no infinity: `common.json_safe` writes it as the
 string "inf" (float("inf") reads it back).
 """
 
@@ -104,15 +104,3 @@ def _delta(a: Any, b: Any) -> float | None:
     if a == b:  # inf == inf too: no change, where inf - inf would be nan
         return 0.0
     return float(b) - float(a)
-
-
-def json_safe(value: Any) -> Any:
-    """`value` with every non-finite float written as the string "inf", "-inf" or "nan" (JSON has none of them;
-    Python's json would write the non-standard Infinity)."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return value

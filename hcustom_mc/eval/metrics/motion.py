@@ -31,7 +31,8 @@ Flow backends, one decision code (`decide_dynamic`, which takes the per-pair flo
   VBench's flow up to float rounding. raft-things.pth itself does not load (other key names: module.fnet.*,
   module.update_block.*); C_T_V2 (torchvision's own Chairs+Things training) loads through `raft_path` and is
   recorded by its file name, but is not VBench's weights. Unlike the original, torchvision's correlation pyramid
-  needs 128 px after padding (it raises on smaller frames). pair_batch pairs run in one call (eval mode, so the
+  needs 128 px after padding (it raises on smaller frames): smaller frames are replicate-padded up to 128 px the
+  way InputPadder pads, and their magnitudes are taken over that padded flow (no real benchmark video is so small). pair_batch pairs run in one call (eval mode, so the
   same flows): at 720x1280 each pair's correlation volume is about 1 GB.
 - "farneback": OpenCV's calcOpticalFlowFarneback on the grey frames (a classical method, no weights, so dynamic
   degree runs with no download). Same frames, pairs, magnitude, threshold and decision, but the flow is not
@@ -133,15 +134,19 @@ def decide_dynamic(flows: Sequence[np.ndarray | torch.Tensor], frame_size: tuple
     return DynamicDecision(dynamic, magnitudes, threshold, count_needed, above)
 
 
-def vbench_pad(frames: torch.Tensor) -> torch.Tensor:
+def vbench_pad(frames: torch.Tensor, minimum: int = 0) -> torch.Tensor:
     """InputPadder(mode="sintel").pad: replicate-pad [N, C, H, W] to multiples of 8, split evenly, the odd pixel at
-    the bottom/right."""
+    the bottom/right. `minimum`: pad each side to at least that many pixels the same way (torchvision's RAFT needs
+    128; VBench's videos are never that small, the tiny demo's are)."""
     height, width = frames.shape[-2:]
-    pad_h, pad_w = -height % 8, -width % 8
+    pad_h, pad_w = max(-height % 8, minimum - height), max(-width % 8, minimum - width)
     pads = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
     if not any(pads):
         return frames
     return torch.nn.functional.pad(frames, pads, mode="replicate")
+
+
+RAFT_MIN_SIZE = 128  # torchvision's correlation pyramid: feature maps (1/8 size) of at least 16
 
 
 class RaftFlow:
@@ -169,7 +174,7 @@ class RaftFlow:
         for start in range(0, len(frames) - 1, self.pair_batch):
             stop = min(start + self.pair_batch, len(frames) - 1)
             clip = torch.from_numpy(np.ascontiguousarray(frames[start:stop + 1])).to(self.device)
-            clip = vbench_pad(clip.permute(0, 3, 1, 2).float())  # 0..255, as VBench pads it
+            clip = vbench_pad(clip.permute(0, 3, 1, 2).float(), RAFT_MIN_SIZE)  # 0..255, as VBench pads it
             clip = 2 * (clip / 255.0) - 1.0  # RAFT.forward's input scaling
             # eval mode: batch norm uses its running statistics, so a batch of pairs equals one pair at a time
             flow = self.model(clip[:-1], clip[1:], num_flow_updates=self.iters)[-1]
