@@ -39,8 +39,8 @@ def _is_sidecar(path: Path) -> bool:
 
 
 def read_sample(sidecar: Path) -> VideoSample:
-    """The video and its job. Relative paths in the job (identity images, audio, source video) are taken relative
-    to the folder the sampler ran in when they do not exist relative to the current folder."""
+    """The video and its job. Paths in the job (identity images, audio, source video) are as the sampler got them:
+    a relative one is read from the current folder, so score from where you sampled, or give absolute paths."""
     from hcustom_mc.inference.output import read_mp4
 
     try:

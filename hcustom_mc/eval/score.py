@@ -57,9 +57,8 @@ def load_metrics(models_dir: str | Path | None, device="cpu", names: Iterable[st
     for name in METRICS if names is None else names:
         try:
             loaded.append(metric_class(name)(models_dir, device, **(options or {}).get(name, {})))
-        except MissingModelError as exc:
+        except MissingModelError as exc:  # the caller reports it (the CLI with the table, validation once)
             skipped[name] = str(exc)
-            log.warning("not scored: %s", exc)
     return loaded, skipped
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from hcustom_mc import console
 from hcustom_mc.errors import ConfigError
 
 log = logging.getLogger("hcustom_mc")
@@ -209,6 +210,8 @@ class Validation:
         v = self.cfg.validation
         options = metric_options_from(v.frames, v.face_backend, flow_backend=v.flow_backend)
         metrics, self.skipped = load_metrics(self.models, device, v.metrics, options)
+        for why in self.skipped.values():
+            console.log_once(f"validation: not scored: {why}")
         return vae, metrics
 
     def _write_and_score(self, step, n, job, latents, vae, metrics, folder: Path, weights: str, sample_s: float) -> dict:
