@@ -34,7 +34,7 @@ from hcustom_mc.training.batches import BatchMaker
 from hcustom_mc.training.objective import flow_matching_loss_sum
 from hcustom_mc.training.save_lock import prepare_save_folder
 from hcustom_mc.training.save_lock import release_all as release_save_locks
-from hcustom_mc.training.overlap import ddp_and_optimizer_overlap
+from hcustom_mc.training.overlap import ddp_and_optimizer_overlap, ddp_param_layout
 from hcustom_mc.training.tracking import (Tracker, default_run_name, model_flops_per_sample, peak_memory_gib,
                                          peak_tflops)
 from hcustom_mc.device import compute_device, misplaced, resolve_device
@@ -276,7 +276,9 @@ def train(cfg: TrainConfig) -> dict:
     # the trainable stage-shared parameters, the same list on every rank (some stages hold none)
     shared = [(n, s) for n, s in stage_shared_names(model_cfg) if _is_trainable(cfg, n)]
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, **overlap.ddp)
-    model = [DistributedDataParallel(c.config, ddp_config, c, disable_bucketing=i > 0) for i, c in enumerate(chunks)]
+    model = [DistributedDataParallel(c.config, ddp_config, c, disable_bucketing=i > 0,
+                                     **ddp_param_layout(c, ddp_config, disable_bucketing=i > 0))
+             for i, c in enumerate(chunks)]
     opt_config = OptimizerConfig(optimizer="adam", lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
                                  weight_decay=cfg.optim.weight_decay, adam_beta1=cfg.optim.adam_beta1,
                                  adam_beta2=cfg.optim.adam_beta2, adam_eps=cfg.optim.adam_eps,
@@ -406,6 +408,7 @@ def train(cfg: TrainConfig) -> dict:
                    checkpoint=_latest_saved(cfg.checkpoint.save),
                    validation_runs=validation.runs if validation else 0,
                    validation_s=validation.total_s if validation else 0.0,
+                   validation_failed=validation.failed_runs if validation else 0,
                    validation_dir=str((Path(cfg.logging.run_dir) / "validation").resolve()) if validation else None)
     tracker.finish()
     history["trainable_numel"] = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)

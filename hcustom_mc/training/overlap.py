@@ -115,3 +115,32 @@ def set_cuda_connections(tensor_parallel: int) -> None:
     if tensor_parallel > 1:
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
+
+
+def ddp_param_layout(chunk, ddp_config, disable_bucketing: bool) -> dict:
+    """DistributedDataParallel's `full_param_layout` keyword for this chunk: {} where megatron-core does not take
+    one (before 0.19) or the distributed optimizer is off. megatron-core 0.19 asks DDP's caller to compute the
+    distributed optimizer's parameter layout (and warns when it has to compute it itself). The arguments are DDP's
+    own: the trainable parameters in module order, its bucket size (the default max(4e7, 1e6 x DP), none without
+    overlapped reduction, for a chunk after the first or on a later pipeline stage) and the data x context
+    parallel size it shards over (one distributed-optimizer instance)."""
+    import inspect
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel
+
+    if not ddp_config.use_distributed_optimizer or "full_param_layout" not in inspect.signature(
+            DistributedDataParallel.__init__).parameters:
+        return {}
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    bucket = ddp_config.bucket_size
+    if bucket is None:
+        bucket = max(40_000_000, 1_000_000 * ps.get_data_parallel_world_size())
+    if not ddp_config.overlap_grad_reduce or disable_bucketing or ps.get_pipeline_model_parallel_rank() > 0:
+        bucket = None
+    params = [p for _, p in chunk.named_parameters() if p.requires_grad]
+    dp_cp = ps.get_data_parallel_world_size(with_context_parallel=True)
+    layout = DistributedOptimizer.compute_full_param_layout(params, bucket, dp_cp, ddp_config,
+                                                            expert_data_parallel_world_size=dp_cp)
+    return {"full_param_layout": layout}

@@ -179,7 +179,9 @@ def summary_lines(history: dict) -> list[str]:
         spent = history["validation_s"]
         lines.append(f"validation: {history['validation_runs']} runs in "
                      f"{f'{spent:.1f} s' if spent < 100 else _fmt_time(spent)} "
-                     f"({share:.0%} of the run); videos and scores in {history.get('validation_dir')}")
+                     f"({share:.0%} of the run); videos and scores in {history.get('validation_dir')}"
+                     + (f"; {history['validation_failed']} of them failed (see the warnings)"
+                        if history.get("validation_failed") else ""))
     if history.get("skipped_steps"):
         lines.append(f"skipped non-finite steps: {history['skipped_steps']}")
     note = console.hidden_note()

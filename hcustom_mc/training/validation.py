@@ -95,7 +95,7 @@ class Validation:
         self.cfg, self.model_cfg, self.info, self.dtype = cfg, model_cfg, info, dtype
         self.interval, self.models = v.interval, v.models
         self.run_dir = Path(cfg.logging.run_dir)
-        self.total_s, self.runs = 0.0, 0
+        self.total_s, self.runs, self.failed_runs = 0.0, 0, 0
         self.jobs = load_validation_jobs(v.jobs, model_cfg, info.tp_size, info.cp_size, cfg.parallel.cp_mode)
         rng = _rng_states()  # building the encoders draws random initial weights before loading theirs
         try:
@@ -156,7 +156,7 @@ class Validation:
         try:
             for c in chunks:
                 c.eval()
-            rows = self._sample_and_score(step, chunks, folder, "ema" if ema is not None else "model")
+            rows, failed = self._sample_and_score(step, chunks, folder, "ema" if ema is not None else "model")
         finally:
             for c, mode, c_cfg in zip(chunks, modes, cfgs):
                 c.train(mode)
@@ -164,15 +164,21 @@ class Validation:
             if saved is not None:
                 ema.restore_model(saved)
             _restore_rng(rng)
-        rows = [r for part in _gather_object(rows) for r in part]
+        parts = _gather_object((rows, failed))
+        rows = [r for part, _ in parts for r in part]
+        failures = [f for _, part in parts for f in part]
         elapsed = time.time() - t0
         self.total_s += elapsed
         self.runs += 1
         if self.info.rank != 0:
             return {}
+        if failures:  # a long run is worth more than one validation: say it, keep training
+            self.failed_runs += 1
+            log.warning("validation at step %d failed (training goes on; scores of the other jobs follow): %s", step,
+                        "; ".join(failures))
         return self._report(step, rows, folder, elapsed, tracker)
 
-    def _sample_and_score(self, step: int, chunks, folder: Path, weights: str) -> list[dict]:
+    def _sample_and_score(self, step: int, chunks, folder: Path, weights: str) -> tuple[list[dict], list[str]]:
         from hcustom_mc.inference.pipeline import ParallelSampler, SamplerLayout, with_audio_strength
         from hcustom_mc.inference.stages import StagedModel
 
@@ -182,9 +188,12 @@ class Validation:
         whole = info.pp_size == 1 and len(chunks) == 1
         model = chunks[0] if whole else StagedModel(chunks)
         sampler = ParallelSampler(model, SamplerLayout(info.tp_size, info.cp_size, self.cfg.parallel.cp_mode, 1))
-        vae, metrics, rows = None, [], []
+        vae, metrics, rows, failed = None, [], [], []
         if writer and mine:
-            vae, metrics = self._writer_tools()
+            try:
+                vae, metrics = self._writer_tools()
+            except Exception as exc:  # noqa: BLE001  (reported by run(); this rank still samples with its replica)
+                failed.append(f"loading the VAE or the metrics: {type(exc).__name__}: {exc}")
         for n in mine:
             job, cond = self.jobs[n], self.conditions[n]
             for c in chunks:
@@ -194,11 +203,14 @@ class Validation:
             t_job = time.time()
             latents = sampler.sample(noise, branches, job.steps, job.shift, job.cfg_scale, job.ip_cfg_scale,
                                      job.embedded_guidance)
-            if writer:
-                rows.append(self._write_and_score(step, n, job, latents, vae, metrics, folder, weights,
-                                                  time.time() - t_job))
+            if writer and vae is not None:
+                try:
+                    rows.append(self._write_and_score(step, n, job, latents, vae, metrics, folder, weights,
+                                                      time.time() - t_job))
+                except Exception as exc:  # noqa: BLE001  (the other ranks of the replica are already sampling on)
+                    failed.append(f"job {n} ({job.output}): {type(exc).__name__}: {exc}")
         del vae, metrics
-        return rows
+        return rows, failed
 
     def _writer_tools(self):
         from hcustom_mc.encoders.vae import VideoVAE
