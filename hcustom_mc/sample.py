@@ -230,7 +230,7 @@ def _write_outputs(job, n, video, latents, ckpt, fmt, model_cfg, layout, world, 
     out = Path(job.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_mp4(_named(out, ".mp4"), frames, job.fps, audio=audio, audio_rate=16000)
-    write_contact_sheet(_named(out, ".png"), frames)
+    write_contact_sheet(_named(out, ".png"), frames, references=job.subjects)
     write_sidecar(_named(out, ".json"), {
         "job": job.to_dict(), "checkpoint": str(ckpt), "checkpoint_format": fmt, "model": model_cfg.to_dict(),
         "layout": vars(layout), "world_size": world, "dtype": str(dtype), "denoise": timing, "decode_s": decode_s,

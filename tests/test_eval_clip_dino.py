@@ -179,6 +179,37 @@ def test_dino_sim_box_takes_the_right_pixels(models_dir, tmp_path):
         box_pixels((0.6, 0.0, 0.4, 1.0), 10, 10)
 
 
+def test_dino_sim_per_subject_finds_each_subject_and_reports_the_lost_one(models_dir, tmp_path):
+    """Two subjects, no box: each is compared with its best window of each frame. The man fills the top-left
+    quarter window exactly, the dog the bottom-right one: both score 1. When the dog is gone from the frames,
+    dino_sim_min is the dog's (lower) value and dino_sim the mean of the two."""
+    man, dog = random_frames(1, 24, 32, seed=11)[0], random_frames(1, 24, 32, seed=12)[0]
+    subjects = [("man", write_png(tmp_path / "man.png", man)), ("dog", write_png(tmp_path / "dog.png", dog))]
+    frames = np.full((3, 48, 64, 3), 128, dtype=np.uint8)  # grey: nothing like either subject
+    frames[:, :24, :32] = man  # the window (0, 0, 1/2, 1/2)
+    frames[:, 24:, 32:] = dog  # the window (1/2, 1/2, 1, 1)
+    metric = DinoSim(models_dir, frames=None)
+    both = metric.score(sample(frames, subjects=subjects))
+    assert both["dino_sim_region"] == "best window"
+    assert both["dino_sim/man"] == pytest.approx(1.0, abs=1e-5) and both["dino_sim/dog"] == pytest.approx(1.0, abs=1e-5)
+    lost = frames.copy()
+    lost[:, 24:, 32:] = 128  # grey where the dog was
+    one = metric.score(sample(lost, subjects=subjects))
+    assert one["dino_sim/man"] == pytest.approx(1.0, abs=1e-5) and one["dino_sim/dog"] < 1 - 1e-3
+    assert one["dino_sim_min"] == one["dino_sim/dog"]
+    assert one["dino_sim"] == pytest.approx((one["dino_sim/man"] + one["dino_sim/dog"]) / 2)
+    # the dog's value is its best window per frame, computed by hand over every candidate window
+    from hcustom_mc.eval.metrics.dino import CANDIDATE_WINDOWS
+
+    best = []
+    for frame in lost:
+        crops = [frame[y0:y1, x0:x1] for x0, y0, x1, y1 in (box_pixels(b, 64, 48) for b in CANDIDATE_WINDOWS)]
+        feats = hand_dino(models_dir, crops)
+        ref = hand_dino(models_dir, [dog])[0]
+        best.append(max(float(torch.nn.functional.cosine_similarity(ref, f, dim=0)) for f in feats))
+    assert one["dino_sim/dog"] == pytest.approx(float(np.mean(best)), abs=1e-5)
+
+
 def test_dino_sim_without_identity_is_none(models_dir):
     out = DinoSim(models_dir).score(sample(random_frames(2, 32, 32, seed=8)))
     assert out["dino_sim"] is None and out["dino_sim_frames"] == 0

@@ -297,6 +297,7 @@ def test_insightface_several_subjects(tmp_path, reference_app, insightface_metri
     assert got["face_sim/anna"] == pytest.approx(expected["A"], abs=1e-6)
     assert got["face_sim/bob"] == pytest.approx(expected["B"], abs=1e-6)
     assert got["face_sim/hat"] is None and "'hat'" in got["face_sim_note"]
+    assert got["face_sim_min"] == min(got["face_sim/anna"], got["face_sim/bob"])
     assert got["face_sim"] == pytest.approx((expected["A"] + expected["B"]) / 2, abs=1e-6)
     assert got["face_sim_frames"] == 5 and got["face_sim_no_face_frames"] == 1
 

@@ -64,6 +64,7 @@ def job(media, task, **kw):
         base["subjects"] = [("square", media["red"])]
     if task == "multi_identity":
         base["subjects"] = [("square", media["red"]), ("circle", media["blue"])]
+        base["prompt"] = "a red square and a blue circle move to the right"
     if task == "audio":
         base["audio"] = media["audio"]
     if task == "editing":
@@ -120,6 +121,10 @@ def test_valid_jobs_pass(media, task):
     ("identity", dict(frames=8), "identity", "frames must be 4k\\+1"),
     ("identity", dict(subjects=[("a", "red"), ("b", "blue")]), "identity", "2 identity images .* release mode takes exactly 1"),
     ("multi_identity", dict(subjects=[("a", "red")] * 3), "multi_identity", "3 identity images .* takes 1..2"),
+    ("multi_identity", dict(subjects=[("square", "red"), ("dog", "blue")]), "multi_identity",
+     r"subject phrase\(s\) 'dog' not in the prompt"),
+    ("multi_identity", dict(subjects=[("Square", "red"), ("square", "blue")]), "multi_identity",
+     "subject names must differ"),
     ("audio", {}, "identity", "task 'audio' needs an audio model"),
     ("editing", {}, "identity", "task 'editing' needs an editing model"),
     ("identity", dict(height=40), "identity", "height must be a positive multiple of 16, got 40"),

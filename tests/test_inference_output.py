@@ -103,6 +103,26 @@ def test_contact_sheet(tmp_path):
         assert img.size == (F * W, H + LABEL_HEIGHT)
 
 
+def test_contact_sheet_shows_the_references_first(tmp_path):
+    """Two subjects: a row of their identity images (fitted, labelled) above the frames. A reference of the tile's
+    own size is pasted unchanged; a wider one is scaled to the tile's width and centred on grey."""
+    frames = smooth_frames()
+    same = frames[2]
+    wide = np.full((H // 2, 2 * W, 3), 200, np.uint8)  # twice as wide: half the width, a quarter of the height
+    Image.fromarray(same).save(tmp_path / "man.png")
+    Image.fromarray(wide).save(tmp_path / "dog.png")
+    refs = [("man", str(tmp_path / "man.png")), ("dog", str(tmp_path / "dog.png"))]
+    path = write_contact_sheet(tmp_path / "sheet.png", frames, max_frames=4, references=refs)
+    with Image.open(path) as img:  # 2 columns: one row of references, two of frames
+        assert img.size == (2 * W, 3 * (H + LABEL_HEIGHT))
+        sheet = np.asarray(img.convert("RGB"))
+    np.testing.assert_array_equal(sheet[:H, :W], same)
+    dog = sheet[:H, W:]
+    assert (dog[H // 2 - H // 8 + 1 : H // 2 + H // 8 - 1] == 200).all() and (dog[:H // 8] == 128).all()
+    row = H + LABEL_HEIGHT
+    np.testing.assert_array_equal(sheet[row:row + H, :W], frames[0])  # the frames start on the next row
+
+
 def test_sidecar_round_trip(tmp_path):
     settings = {"seed": 7, "size": (32, 48), "ckpt": Path("/ckpt/x.pt"), "dtype": torch.bfloat16,
                 "fps": Fraction(24000, 1001), "cfg": 7.5, "nested": {"b": 1, "a": np.float32(0.5)}}

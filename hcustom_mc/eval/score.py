@@ -24,7 +24,8 @@ METRICS = {
 
 
 # besides each metric's own value: the values summarised and shown in the table (all of them are in the JSON)
-SECONDARY = {"face_sim": ["face_sim_no_face_frames"], "temporal_consistency": ["temporal_consistency_vbench"],
+SECONDARY = {"face_sim": ["face_sim_min", "face_sim_no_face_frames"], "dino_sim": ["dino_sim_min"],
+             "temporal_consistency": ["temporal_consistency_vbench"],
              "dynamic_degree": ["motion_magnitude"]}
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,6 +265,17 @@ def validate_job(job: SampleJob, model_cfg, world_size: int = 1, tp: int = 1, cp
                 im.verify()
         except Exception as e:  # PIL raises many types for unreadable files
             errors.append(f"identity image {path} ({name!r}): unreadable ({e})")
+
+    if K > 1 and isinstance(job.prompt, str):
+        # several subjects: LLaVA ties image k to its phrase ("The {name} looks like <image>"); a phrase the prompt
+        # never names gives that subject no part in the video
+        absent = [name for name, _ in job.subjects if not re.search(rf"(?<!\w){re.escape(name)}(?!\w)", job.prompt, re.I)]
+        if absent:
+            errors.append(f"subject phrase(s) {', '.join(repr(n) for n in absent)} not in the prompt {job.prompt!r}: "
+                          f"with several subjects each must be named there")
+        names = [name.lower() for name, _ in job.subjects]
+        if len(set(names)) < len(names):
+            errors.append(f"subject names must differ (each image is tied to its phrase), got {[n for n, _ in job.subjects]}")
 
     # -- sizes
     if r.frames is not None and (r.frames < 1 or (r.frames - 1) % 4):

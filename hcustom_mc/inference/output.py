@@ -13,7 +13,7 @@ import sys
 import time
 from fractions import Fraction
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import Optional, Sequence, TextIO
 
 import numpy as np
 import torch
@@ -133,11 +133,13 @@ def read_mp4(path) -> tuple[np.ndarray, Fraction, Optional[np.ndarray], Optional
 
 
 def write_contact_sheet(path, frames_uint8: np.ndarray, columns: Optional[int] = None,
-                        max_frames: int = 16) -> Path:
+                        max_frames: int = 16, references: Sequence[tuple[str, str]] = ()) -> Path:
     """PNG grid of up to `max_frames` evenly spaced frames, each tile labelled with its frame index.
 
     Tile = one frame (W x H) above a LABEL_HEIGHT strip, so labels never cover the content.
-    Sheet size = (columns*W, rows*(H + LABEL_HEIGHT)); columns defaults to ceil(sqrt(n)).
+    Sheet size = (columns*W, rows*(H + LABEL_HEIGHT)); columns defaults to ceil(sqrt(n)). `references` (the job's
+    (subject name, identity image) pairs) come first, on rows of their own, each image fitted into a tile (aspect
+    kept, grey around it) and labelled with its subject's name, so a sheet shows what the video was asked to match.
     """
     from PIL import Image, ImageDraw
 
@@ -149,18 +151,37 @@ def write_contact_sheet(path, frames_uint8: np.ndarray, columns: Optional[int] =
     total, height, width, _ = frames.shape
     picks = sorted(set(np.linspace(0, total - 1, min(total, max_frames)).round().astype(int).tolist()))
     cols = columns or math.ceil(math.sqrt(len(picks)))
-    rows = math.ceil(len(picks) / cols)
+    ref_rows = math.ceil(len(references) / cols)
+    rows = ref_rows + math.ceil(len(picks) / cols)
     tile_h = height + LABEL_HEIGHT
     sheet = Image.new("RGB", (cols * width, rows * tile_h), (0, 0, 0))
     draw = ImageDraw.Draw(sheet)
-    for k, idx in enumerate(picks):
-        x, y = (k % cols) * width, (k // cols) * tile_h
-        sheet.paste(Image.fromarray(frames[idx]), (x, y))
-        draw.text((x + 2, y + height + 1), f"f{idx}", fill=(255, 255, 255))
+    tiles = [(_fitted(image, width, height), f"ref: {name}") for name, image in references]
+    tiles += [(Image.fromarray(frames[idx]), f"f{idx}") for idx in picks]
+    for k, (tile, label) in enumerate(tiles):
+        row = k // cols if k < len(references) else ref_rows + (k - len(references)) // cols
+        col = k % cols if k < len(references) else (k - len(references)) % cols
+        x, y = col * width, row * tile_h
+        sheet.paste(tile, (x, y))
+        draw.text((x + 2, y + height + 1), label, fill=(255, 255, 255))
     path, tmp = _atomic_target(path)
     sheet.save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
+
+
+def _fitted(image_path: str, width: int, height: int):
+    """The image scaled to fit width x height (aspect kept), centred on grey."""
+    from PIL import Image
+
+    with Image.open(image_path) as image:
+        image = image.convert("RGB")
+        scale = min(width / image.width, height / image.height)
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.Resampling.BICUBIC)
+    tile = Image.new("RGB", (width, height), (128, 128, 128))
+    tile.paste(image, ((width - image.width) // 2, (height - image.height) // 2))
+    return tile
 
 
 def _jsonable(value):

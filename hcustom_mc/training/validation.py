@@ -239,7 +239,7 @@ class Validation:
             audio = read_audio(job.audio, sample_rate=16000).numpy()
         base = folder / job.output
         write_mp4(base.with_name(base.name + ".mp4"), frames, job.fps, audio=audio, audio_rate=16000)
-        write_contact_sheet(base.with_name(base.name + ".png"), frames)
+        write_contact_sheet(base.with_name(base.name + ".png"), frames, references=job.subjects)
         write_sidecar(base.with_name(base.name + ".json"), {
             "job": dataclasses.replace(job, output=str(base)).to_dict(), "step": step, "weights": weights,
             "run_dir": str(self.run_dir), "model": self.model_cfg.to_dict(), "sample_s": sample_s})

@@ -5,14 +5,17 @@ between the reference and the subject in each generated frame, which the paper f
 segmentation) and the DINO image-similarity metric it descends from (DreamBooth's DINO-I: cosine of the
 self-supervised ViT's CLS embeddings; VBench vbench/subject_consistency.py uses the same DINO CLS output).
 Here the subject region is the job's `subject_box` (no detector is run), or the whole frame when the job has
-none; `dino_sim_region` says which. Per frame:
+none; `dino_sim_region` says which. With several subjects and no box, each subject is compared with its
+best-matching region of each frame (the highest cosine over CANDIDATE_WINDOWS: the frame and windows of 1/2 and
+1/3 of its sides), `dino_sim/<name>` per subject, their mean `dino_sim` and the lowest `dino_sim_min` (the number
+that shows one subject being lost). Per frame:
 
     crop     the box in pixels: x0 = round(x0_frac * W), x1 = round(x1_frac * W) (likewise y), at least 1 px
     features DINOv2-base CLS token of the last layer after the final layernorm (Dinov2Model.pooler_output),
              on the checkpoint's own image processor (facebook/dinov2-base: shortest side 256 bicubic, centre
              crop 224, ImageNet mean/std), the identity image through the same processor
     score    cosine(identity, frame region); dino_sim = mean over the sampled frames (32, uniformly, as
-             OpenS2V-Eval), and over the job's subjects when it has several
+             OpenS2V-Eval), and over the job's subjects when it has several (each at its best window)
 
 Temporal consistency (the issue's definition): mean cosine similarity of consecutive frames' image features.
 The paper (section 4.1, "Temporal consistency") computes it "following VBench" with CLIP-B, from "each frame
@@ -82,6 +85,20 @@ def dino_features(model: Any, processor: Any, images: list[np.ndarray], batch: i
     return torch.cat(out)
 
 
+def _windows() -> tuple[tuple[float, float, float, float], ...]:
+    """Where a subject may be when a frame holds several and the job gives no box: the whole frame, then windows of
+    1/2 and 1/3 of each side at half-window strides (1 + 9 + 25 candidates), as a detector-free region search."""
+    out = []
+    for parts in (1, 2, 3):
+        side, stride = 1.0 / parts, 0.5 / parts
+        starts = [i * stride for i in range(2 * parts - 1)]
+        out += [(x, y, min(1.0, x + side), min(1.0, y + side)) for y in starts for x in starts]
+    return tuple(out)
+
+
+CANDIDATE_WINDOWS = _windows()
+
+
 def box_pixels(box: tuple[float, float, float, float], width: int, height: int) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1) fractions of the frame -> pixel bounds for frame[y0:y1, x0:x1], each edge rounded to
     the nearest pixel boundary, at least one pixel wide and high."""
@@ -124,22 +141,31 @@ class DinoSim:
         picked = (list(range(len(sample.frames))) if self.frames is None
                   else uniform_frame_indices(len(sample.frames), self.frames))
         frames = sample.frames[picked]
+        height, width = frames.shape[1:3]
         if sample.subject_box is not None:
-            x0, y0, x1, y1 = box_pixels(sample.subject_box, frames.shape[2], frames.shape[1])
-            regions, region = [frame[y0:y1, x0:x1] for frame in frames], "box"
+            boxes, region = [sample.subject_box], "box"
+        elif len(sample.subjects) > 1:  # several subjects, one frame: each finds its own region
+            boxes, region = list(CANDIDATE_WINDOWS), "best window"
         else:
-            regions, region = list(frames), "frame"
-        frame_features = dino_features(self.model, self.processor, regions)
+            boxes, region = [(0.0, 0.0, 1.0, 1.0)], "frame"
+        pixels = [box_pixels(box, width, height) for box in boxes]
+        regions = [frame[y0:y1, x0:x1] for frame in frames for x0, y0, x1, y1 in pixels]
+        frame_features = dino_features(self.model, self.processor, regions).view(len(frames), len(boxes), -1)
         identity = dino_features(self.model, self.processor, [load_rgb(path) for _, path in sample.subjects])
-        # [subjects, frames] cosines; mean over frames, then over subjects
-        cosines = torch.nn.functional.cosine_similarity(identity[:, None], frame_features[None], dim=-1)
-        return {
-            self.name: float(cosines.mean(dim=1).mean()),
+        # [subjects, frames, windows] cosines -> each subject's best window per frame -> mean over frames
+        cosines = torch.nn.functional.cosine_similarity(identity[:, None, None], frame_features[None], dim=-1)
+        per_subject = cosines.amax(dim=2).mean(dim=1)
+        out = {
+            self.name: float(per_subject.mean()),
+            f"{self.name}_min": float(per_subject.min()),
             f"{self.name}_region": region,
-            f"{self.name}_frames": len(regions),
+            f"{self.name}_frames": len(frames),
             f"{self.name}_subjects": len(sample.subjects),
             f"{self.name}_model": DINO_DIR,
         }
+        if len(sample.subjects) > 1:
+            out.update({f"{self.name}/{name}": float(v) for (name, _), v in zip(sample.subjects, per_subject)})
+        return out
 
 
 def consecutive_and_vbench(features: Any) -> tuple[float | None, float | None]:

@@ -35,7 +35,8 @@ Where we differ from OpenS2V, and why:
   identity image in which a face is found is a face subject. With one face subject the rule above applies
   unchanged (largest face per frame). With two or more, each subject is scored against the face of each frame
   that matches it best (max cosine over the frame's faces), since the largest face can only be one of them;
-  the per-subject values are reported as `face_sim/<subject name>` and `face_sim` is their mean. Subjects whose
+  the per-subject values are reported as `face_sim/<subject name>`, `face_sim` is their mean and `face_sim_min`
+  the lowest (the subject being lost). Subjects whose
   image has no face (objects, animals) are left out and named in `face_sim_note`.
 
 Backends (the one used is recorded with every number, `face_sim_backend` and `face_sim_model`):
@@ -275,7 +276,7 @@ class FaceSim:
 
     def score(self, sample: VideoSample) -> dict[str, float | int | str | None]:
         out: dict[str, float | int | str | None] = {
-            METRIC: None, f"{METRIC}_frames": None, f"{METRIC}_no_face_frames": None,
+            METRIC: None, f"{METRIC}_min": None, f"{METRIC}_frames": None, f"{METRIC}_no_face_frames": None,
             f"{METRIC}_backend": self.backend.name, f"{METRIC}_model": self.backend.model, f"{METRIC}_note": None}
         if not sample.subjects:
             out[f"{METRIC}_note"] = f"no identity image ({sample.task} job)"
@@ -316,5 +317,7 @@ class FaceSim:
             if multi:
                 out[key] = value
         out[METRIC] = float(np.mean(values))
+        # the subject scored worst: a mean of 0.8 may be two subjects at 0.8 or one lost at 0.6 beside one at 1.0
+        out[f"{METRIC}_min"] = float(min(values))
         out[f"{METRIC}_note"] = "; ".join(notes) or None
         return out
