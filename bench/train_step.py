@@ -105,7 +105,12 @@ def run_steps(args, model_file: Path, run_dir: Path) -> tuple[list[dict], list[d
             append_jsonl(args.jsonl, {"bench": "train_step", **steps[-1]})
 
         def log_metrics(self, step, metrics):
-            """The loop's report of a step it skipped (non-finite loss or gradient norm)."""
+            """The loop's report of a step it skipped (non-finite loss or gradient norm), or more of a step's metrics
+            (the loss under its task's name), which join that step's record."""
+            if "skipped_nonfinite_steps" not in metrics:
+                if steps and steps[-1]["step"] == step:
+                    steps[-1].update(metrics)
+                return
             skipped.append({"step": step, **metrics})
             print("SKIPPED " + json.dumps(skipped[-1]), flush=True)
             append_jsonl(args.jsonl, {"bench": "train_step", "skipped": True, **skipped[-1]})

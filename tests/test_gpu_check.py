@@ -22,11 +22,14 @@ BENCH = ["pytest_gpu", "gloo_on_cuda", "kernels", "attention", "train_step_720p"
 PARTS = SMOKE + BENCH
 
 
-def test_dry_run_runs_every_part(tmp_path):
-    """Both tiers at tiny shapes on CPU (the smoke tier alone is the default): every part runs or says why not."""
-    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", "--tier", "all", "--out-dir", str(tmp_path)],
+@pytest.mark.parametrize("tier", ["smoke", pytest.param("all", marks=pytest.mark.slow)])
+def test_dry_run_runs_every_part(tmp_path, tier):
+    """The tier at tiny shapes on CPU (the smoke tier is the default; both tiers: -m slow): every part runs or says
+    why not."""
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", "--tier", tier, "--out-dir", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=1500)
-    summary = tmp_path / "gpu_check_dryrun_cpu_all.json"
+    stem = tmp_path / f"gpu_check_dryrun_cpu_{tier}"
+    summary = stem.with_suffix(".json")
     failed_logs = ""
     if proc.returncode and summary.is_file():
         parts = json.loads(summary.read_text())["parts"]
@@ -36,35 +39,41 @@ def test_dry_run_runs_every_part(tmp_path):
     assert "GPU check plan" in proc.stdout and "bench/train_step.py" in proc.stdout
     result = json.loads(summary.read_text())
     parts = result["parts"]
-    assert list(parts) == PARTS
+    expected = PARTS if tier == "all" else SMOKE
+    assert list(parts) == expected
     assert {n: p["status"] for n, p in parts.items() if p["status"] not in ("ok", "skipped")} == {}
-    has_attention = (REPO / "bench" / "attention.py").is_file()
-    assert parts["attention"]["status"] == ("ok" if has_attention else "skipped")
-    if not has_attention:
-        assert "not present" in parts["attention"]["reason"]
     env = result["env"]
     assert env["torch"] and set(gc.OPTIONAL_IMPORTS) <= set(env["imports"]) and env["hcustom_backend"] == "gloo"
-    for name in ("gpu_numerics", "pytest_gpu"):
-        assert parts[name]["counts"].get("skipped", 0) > 0 and not parts[name]["counts"].get("failed"), name
-    assert parts["gloo_on_cuda"]["counts"].get("passed", 0) > 0
-    for name in ("train_step", "train_step_720p"):
-        train = parts[name]["data"]
-        assert train["step_time_s"] > 0 and train["tflops_per_device"] > 0 and train["bf16"] and train["recompute"] == "full"
-    assert "| layernorm_modulate |" in parts["kernels"]["report"]
-    assert "s / step" in parts["sampler"]["report"] and "s / step" in parts["sampler_720p"]["report"]
-    md = (tmp_path / "gpu_check_dryrun_cpu_all.md").read_text()
-    for name in PARTS:
+    assert parts["gpu_numerics"]["counts"].get("skipped", 0) > 0 and not parts["gpu_numerics"]["counts"].get("failed")
+    train = parts["train_step"]["data"]
+    assert train["step_time_s"] > 0 and train["tflops_per_device"] > 0 and train["bf16"] and train["recompute"] == "full"
+    assert "s / step" in parts["sampler"]["report"]
+    md = stem.with_suffix(".md").read_text()
+    for name in expected:
         assert f"| {name} |" in md
     assert "needs CUDA" in md  # the gpu tests said why they skipped
     assert "what one GPU cannot cover" in md and "reduce-scatter" in md and "DALI" in md
-    assert md.count("device: CPU (dry run") >= len(PARTS) - 1  # the device of every figure, beside its command
-    assert (tmp_path / "gpu_check_dryrun_cpu_all.log").stat().st_size > 0
+    assert md.count("device: CPU (dry run") >= len(expected) - 1  # the device of every figure, beside its command
+    assert stem.with_suffix(".log").stat().st_size > 0
     # the results each part wrote when it ended: junit XML per pytest part, a JSON line per measurement
-    for name in ("gpu_numerics", "pytest_gpu", "gloo_on_cuda"):
-        assert gc.junit_outcomes(tmp_path / f"gpu_check_dryrun_cpu_all.{name}.xml")["counts"] == parts[name]["counts"]
-    lines = [json.loads(line) for line in (tmp_path / "gpu_check_dryrun_cpu_all.jsonl").read_text().splitlines()]
-    assert {r["bench"] for r in lines} >= {"train_step", "sampler", "kernels", "attention"}
+    pytest_parts = ("gpu_numerics", "pytest_gpu", "gloo_on_cuda") if tier == "all" else ("gpu_numerics",)
+    for name in pytest_parts:
+        assert gc.junit_outcomes(tmp_path / f"{stem.name}.{name}.xml")["counts"] == parts[name]["counts"]
+    lines = [json.loads(line) for line in stem.with_suffix(".jsonl").read_text().splitlines()]
+    assert {r["bench"] for r in lines} >= {"train_step", "sampler"}
     assert len(list(tmp_path.iterdir())) <= 8  # what the device tool brings back from $OUT: 8 files at most
+    if tier == "all":
+        has_attention = (REPO / "bench" / "attention.py").is_file()
+        assert parts["attention"]["status"] == ("ok" if has_attention else "skipped")
+        if not has_attention:
+            assert "not present" in parts["attention"]["reason"]
+        assert parts["pytest_gpu"]["counts"].get("skipped", 0) > 0 and not parts["pytest_gpu"]["counts"].get("failed")
+        assert parts["gloo_on_cuda"]["counts"].get("passed", 0) > 0
+        train = parts["train_step_720p"]["data"]
+        assert train["step_time_s"] > 0 and train["tflops_per_device"] > 0 and train["bf16"]
+        assert "| layernorm_modulate |" in parts["kernels"]["report"]
+        assert "s / step" in parts["sampler_720p"]["report"]
+        assert {r["bench"] for r in lines} >= {"kernels", "attention"}
 
 
 def _gpu_env(dali=True, av=True, timeout=True):

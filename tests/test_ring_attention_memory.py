@@ -25,6 +25,7 @@ def peak(mode: str, tmp_path) -> dict:
     return {"peak": max(r["peak_delta_bytes"] for r in ranks), "tile": ranks[0]["tile_bytes"]}
 
 
+@pytest.mark.slow  # a measurement (peak memory of two runs side by side), not a check of correctness
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmHWM from /proc")
 def test_ring_peak_memory_close_to_ulysses(tmp_path):
     ring, ulysses = peak("ring", tmp_path), peak("ulysses", tmp_path)
