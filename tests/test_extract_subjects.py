@@ -188,7 +188,9 @@ def unboxed(tmp_path_factory):
     lines = [{"id": "pair", "task": "multi_identity", "video": "videos/a.mp4", "caption": "A red square and a dog.",
               "subjects": [{"name": "red square"}, {"name": "dog"}]},
              {"id": "one", "task": "identity", "video": "videos/a.mp4", "caption": "The cat waits.",
-              "subjects": [{"name": "cat"}]}]
+              "subjects": [{"name": "cat"}]},
+             {"id": "twins", "task": "multi_identity", "video": "videos/a.mp4", "caption": "A dog chases a Dog.",
+              "subjects": [{"name": "dog"}, {"name": "Dog"}]}]
     return write_manifest(root / "raw.jsonl", lines)
 
 
@@ -201,11 +203,13 @@ def _extract(manifest, out, **kw):
 
 @pytest.mark.parametrize("kind", ["owlv2", "grounding-dino"])
 def test_detector_path_runs_and_reports_every_unfound_subject_by_name(kind, models, unboxed, tmp_path, caplog):
+    twins = {("twins", "dog", "ambiguous_phrase"), ("twins", "Dog", "ambiguous_phrase")}
     report = _extract(unboxed, tmp_path / "high", detector=models[kind], box_threshold=1e9)
     assert not_found(report) == {("pair", "red square", "not_detected"), ("pair", "dog", "not_detected"),
-                                 ("one", "cat", "not_detected")}
-    assert report["written"] == 0 and sorted(report["left_out"]) == ["one", "pair"]
-    assert all("not detected above the threshold 1e+09 in 3 frames" in r["reason"] for r in report["not_found"])
+                                 ("one", "cat", "not_detected"), *twins}
+    assert report["written"] == 0 and sorted(report["left_out"]) == ["one", "pair", "twins"]
+    assert all("not detected above the threshold 1e+09 in 3 frames" in r["reason"] for r in report["not_found"]
+               if r["kind"] == "not_detected")
     assert "pair: subject 'red square' not found" in caplog.text
     assert (tmp_path / "high" / "manifest.jsonl").read_text() == ""
 
@@ -213,7 +217,7 @@ def test_detector_path_runs_and_reports_every_unfound_subject_by_name(kind, mode
     from hcustom_mc.data.video import decode_frames
 
     report = _extract(unboxed, tmp_path / "all", detector=models[kind], box_threshold=-math.inf)
-    assert report["not_found"] == [] and report["written"] == 2
+    assert not_found(report) == twins and report["written"] == 2
     video = unboxed.parent / "videos" / "a.mp4"
     for entry in load_manifest(tmp_path / "all" / "manifest.jsonl"):
         result = json.loads((tmp_path / "all" / "results" / f"{entry.id}.json").read_text())
@@ -232,7 +236,7 @@ def test_owlv2_picks_the_box_the_library_scores_highest(models, unboxed, tmp_pat
     from hcustom_mc.data.video import decode_frames
 
     report = _extract(unboxed, tmp_path / "o", detector=models["owlv2"], box_threshold=-math.inf)
-    assert report["written"] == 2
+    assert report["written"] == 2 and json.loads((tmp_path / "o" / "settings.json").read_text())["box_threshold"] == "-inf"
     found = json.loads((tmp_path / "o" / "results" / "one.json").read_text())["subjects"][0]
     model = Owlv2ForObjectDetection.from_pretrained(models["owlv2"]).eval()
     processor = Owlv2Processor.from_pretrained(models["owlv2"])
@@ -241,9 +245,12 @@ def test_owlv2_picks_the_box_the_library_scores_highest(models, unboxed, tmp_pat
         outputs = model(**processor(text=[["cat"]] * 3, images=list(frames), return_tensors="pt"))
     results = processor.post_process_grounded_object_detection(outputs, threshold=-1.0, target_sizes=[(H, W)] * 3)
     scores = torch.stack([r["scores"] for r in results])
+    boxes = torch.stack([r["boxes"] for r in results])
+    boxes = torch.stack([boxes[..., 0].clamp(0, W), boxes[..., 1].clamp(0, H), boxes[..., 2].clamp(0, W),
+                         boxes[..., 3].clamp(0, H)], dim=-1)  # in the frame; a box with nothing left there is skipped
+    scores[(boxes[..., 2] <= boxes[..., 0]) | (boxes[..., 3] <= boxes[..., 1])] = -1
     f, b = divmod(int(scores.argmax()), scores.shape[1])
-    box = results[f]["boxes"][b].clamp(min=0)
-    box = [min(float(box[0]), W), min(float(box[1]), H), min(float(box[2]), W), min(float(box[3]), H)]
+    box = boxes[f, b].tolist()
     assert found["frame"] == DETECTED[f]
     assert found["score"] == pytest.approx(float(scores.max()), rel=1e-5)
     assert found["box"] == pytest.approx(box, abs=1e-3)
@@ -297,3 +304,20 @@ def test_bad_input_gives_one_message_listing_every_problem(tmp_path):
         assert problem in log, problem
     assert log.count("error:") == 1 and "Traceback" not in log
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_replace_images_extracts_given_subjects_without_their_image_boxes(tmp_path):
+    from hcustom_mc.data.subjects import load_extraction_manifest
+
+    lines = [{"id": "a", "task": "identity", "video": "v.mp4", "caption": "A cat.",
+              "subjects": [{"name": "cat", "image": "cat.png", "box": [1, 2, 3, 4]}]},
+             {"id": "b", "task": "identity", "video": "v.mp4", "caption": "A cat.",
+              "subjects": [{"name": "cat", "box": [1, 2, 3, 4], "frame": 7}]}]
+    manifest = write_manifest(tmp_path / "raw.jsonl", lines)
+    kept, problems = load_extraction_manifest(manifest)
+    assert problems == [] and [s.requests[0].extract for s in kept] == [False, True]
+    assert (kept[1].requests[0].box, kept[1].requests[0].frame) == ((1, 2, 3, 4), 7)
+    replaced, problems = load_extraction_manifest(manifest, replace_images=True)
+    assert problems == [] and [s.requests[0].extract for s in replaced] == [True, True]
+    assert replaced[0].requests[0].box is None  # the image's box is not a box in the video
+    assert replaced[1].requests[0].box == (1, 2, 3, 4)

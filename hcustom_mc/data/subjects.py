@@ -115,7 +115,7 @@ class ExtractionSettings:
         d.update(manifest=str(manifest.resolve()), segments=vars(self.segments), crf=TRAINING_CRF,
                  detector=str(self.detector.resolve()) if self.detector else None,
                  segmenter=str(self.segmenter.resolve()) if self.segmenter else None,
-                 box_threshold=self.threshold() if self.detector else None)
+                 box_threshold=_json_number(self.threshold()) if self.detector else None)
         return d
 
     def detector_type(self) -> str | None:
@@ -125,6 +125,11 @@ class ExtractionSettings:
         if self.box_threshold is not None:
             return self.box_threshold
         return DEFAULT_BOX_THRESHOLD.get(self.detector_type(), 0.0)
+
+
+def _json_number(x: float) -> float | str:
+    """Strict JSON has no infinities: "-inf" (a threshold that takes every box) is written as a string."""
+    return x if math.isfinite(x) else str(x)
 
 
 @dataclass(frozen=True)
@@ -241,6 +246,8 @@ def _split_subjects(obj: dict, checker: _LineChecker, replace_images: bool) -> t
             subjects.append(item)
             requests.append(SubjectRequest(k=k, name=name if isinstance(name, str) else "", extract=False))
             continue
+        if item.get("image") is not None:  # replace_images: a given image's box is in its pixels, not the video's
+            item = {key: v for key, v in item.items() if key not in ("box", "frame")}
         box = checker.box(item.get("box"), label + ".box")
         frame = item.get("frame")
         if frame is not None:
@@ -445,6 +452,8 @@ class Detector:
                                                                              device=outputs.pred_boxes.device)
             boxes[..., 0::2] = boxes[..., 0::2].clamp(0, w)  # a box may reach past the frame (OWLv2: into its pad)
             boxes[..., 1::2] = boxes[..., 1::2].clamp(0, h)
+            outside = (boxes[..., 2] <= boxes[..., 0]) | (boxes[..., 3] <= boxes[..., 1])  # nothing left in the frame
+            scores = scores.masked_fill(outside[..., None].to(scores.device), -math.inf)
         return scores.cpu().clone(), boxes.cpu().clone()  # clones: ordinary tensors outside inference mode
 
 
@@ -499,8 +508,8 @@ class SubjectResult:
     k: int
     name: str
     found: bool
-    kind: str = ""  # why not found: not_in_caption, no_crop_segment, frame_outside_segment, box_outside_frame,
-    reason: str = ""  # not_detected, empty_mask, video
+    kind: str = ""  # why not found: not_in_caption, video, no_crop_segment, no_training_segment,
+    reason: str = ""  # frame_outside_segment, box_outside_frame, ambiguous_phrase, not_detected, empty_mask
     frame: int | None = None
     time_s: float | None = None
     score: float | None = None
@@ -584,6 +593,14 @@ class SampleExtractor:
                 chosen[r.k] = (r, frame, r.box)
         # the others: the detector, over frames spread evenly over the segment
         phrases = [r for r in todo if r.k not in found and r.box is None]
+        names = [r.name.strip().lower() for r in phrases]
+        for r in phrases:
+            if names.count(r.name.strip().lower()) > 1:  # the detector would give both the same box
+                found[r.k] = SubjectResult(r.k, r.name, False, "ambiguous_phrase",
+                                           f"another subject of this sample without a box has the phrase {r.name!r}: "
+                                           f"the detector cannot tell them apart (give boxes, or phrases of the "
+                                           f"caption that differ, such as 'red square' and 'blue square')")
+        phrases = [r for r in phrases if r.k not in found]
         indices = detection_frames(crop_seg, self.settings.detect_frames) if phrases else []
         wanted = sorted(set(indices) | {frame for _, frame, _ in chosen.values()})
         try:
@@ -595,10 +612,11 @@ class SampleExtractor:
             threshold = self.settings.threshold()
             best = self.detector.best(np.stack([pixels[i] for i in indices]), indices, [r.name for r in phrases])
             for r, d in zip(phrases, best):
-                if d is not None and d.score > threshold and d.box[2] > d.box[0] and d.box[3] > d.box[1]:
+                if d is not None and d.score > threshold:
                     chosen[r.k], scores[r.k] = (r, d.frame, d.box), d.score
                 else:
-                    seen = "" if d is None else f" (best score {d.score:.3g}, at {d.frame / info.fps:.2f} s)"
+                    seen = (" (no box inside the frame)" if d is None else
+                            f" (best score {d.score:.3g}, at {d.frame / info.fps:.2f} s)")
                     found[r.k] = SubjectResult(r.k, r.name, False, "not_detected",
                                                f"not detected above the threshold {threshold:g} in {len(indices)} "
                                                f"frames of {where}{seen}")
