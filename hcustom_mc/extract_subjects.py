@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     from hcustom_mc.device import local_cuda_index, uses_cuda
 
     settings = settings_from(args)
-    check_inputs(args.manifest, settings)  # every problem, before a process group or a model
+    check_inputs(args.manifest, settings, args.out)  # every problem, before a process group or a model
     if uses_cuda():  # one GPU per rank
         torch.cuda.set_device(local_cuda_index())
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

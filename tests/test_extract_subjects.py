@@ -102,6 +102,8 @@ def given(tmp_path_factory):
          "subjects": [{"name": "cat", "box": cat_box}]},
         {"id": "outside", "task": "identity", "video": "videos/long.mp4", "caption": "A cat sits.",
          "subjects": [{"name": "cat", "box": [50, 10, 120, 40]}]},
+        {"id": "gone", "task": "identity", "video": "videos/gone.mp4", "caption": "A cat sits.",
+         "subjects": [{"name": "cat", "box": cat_box}]},
     ]
     manifest = write_manifest(root / "raw.jsonl", lines)
     out = root / "out"
@@ -136,12 +138,14 @@ def test_given_boxes_cut_exactly_from_the_crop_segment(given):
 def test_every_subject_not_found_is_reported_by_name_and_reason(given):
     report = json.loads((given["out"] / "report.json").read_text())
     assert not_found(report) == {("early", "cat", "frame_outside_segment"), ("wrong_name", "cat", "not_in_caption"),
-                                 ("short", "cat", "no_crop_segment"), ("outside", "cat", "box_outside_frame")}
-    assert sorted(report["left_out"]) == ["early", "outside", "short", "wrong_name"]
-    assert (report["samples"], report["written"], report["kept_as_given"]) == (6, 2, 1)
+                                 ("short", "cat", "no_crop_segment"), ("outside", "cat", "box_outside_frame"),
+                                 ("gone", "cat", "video")}
+    assert sorted(report["left_out"]) == ["early", "gone", "outside", "short", "wrong_name"]
+    assert (report["samples"], report["written"], report["kept_as_given"]) == (7, 2, 1)
     for sample_id, reason in [("early", "frame 5 (0.50 s) is outside the crop segment [1.5, 3.5) s"),
-                              ("short", "the video ends at 1.20 s"), ("wrong_name", "'cat' is not in the caption")]:
-        line = next(x for x in given["log"].splitlines() if x.rstrip().find(f"{sample_id}: subject 'cat' not found") >= 0)
+                              ("short", "the video ends at 1.20 s"), ("wrong_name", "'cat' is not in the caption"),
+                              ("gone", "missing: no such file"), ("outside", "leaves the 96x64 frame")]:
+        line = next(x for x in given["log"].splitlines() if f"{sample_id}: subjects[0] 'cat' not found" in x)
         assert reason in line, line
 
 
@@ -210,7 +214,7 @@ def test_detector_path_runs_and_reports_every_unfound_subject_by_name(kind, mode
     assert report["written"] == 0 and sorted(report["left_out"]) == ["one", "pair", "twins"]
     assert all("not detected above the threshold 1e+09 in 3 frames" in r["reason"] for r in report["not_found"]
                if r["kind"] == "not_detected")
-    assert "pair: subject 'red square' not found" in caplog.text
+    assert "pair: subjects[0] 'red square' not found" in caplog.text
     assert (tmp_path / "high" / "manifest.jsonl").read_text() == ""
 
     from hcustom_mc.data.manifest import load_manifest
@@ -282,6 +286,15 @@ def test_segmenter_whitens_the_background_with_sams_own_mask(models, given, tmp_
     assert report["written"] == 2
 
 
+def test_an_empty_mask_is_reported(models, given, tmp_path, monkeypatch):
+    from hcustom_mc.data import subjects
+
+    monkeypatch.setattr(subjects.Segmenter, "mask", lambda self, frame, box: np.zeros(frame.shape[:2], bool))
+    report = _extract(given["manifest"], tmp_path / "e", segmenter=models["sam"])
+    assert {("two", "cat", "empty_mask"), ("two", "dog", "empty_mask")} <= not_found(report)
+    assert "two" in report["left_out"] and report["written"] == 1  # only the line kept as given
+
+
 def test_bad_input_gives_one_message_listing_every_problem(tmp_path):
     lines = [
         {"id": "a", "task": "identity", "video": "v.mp4", "caption": "A cat.", "subjects": [{"name": "cat"}]},
@@ -304,6 +317,13 @@ def test_bad_input_gives_one_message_listing_every_problem(tmp_path):
         assert problem in log, problem
     assert log.count("error:") == 1 and "Traceback" not in log
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+    from hcustom_mc.data.subjects import ExtractionSettings, check_inputs
+    from hcustom_mc.model.config import ConfigError
+
+    (tmp_path / "manifest.jsonl").write_text(manifest.read_text())
+    with pytest.raises(ConfigError, match="would overwrite the input manifest"):
+        check_inputs(tmp_path / "manifest.jsonl", ExtractionSettings(), out=tmp_path)
 
 
 def test_replace_images_extracts_given_subjects_without_their_image_boxes(tmp_path):

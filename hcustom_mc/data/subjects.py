@@ -1,38 +1,44 @@
 """Subject extraction for training data: identity images cut from a later part of each video than the training clip.
 
-The paper's multi-subject data (section 3, "Multi-Subject Extraction"): subjects named in the caption are located in
-the video, segmented, and the identity crops are taken from the 15 s that follow the first 5 s, which alone are used
-for training, so the model cannot learn to copy pixels. Here, per sample of an input manifest:
+The paper's data section ("Multi-Subject Extraction"): the subjects named in the caption are located in the video and
+segmented, and the identity crops come from the 15 s that follow the first 5 s, which alone are used for training, so
+the model cannot learn to copy pixels. Here, per sample of an input manifest:
 
-  training segment  [train_start, train_end) s, default [0, 5): written as the sample's new training video (h264,
-                    CRF 12, the source's frame rate; its audio file, if any, is kept: train_start must then be 0).
-  crop segment      [crop_start, crop_end) s, default [5, 20), disjoint from the training segment; cut at the video's
-                    end. A video that ends before crop_start has no crop segment: every subject is reported.
-  a subject with a box   (`box` in video-frame pixels, optional `frame`, a frame index of the video): cropped from that
-                    frame, or from the middle frame of the crop segment (frame a + (b - a) // 2 of the segment's frames
-                    [a, b)); a `frame` outside the crop segment or a box outside the frame is reported.
+  training segment  [train_start, train_end) s, default [0, 5): re-encoded as the sample's new video (h264, CRF 12, the
+                    source's frame rate; an editing sample's source and mask clips are cut alike; an audio file is kept
+                    as it is, so train_start must then be 0). The training pipeline picks clips anywhere in its video:
+                    only a cut video keeps them out of the crop segment.
+  crop segment      [crop_start, crop_end) s, default [5, 20), disjoint from the training segment, cut at the video's
+                    end. Frame i is at i / fps. A video that ends before crop_start has none: its subjects are reported.
+  a subject with a box   (`box` in video-frame pixels, optional `frame`, the video's frame index): cut from that frame,
+                    else from the crop segment's middle frame a + (b - a) // 2 (its frames are [a, b)); a `frame`
+                    outside the crop segment or a box leaving the frame is reported.
   a subject without one  the detector looks for its name (the phrase) in `detect_frames` frames spread evenly over the
-                    crop segment (frame a + floor((j + 1/2) (b - a) / n), j < n) and the highest-scoring box of that
-                    phrase over all of them is used when it scores above the threshold. OWLv2: per box, the sigmoid of
-                    the phrase's query logit; Grounding DINO: per box, the highest sigmoid over the phrase's tokens.
+                    crop segment (frames a + floor((j + 1/2) (b - a) / n), j < n) and takes the highest-scoring box of
+                    that phrase over all of them, if it scores above the threshold. The score of a box for a phrase:
+                    OWLv2, the sigmoid of that text query's logit; Grounding DINO, the highest sigmoid over the phrase's
+                    tokens. Boxes are clipped to the frame; one with nothing left inside it is not considered. Two
+                    subjects of a sample with the same phrase cannot be told apart and are reported.
   crop              the box grown by `margin` x its width (height) on the left and right (top and bottom), rounded
                     outward to whole pixels and clipped to the frame: x0' = max(0, floor(x0 - m w)),
                     x1' = min(W, ceil(x1 + m w)), the same for y. The crop is frame[y0':y1', x0':x1'], exactly.
-  segmenter         (optional, SAM) prompted with the box on the whole frame; the mask with the highest predicted IoU
-                    is kept, and the crop's pixels outside it become white: the reference-image convention (the release
-                    pads identity images with white and its null image is all white). The mask is written too.
+  segmenter         (optional, SAM) prompted with the box on the whole frame; of the 3 masks it proposes, the one with
+                    the highest predicted IoU is kept and the crop's pixels outside it become white: the reference-image
+                    convention (the release pads identity images with white; its null image is all white).
 
-Subjects that already have an image are kept as they are (unless replace_images). Each subject not found is reported
-with the sample id, its name and the reason; a sample with any subject not found is left out of the output manifest,
-never silently. Outputs, under `out`:
+A subject's phrase must occur in the caption (whole words, any case), as the LLaVA template pairs them. Subjects that
+already have an image are kept as they are (unless replace_images). Each subject not found is reported with the sample
+id, its name and the reason; a sample with any subject not found is left out of the output manifest, never silently.
+Outputs, under `out`:
 
   images/<id>_<k>.png, masks/<id>_<k>.png (with a segmenter), videos/<id>.mp4 (the training segment),
   results/<id>.json (one per sample, written last: a sample whose result and files exist is done on a rerun),
-  manifest.jsonl (the usable samples, each subject's box given in its crop's pixels, as the manifest defines it),
+  manifest.jsonl (the usable samples in input order; each subject's box is in its crop's pixels, as the training
+                  manifest defines `box`, and num_frames / fps / height / width describe the cut video),
   report.json (settings, counts, every subject not found), settings.json (a rerun must use the same settings).
 
 Ranks take samples i, i + W, ... Files are written to a temporary name and renamed into place, so a killed run leaves
-no half file behind; rerunning the same command finishes the job.
+no half file behind; rerunning the same command finishes the job and rewrites nothing that is done.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -112,7 +118,7 @@ class ExtractionSettings:
     def as_json(self, manifest: Path) -> dict:
         """Everything that changes the outputs; a rerun into the same folder must match it."""
         d = {k: getattr(self, k) for k in ("margin", "detect_frames", "replace_images")}
-        d.update(manifest=str(manifest.resolve()), segments=vars(self.segments), crf=TRAINING_CRF,
+        d.update(manifest=str(Path(manifest).resolve()), segments=asdict(self.segments), crf=TRAINING_CRF,
                  detector=str(self.detector.resolve()) if self.detector else None,
                  segmenter=str(self.segmenter.resolve()) if self.segmenter else None,
                  box_threshold=_json_number(self.threshold()) if self.detector else None)
@@ -263,9 +269,13 @@ def _split_subjects(obj: dict, checker: _LineChecker, replace_images: bool) -> t
     return {**obj, "subjects": subjects}, tuple(requests)
 
 
-def check_inputs(manifest: Path, settings: ExtractionSettings) -> list[ExtractionSample]:
-    """Every problem with the manifest and the settings, in one ConfigError, before anything expensive runs."""
-    samples, problems = load_extraction_manifest(manifest, settings.replace_images)
+def check_inputs(manifest: Path, settings: ExtractionSettings, out: Path | None = None) -> list[ExtractionSample]:
+    """Every problem with the manifest, the settings and the output folder, in one ConfigError, before anything
+    expensive runs."""
+    samples, problems = load_extraction_manifest(Path(manifest), settings.replace_images)
+    if out is not None and Path(os.path.abspath(Path(out) / MANIFEST_FILE)) == Path(os.path.abspath(manifest)):
+        problems.append(f"--out {out} would overwrite the input manifest {manifest} with the output one: use another "
+                        f"folder")
     problems += settings.segments.problems()
     if not (math.isfinite(settings.margin) and settings.margin >= 0):
         problems.append(f"--margin must be a finite number >= 0 (a fraction of the box's size), got {settings.margin}")
@@ -720,7 +730,7 @@ def extract_subjects(manifest: str | Path, out: str | Path, settings: Extraction
     from hcustom_mc.device import compute_device
 
     manifest, out = Path(manifest), Path(out)
-    samples = check_inputs(manifest, settings)  # every rank checks: each must stop on a bad input
+    samples = check_inputs(manifest, settings, out)  # every rank checks: each must stop on a bad input
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     _claim_settings(out, settings.as_json(manifest), rank)
@@ -763,7 +773,7 @@ def _merge(out: Path, samples: list[ExtractionSample], settings: ExtractionSetti
         for s in missing:
             not_found.append({"id": result["id"], "subject": s["name"], "index": s["k"], "kind": s["kind"],
                               "reason": s["reason"]})
-            log.warning("%s: subject %r not found: %s", result["id"], s["name"], s["reason"])
+            log.warning("%s: subjects[%d] %r not found: %s", result["id"], s["k"], s["name"], s["reason"])
         if result["entry"] is None:
             left_out.append(result["id"])
         else:
