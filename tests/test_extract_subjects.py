@@ -6,7 +6,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +154,18 @@ def test_a_resumed_run_does_nothing_and_rewrites_no_file(given):
     log = run_tool("--manifest", given["manifest"], "--out", out, "--margin", "0.25", *SEGMENTS)
     assert "this rank: 0 to do" in log
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    # a run killed after a sample's crops landed but before its result: that sample alone is done again, the same
+    image = out / "images" / "two_0.png"
+    pixels = image.read_bytes()
+    (out / "results" / "two.json").unlink()
+    (out / ".manifest.jsonl.tmp123").write_text("half")  # a killed run's temporary file: removed
+    log = run_tool("--manifest", given["manifest"], "--out", out, "--margin", "0.25", *SEGMENTS)
+    assert "this rank: 1 to do" in log and image.read_bytes() == pixels
+    assert not (out / ".manifest.jsonl.tmp123").exists()
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert sorted(after) == sorted(before)
+    changed = sorted(p.relative_to(out).as_posix() for p in after if after[p] != before[p])
+    assert changed == ["images/two_0.png", "images/two_1.png", "results/two.json", "videos/two.mp4"]
     # other settings into the same folder: refused, naming what differs
     log = run_tool("--manifest", given["manifest"], "--out", out, "--margin", "0.3", *SEGMENTS, expect=2)
     assert "other settings (differ in: margin)" in log

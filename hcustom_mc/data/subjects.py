@@ -294,7 +294,8 @@ def check_inputs(manifest: Path, settings: ExtractionSettings, out: Path | None 
     moved = [s.entry.id for s in samples if s.needs_extraction and s.entry.audio is not None]
     if moved and settings.segments.train_start > 0:
         problems.append(f"--train-start {settings.segments.train_start} would shift the training video against its "
-                        f"audio file, which is not cut (samples {', '.join(moved[:MAX_REPORTED])}): use --train-start 0")
+                        f"audio file, which is not cut (samples {', '.join(moved[:MAX_REPORTED])}): use "
+                        f"--train-start 0")
     if problems:
         more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
         raise ConfigError(f"cannot extract subjects from {manifest} ({len(problems)} problem(s)):\n  "
@@ -305,7 +306,8 @@ def check_inputs(manifest: Path, settings: ExtractionSettings, out: Path | None 
 # ---------------------------------------------------------------- geometry and frames
 
 
-def crop_window(box: tuple[float, float, float, float], margin: float, height: int, width: int) -> tuple[int, int, int, int]:
+def crop_window(box: tuple[float, float, float, float], margin: float, height: int,
+                width: int) -> tuple[int, int, int, int]:
     """The crop [x0', y0', x1', y1') of a box grown by margin x its size per side, rounded outward, clipped."""
     x0, y0, x1, y1 = box
     mw, mh = margin * (x1 - x0), margin * (y1 - y0)
@@ -438,7 +440,8 @@ class Detector:
         h, w = frames.shape[1:3]
         with torch.inference_mode():
             if self.kind == "owlv2":
-                inputs = self.processor(text=[phrases] * len(images), images=images, return_tensors="pt").to(self.device)
+                inputs = self.processor(text=[phrases] * len(images), images=images, return_tensors="pt")
+                inputs = inputs.to(self.device)
                 outputs = self.model(**inputs)
                 # one independent sigmoid classifier per text query: the phrase's own score for every box
                 scores = outputs.logits.float().sigmoid()  # [F, boxes, P]
@@ -576,6 +579,8 @@ class SampleExtractor:
             info = probe_video(entry.video)
         except DataError as e:
             return fail_rest("video", f"{e.kind}: {e.reason}")
+        if not info.fps > 0:  # seconds cannot be turned into frames
+            return fail_rest("video", f"the video {entry.video} declares no frame rate")
         crop_seg = segment_frames(seg.crop_start, seg.crop_end, info.fps, info.num_frames)
         train_seg = segment_frames(seg.train_start, seg.train_end, info.fps, info.num_frames)
         if not crop_seg:
@@ -585,7 +590,8 @@ class SampleExtractor:
         if not train_seg:
             return fail_rest("no_training_segment", f"no frame of the video lies in the training segment "
                                                     f"[{seg.train_start:g}, {seg.train_end:g}) s at {info.fps:g} fps")
-        where = f"the crop segment [{seg.crop_start:g}, {seg.crop_end:g}) s (frames {crop_seg.start}..{crop_seg.stop - 1})"
+        where = (f"the crop segment [{seg.crop_start:g}, {seg.crop_end:g}) s "
+                 f"(frames {crop_seg.start}..{crop_seg.stop - 1})")
 
         # given boxes: on their frame, or on the segment's middle one
         chosen: dict[int, tuple[SubjectRequest, int, tuple]] = {}  # k -> (request, frame, box)
@@ -640,13 +646,13 @@ class SampleExtractor:
                 mask = self.segmenter.mask(pixels[frame], box)[y0:y1, x0:x1]
                 if not mask.any():
                     found[k] = SubjectResult(k, r.name, False, "empty_mask",
-                                             f"the segmenter found none of its pixels in its box {_round(box)} at frame "
-                                             f"{frame} ({frame / info.fps:.2f} s)")
+                                             f"the segmenter found none of its pixels in its box {_round(box)} at "
+                                             f"frame {frame} ({frame / info.fps:.2f} s)")
                     continue
                 crop[~mask] = 255  # white background: the reference-image convention
             crops[k] = (crop, mask, (x0, y0, x1, y1))
             found[k] = SubjectResult(k, r.name, True, frame=frame, time_s=round(frame / info.fps, 6),
-                                     score=scores.get(k), box=_round(box), crop=[x0, y0, x1, y1])
+                                     score=scores.get(k), box=[float(v) for v in box], crop=[x0, y0, x1, y1])
         result.subjects = [found[r.k] for r in todo]
         if not all(s.found for s in result.subjects):
             return result  # left out of the manifest; each subject not found is reported by name and reason
