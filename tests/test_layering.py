@@ -14,7 +14,8 @@ The order, lowest first (a module may import its own layer and the layers below 
   inference      hcustom_mc/inference/: sampling on a TP x CP x CFG layout
   eval           hcustom_mc/eval/: metrics of sampled videos (reads the sampler's outputs)
   training       hcustom_mc/training/ (validation during training samples and scores: it sits above both)
-  entry points   hcustom_mc/sample.py, preprocess.py, launch.py (torchrun wrapper), plan/ (the planner CLI)
+  entry points   hcustom_mc/sample.py, preprocess.py, extract_subjects.py, launch.py (torchrun wrapper), plan/ (the
+                 planner CLI)
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ LAYERS = [
     ("inference", ("hcustom_mc.inference",)),
     ("eval", ("hcustom_mc.eval",)),
     ("training", ("hcustom_mc.training",)),
-    ("entry points", ("hcustom_mc.sample", "hcustom_mc.preprocess", "hcustom_mc.launch", "hcustom_mc.plan")),
+    ("entry points", ("hcustom_mc.sample", "hcustom_mc.preprocess", "hcustom_mc.extract_subjects", "hcustom_mc.launch",
+                      "hcustom_mc.plan")),
 ]
 PACKAGES = {"hcustom_mc": Path(REPO) / "hcustom_mc", "hcustom_kernels": Path(REPO) / "kernels" / "hcustom_kernels"}
 
