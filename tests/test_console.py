@@ -21,6 +21,9 @@ ENTRY_POINTS = {
     "preprocess": ["tools/preprocess.py"],
     "plan": ["-m", "hcustom_mc.plan"],
     "lora-export": ["-m", "hcustom_mc.checkpoint.lora", "export"],
+    "eval": ["-m", "hcustom_mc.eval"],
+    "eval-compare": ["-m", "hcustom_mc.eval", "compare"],
+    "extract-subjects": ["tools/extract_subjects.py"],
 }
 GROUPS = {"train": ["model:", "parallel layout:", "data:", "optimizer, batch and schedule:", "checkpoint:",
                     "logging and console:"],
