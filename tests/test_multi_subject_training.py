@@ -256,7 +256,7 @@ def test_a_manifest_of_k_1_to_3_batches_one_k_per_step_without_padding(tmp_path)
         want = {k_of[str(n)] for mbs in maker.sources for n in mbs}
         assert want == ks, f"step {step}: samples with {want} subjects batched as K = {ks}"
         seen |= ks
-    assert seen == {1, 2, 3}
+    assert seen == {1, 2, 3} and not maker.bad.seen  # every K drawn, no sample replaced
 
 
 # ------------------------------------------------------------------ parity: TP 2 and CP 2 equal one process
@@ -335,6 +335,12 @@ def test_release_spatial_positions_at_cp2_and_tp2_cp2_equal_one_process_and_are_
     ref = train(1, tmp_path / "one", *args, "--save", tmp_path / "ck")
     fmt, path = resolve_checkpoint(tmp_path / "ck", "auto", "full")
     assert model_config_for(path, fmt, None).identity_rope == "release_spatial"
+    # the sampler takes the saved positions; a flag that contradicts them is refused before anything loads
+    proc = subprocess.run([sys.executable, "-m", "hcustom_mc.sample", "--checkpoint", str(tmp_path / "ck"),
+                           "--identity-rope", "paper", "--out", str(tmp_path / "samples")], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+                                                       "PYTHONPATH": child_pythonpath()})
+    assert proc.returncode != 0 and "was trained with identity_rope=release_spatial" in proc.stdout + proc.stderr
     assert_same_history(train(2, tmp_path / "cp2", *args, "--context-parallel-size", 2, "--cp-comm-type", "ulysses"), ref)
     assert_same_history(train(4, tmp_path / "tp2cp2", *args, "--tensor-model-parallel-size", 2,
                               "--context-parallel-size", 2), ref)

@@ -157,8 +157,9 @@ def drop_conditions(batch: dict[str, torch.Tensor], data: DataConfig, keys: list
     K = batch["identity_latents"].shape[2] if "identity_latents" in batch else 0
     for row, (step, pos) in enumerate(keys):
         u = torch.rand(3, generator=_gen("drop", data.seed, step, pos))
-        # subject 1 keeps the draw single-subject runs always used; subjects 2..K draw from their own stream
-        subjects = torch.cat([u[1:2], torch.rand(max(K - 1, 0), generator=_gen("drop-subjects", data.seed, step, pos))])
+        subjects = u[1:2]  # subject 1 keeps the draw single-subject runs always used
+        if K > 1:  # subjects 2..K draw from their own stream
+            subjects = torch.cat([subjects, torch.rand(K - 1, generator=_gen("drop-subjects", data.seed, step, pos))])
         if u[0] < data.text_drop:
             null = nulls.text_for(K)
             for name in ("text_states", "text_mask", "text_pooled"):
