@@ -262,11 +262,26 @@ def test_a_manifest_of_k_1_to_3_batches_one_k_per_step_without_padding(tmp_path)
 # ------------------------------------------------------------------ parity: TP 2 and CP 2 equal one process
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    out = tmp_path_factory.mktemp("release")
-    proc = subprocess.run([sys.executable, "examples/make_tiny_release.py", str(out), "--variant", "base"], cwd=REPO,
+    """examples/make_tiny_release.py's checkpoint, rescaled like trained weights: RMSNorm weights 1 and matrices of
+    std 1/sqrt(fan_in) instead of 0.02 everywhere. At std 0.02 the q/k norms shrink every attention logit to ~0 and
+    the identity tokens' positions move the loss by ~1e-7, below the parity tolerance; rescaled, the two position
+    options differ by ~1e-2 (checked in the slow test), so a layout that misplaced identity tokens would fail."""
+    from hcustom_mc.checkpoint.release import load_release_state_dict, save_release_state_dict
+
+    made = tmp_path_factory.mktemp("made")
+    proc = subprocess.run([sys.executable, "examples/make_tiny_release.py", str(made), "--variant", "base"], cwd=REPO,
                           capture_output=True, text=True, timeout=300,
                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": child_pythonpath()})
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    weights = {}
+    for name, t in load_release_state_dict(made, load_key="module").items():
+        if name.endswith("norm.weight"):
+            t = torch.ones_like(t)
+        elif t.ndim >= 2:
+            t = t / (0.02 * math.sqrt(t[0].numel()))
+        weights[name] = t.clone()
+    out = tmp_path_factory.mktemp("release")
+    save_release_state_dict(weights, out)
     return out
 
 
@@ -327,12 +342,14 @@ def test_release_checkpoint_fine_tuned_to_k_subjects_equals_one_process(release,
 
 
 @pytest.mark.slow
-def test_release_spatial_positions_at_cp2_and_tp2_cp2_equal_one_process_and_are_saved(release, tmp_path):
-    """The other position option, saved with the checkpoint's model config, which the sampler reads back."""
+def test_release_spatial_positions_at_cp2_and_tp2_cp2_equal_one_process_and_are_saved(release, reference, tmp_path):
+    """The other position option, saved with the checkpoint's model config, which the sampler reads back. Its losses
+    differ from the paper positions' far beyond the parity tolerance: the parity tests see where identity tokens sit."""
     from hcustom_mc.inference.pipeline import model_config_for, resolve_checkpoint
 
     args = run_args(release, "release_spatial")
     ref = train(1, tmp_path / "one", *args, "--save", tmp_path / "ck")
+    assert max(abs(a - b) / abs(b) for a, b in zip(ref["losses"], reference["losses"])) > 1e-3
     fmt, path = resolve_checkpoint(tmp_path / "ck", "auto", "full")
     assert model_config_for(path, fmt, None).identity_rope == "release_spatial"
     # the sampler takes the saved positions; a flag that contradicts them is refused before anything loads
