@@ -60,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="model variant, with --model-config (default: base)")
     m.add_argument("--mode", default="release", choices=("release", "paper"),
                    help="release or paper conditioning, with --model-config (default: release)")
+    m.add_argument("--identity-rope", default=None, choices=("paper", "release_spatial"),
+                   help="paper mode: the identity images' RoPE positions, paper (t=-k, h=i+H', w=j+W') or "
+                        "release_spatial (t=-k, h=i, w=j+W'); for checkpoints without a config (default: not set: the "
+                        "checkpoint's own, else paper)")
     m.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
                    help="DiT dtype (default: not set: bfloat16 on GPU, float32 on CPU)")
     e = p.add_argument_group("encoders (local folders; nothing is downloaded)")
@@ -275,8 +279,13 @@ def run(args) -> int:
     fmt, ckpt = resolve_checkpoint(args.checkpoint, args.checkpoint_format, args.verify_checkpoint)
     fallback = None
     if args.model_config:
-        fallback = get_model_config(args.model_config, args.variant, **mode_overrides(args.mode))
+        fallback = get_model_config(args.model_config, args.variant,
+                                    **mode_overrides(args.mode, identity_rope=args.identity_rope))
     model_cfg = model_config_for(ckpt, fmt, fallback)
+    if args.identity_rope and model_cfg.identity_rope != args.identity_rope:
+        # the weights learned the identity positions they were trained with: the saved config is the truth
+        raise ConfigError(f"--identity-rope {args.identity_rope}: {args.checkpoint} was trained with identity_rope="
+                          f"{model_cfg.identity_rope} (its saved model config); drop the flag")
     layout = SamplerLayout(args.tp, args.cp, args.cp_mode, args.cfg_parallel)
     paths = encoder_paths(args)
     jobs = [resolve_job(j) for j in build_jobs(args)]

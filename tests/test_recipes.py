@@ -30,12 +30,12 @@ def _flag(args: list[str], name: str) -> str:
 
 def test_there_are_recipes_for_every_kind_resolution_and_gpu_count():
     names = {p.stem for p in RECIPES}
-    assert names == {f"{k}_{r}_{g}gpu" for k in ("full", "audio", "editing") for r in ("720p", "512p") for g in (8, 64)}
+    assert names == ({f"{k}_{r}_{g}gpu" for k in ("full", "audio", "editing") for r in ("720p", "512p") for g in (8, 64)}
+                     | {f"multi_subject_720p_{g}gpu" for g in (8, 64)})
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_validates_and_is_the_planners_first_choice(path, tmp_path):
-    from hcustom_mc.model.config import get_model_config
     from hcustom_mc.training.config import build_config
 
     world, plan_args = _header(path)
@@ -45,7 +45,8 @@ def test_recipe_validates_and_is_the_planners_first_choice(path, tmp_path):
     cfg = build_config(["--config", str(path), "--data-path", str(tmp_path / "shards"),
                         "--pretrained", str(tmp_path / "base.pt")])
     cfg.validate(world)
-    cfg.parallel.validate(world, get_model_config(cfg.model, cfg.variant))
+    model_cfg = cfg.model_config()
+    cfg.parallel.validate(world, model_cfg)
     p = cfg.parallel
     dp = p.data_parallel(world)
     # the header's planner command describes this file
@@ -53,6 +54,10 @@ def test_recipe_validates_and_is_the_planners_first_choice(path, tmp_path):
         p.tensor_parallel, p.pipeline_parallel, p.context_parallel, dp]
     assert ("--sequence-parallel" in plan_args) == p.sequence_parallel
     assert _flag(plan_args, "--variant") == cfg.variant and _flag(plan_args, "--trainable") == cfg.trainable
+    # the planner sizes the recipe's mode and its worst case: every sample with all the identity images it may have
+    assert (_flag(plan_args, "--mode") if "--mode" in plan_args else "release") == model_cfg.mode
+    identity_images = int(_flag(plan_args, "--identity-images")) if "--identity-images" in plan_args else 1
+    assert identity_images == model_cfg.max_identity_images
     assert int(_flag(plan_args, "--global-batch-size")) == cfg.global_batch_size
     assert int(_flag(plan_args, "--frames")) == cfg.data.frames
     assert min(map(int, _flag(plan_args, "--size").split("x"))) == cfg.data.short_side

@@ -3,7 +3,8 @@
 Every sample is a coloured shape crossing a white frame, so captions, identity crops, the audio
 pitch (follows the shape's x position) and the edit mask are all exactly known. Videos alternate
 between h264 (.mp4) and VP9 (.webm) so both decoding paths (PyAV-fed and DALI's own) get exercised.
-Tasks cycle identity, multi_identity, t2v, audio, editing. With broken_fraction > 0 a deterministic
+Tasks cycle identity, multi_identity, t2v, audio, editing (or the `tasks` given); the n-th multi_identity sample
+has multi_subjects[n % len(multi_subjects)] subjects (2 by default). With broken_fraction > 0 a deterministic
 subset of samples gets one broken file each, of varied kinds, for the error-handling paths.
 
     from hcustom_mc.data.tiny_dataset import make_tiny_dataset
@@ -179,7 +180,8 @@ def _applicable(kind: str, record: dict) -> bool:
 
 
 def make_tiny_dataset(out: str | os.PathLike, num_samples: int = 16, size: str | tuple[int, int] = "64x48",
-                      frames: int = 17, seed: int = 0, broken_fraction: float = 0.0) -> list[str]:
+                      frames: int = 17, seed: int = 0, broken_fraction: float = 0.0,
+                      tasks: tuple[str, ...] = TASK_CYCLE, multi_subjects: tuple[int, ...] = (2,)) -> list[str]:
     """Write the dataset and `manifest.jsonl` under `out`; return the ids of the broken samples.
 
     Also writes `broken.json` ({id: {"file_kind": ..., "error_kind": DataError kind}}) so tests know
@@ -189,17 +191,25 @@ def make_tiny_dataset(out: str | os.PathLike, num_samples: int = 16, size: str |
         raise ValueError(f"broken_fraction must be in [0, 1], got {broken_fraction}")
     if frames < 5:
         raise ValueError(f"frames must be at least 5 (one 4k+1 clip), got {frames}")
+    problems = [f"unknown task {t!r} (known: {', '.join(TASK_CYCLE)})" for t in tasks if t not in TASK_CYCLE]
+    problems += [f"multi_identity takes 2..{len(COLORS)} subjects (one colour each), got {n}" for n in multi_subjects
+                 if not 2 <= n <= len(COLORS)]
+    if not tasks or not multi_subjects or problems:
+        raise ValueError("; ".join(problems or ["tasks and multi_subjects must not be empty"]))
     h, w = parse_size(size)
     root = Path(out)
     for sub in ("videos", "images", "audio", "masks"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    records = []
+    records, multi = [], 0
     for i in range(num_samples):
-        sid, task = f"s{i:04d}", TASK_CYCLE[i % len(TASK_CYCLE)]
+        sid, task = f"s{i:04d}", tasks[i % len(tasks)]
         ext = ".mp4" if i % 2 == 0 else ".webm"
         movers: list[_Mover] = []
-        for _ in range(2 if task == "multi_identity" else 1):
+        count = 1
+        if task == "multi_identity":
+            count, multi = multi_subjects[multi % len(multi_subjects)], multi + 1
+        for _ in range(count):
             movers.append(_Mover(rng, h, w, taken={m.color for m in movers}))
         video, region = _render(movers, frames, h, w)
         record = {"id": sid, "task": task, "video": f"videos/{sid}{ext}",

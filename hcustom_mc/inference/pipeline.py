@@ -95,7 +95,7 @@ def model_config_for(path: Path, fmt: str, fallback: ModelConfig | None) -> Mode
         from hcustom_mc.checkpoint.diffusers_format import model_config_from_diffusers_config
 
         overrides = {} if fallback is None else {k: getattr(fallback, k) for k in (
-            "mode", "max_identity_images", "audio", "video_condition")}
+            "mode", "max_identity_images", "identity_rope", "audio", "video_condition")}
         return model_config_from_diffusers_config(json.loads((path / "config.json").read_text()), **overrides)
     if fallback is None:
         raise ConfigError(f"{path} ({fmt}) carries no model config: pass --model-config (tiny, 13b or a file)")

@@ -2,7 +2,10 @@
 
 The 13B numbers are those of the released `HYVideo-T/2` config (see the facts file, section 1.4).
 `mode` selects where the release and the paper differ: identity RoPE positions, audio alignment,
-video-condition alignment and (in the encoders) the LLaVA template.
+video-condition alignment and (in the encoders) the LLaVA template. In paper mode, `identity_rope` picks the
+identity images' RoPE positions (hcustom_mc/model/rope.py): `paper` (t=-k, h=i+H', w=j+W', eqs. 1-2, the default)
+or `release_spatial` (t=-k, h=i, w=j+W': the spatial offsets the released weights learned). It is saved with the
+model config (hcustom_model.json beside every checkpoint), so sampling uses the positions training used.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 from hcustom_mc.errors import ConfigError  # noqa: F401  (raised here; the model config's error type)
 
 MODES = ("release", "paper")
+IDENTITY_ROPES = ("paper", "release_spatial")  # paper mode's identity-image RoPE positions (model/rope.py)
 VARIANTS = ("base", "audio", "editing")
 
 
@@ -63,6 +67,7 @@ class ModelConfig:
     # HunyuanCustom.
     mode: str = "release"
     max_identity_images: int = 1  # release supports exactly one; paper mode allows K >= 1
+    identity_rope: str = "paper"  # paper mode: paper (t=-k, h=i+H', w=j+W') | release_spatial (t=-k, h=i, w=j+W')
     audio: bool = False
     audio_insert_blocks: tuple[int, ...] = (1, 3, 5, 7, 9, 11)
     audio_window: int = 10  # whisper frames per video frame
@@ -107,6 +112,11 @@ class ModelConfig:
             errors.append("max_identity_images must be >= 1")
         if self.mode == "release" and self.max_identity_images != 1:
             errors.append("release mode supports exactly one identity image; use mode='paper' for K > 1")
+        if self.identity_rope not in IDENTITY_ROPES:
+            errors.append(f"identity_rope must be one of {IDENTITY_ROPES}, got {self.identity_rope!r}")
+        elif self.mode == "release" and self.identity_rope != "paper":
+            errors.append(f"identity_rope={self.identity_rope!r} is a paper-mode option (release mode places its one "
+                          "identity image at t=-1, h=i, w=j+W'); use mode='paper'")
         if self.audio:
             bad = [i for i in self.audio_insert_blocks if not 0 <= i < self.num_double_blocks]
             if bad:
@@ -154,11 +164,12 @@ VARIANT_FLAGS = {
 PAPER_IDENTITY_IMAGES = 3  # identity images a paper-mode run takes when it does not say (the release takes 1)
 
 
-def mode_overrides(mode: str, max_identity_images: int | None = None) -> dict:
+def mode_overrides(mode: str, max_identity_images: int | None = None, identity_rope: str | None = None) -> dict:
     """The ModelConfig overrides of a run's mode, for get_model_config (training and sampling alike)."""
     if max_identity_images is None and mode == "paper":
         max_identity_images = PAPER_IDENTITY_IMAGES
-    return {"mode": mode} | ({} if max_identity_images is None else {"max_identity_images": max_identity_images})
+    return ({"mode": mode} | ({} if max_identity_images is None else {"max_identity_images": max_identity_images})
+            | ({} if identity_rope is None else {"identity_rope": identity_rope}))
 
 
 def get_model_config(name_or_path: str | Path, variant: str = "base", **overrides) -> ModelConfig:

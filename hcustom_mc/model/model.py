@@ -269,7 +269,8 @@ class HunyuanCustomDiT(MegatronModule):
             vec = vec + self.guidance_in(guidance)
         K = 0 if identity_latents is None else identity_latents.shape[2]
         frames, parts = self.image_frames_here(K + grid[0])
-        rotary = Rotary(grid, K, cfg.mode, tuple(cfg.rope_dims), cfg.rope_theta, frames, latents.device)
+        rotary = Rotary(grid, K, cfg.mode, tuple(cfg.rope_dims), cfg.rope_theta, frames, latents.device,
+                        identity_rope=cfg.identity_rope)
         audio, audio_start = None, 0
         if audio_features is not None and getattr(self, "audio_slots", None):
             audio = align_audio_tokens(self.audio_proj(audio_features.to(dtype)), grid[0], K, cfg.mode)

@@ -75,6 +75,7 @@ class Rotary:
     theta: float
     frames: range  # frames held here, in the [identity ; video] frame list
     device: torch.device
+    identity_rope: str = "paper"  # paper mode: where identity images sit spatially (model/rope.py)
     _tables: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -84,7 +85,8 @@ class Rotary:
     def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._tables is None:
             hw = self.grid[1] * self.grid[2]
-            pos = image_positions(self.num_identity, *self.grid, mode=self.mode)[self.frames.start * hw : self.frames.stop * hw]
+            pos = image_positions(self.num_identity, *self.grid, mode=self.mode,
+                                  identity_rope=self.identity_rope)[self.frames.start * hw : self.frames.stop * hw]
             self._tables = rope_cos_sin(pos, self.dims, self.theta, device=self.device)
         return self._tables
 
@@ -94,7 +96,8 @@ class Rotary:
             from hcustom_kernels.rope import qk_norm_rope
 
             return qk_norm_rope(q.contiguous(), k.contiguous(), q_norm.weight, k_norm.weight, grid=self.grid,
-                                num_identity=self.num_identity, mode=self.mode, rope_dims=tuple(self.dims),
+                                num_identity=self.num_identity, mode=self.mode, identity_rope=self.identity_rope,
+                                rope_dims=tuple(self.dims),
                                 theta=self.theta, eps=q_norm.eps, image_len=image_len,
                                 frame_offset=self.frames.start)
         q, k = q_norm(q), k_norm(k)

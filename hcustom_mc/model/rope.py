@@ -4,14 +4,21 @@ Positions are (t, h, w) triples per image token; text tokens get no RoPE. The ro
 adjacent pairs (2i, 2i+1) of the head dim split as [t | h | w] (16/56/56 at 13B), with
 freqs = theta^(-2i/d) per axis (theta = 256), computed in fp32.
 
-Identity images (placed before the video tokens):
-  release: one image, token (i, j) at (t=-1, h=i, w=j+W')         (released code: width shift only)
-  paper:   image k = 1..K, token (i, j) at (t=-k, h=i+H', w=j+W')  (paper eqs. 1-2)
+Identity images (placed before the video tokens), token (i, j) = row i, column j of the H' x W' latent grid:
+  release mode:  one image, at (t=-1, h=i, w=j+W')                  (released code: width shift only)
+  paper mode, identity_rope (ModelConfig field, `--identity-rope`):
+    paper            image k = 1..K at (t=-k, h=i+H', w=j+W')        (paper eqs. 1-2; the default)
+    release_spatial  image k = 1..K at (t=-k, h=i, w=j+W')           (the paper's time index with the released
+                     spatial offsets, which the released single-subject weights learned; the paper's positions
+                     move the identity tokens by H' rows for them. Which of the two fine-tunes a release
+                     checkpoint into K subjects faster is for users to measure.)
 """
 
 from __future__ import annotations
 
 import torch
+
+from hcustom_mc.model.config import IDENTITY_ROPES  # noqa: F401 (the option's values, re-exported here)
 
 
 def video_positions(frames: int, height: int, width: int) -> torch.Tensor:
@@ -20,8 +27,13 @@ def video_positions(frames: int, height: int, width: int) -> torch.Tensor:
     return torch.stack([t, h, w], dim=-1).reshape(-1, 3)
 
 
-def identity_positions(num_images: int, height: int, width: int, mode: str) -> torch.Tensor:
-    """[K*H'*W', 3] positions of K identity images on an H' x W' latent grid."""
+def identity_positions(num_images: int, height: int, width: int, mode: str,
+                       identity_rope: str = "paper") -> torch.Tensor:
+    """[K*H'*W', 3] positions of K identity images on an H' x W' latent grid (`identity_rope`: paper mode only)."""
+    if identity_rope not in IDENTITY_ROPES:
+        raise ValueError(f"unknown identity_rope {identity_rope!r}; expected one of {IDENTITY_ROPES}")
+    if mode == "release" and identity_rope != "paper":
+        raise ValueError(f"identity_rope={identity_rope!r} is a paper-mode option (release mode has its own positions)")
     if num_images == 0:
         return torch.zeros(0, 3, dtype=torch.long)
     if mode == "release" and num_images != 1:
@@ -34,7 +46,8 @@ def identity_positions(num_images: int, height: int, width: int, mode: str) -> t
             pos[:, 2] += width
         elif mode == "paper":
             pos[:, 0] = -k
-            pos[:, 1] += height
+            if identity_rope == "paper":
+                pos[:, 1] += height
             pos[:, 2] += width
         else:
             raise ValueError(f"unknown RoPE mode {mode!r}")
@@ -42,9 +55,11 @@ def identity_positions(num_images: int, height: int, width: int, mode: str) -> t
     return torch.cat(grids)
 
 
-def image_positions(num_identity: int, frames: int, height: int, width: int, mode: str) -> torch.Tensor:
+def image_positions(num_identity: int, frames: int, height: int, width: int, mode: str,
+                    identity_rope: str = "paper") -> torch.Tensor:
     """Positions of the whole image sequence [identity images; video]."""
-    return torch.cat([identity_positions(num_identity, height, width, mode), video_positions(frames, height, width)])
+    return torch.cat([identity_positions(num_identity, height, width, mode, identity_rope),
+                      video_positions(frames, height, width)])
 
 
 def rope_cos_sin(positions: torch.Tensor, rope_dims, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:

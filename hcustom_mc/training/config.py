@@ -96,7 +96,8 @@ class TrainConfig:
     model: str = "tiny"  # tiny | 13b | a ModelConfig JSON/YAML file
     variant: str = "base"  # base | audio | editing
     mode: str = "release"  # release | paper
-    max_identity_images: int | None = None
+    max_identity_images: int | None = None  # paper mode: None = 3 (PAPER_IDENTITY_IMAGES); release mode takes 1
+    identity_rope: str = "paper"  # paper mode's identity RoPE positions: paper | release_spatial (model/rope.py)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     micro_batch_size: int = 1
     global_batch_size: int = 1
@@ -184,6 +185,8 @@ class TrainConfig:
             errors.append("the editing task needs variant=editing")
         if "multi_identity" in wants and self.mode != "paper":
             errors.append("multi_identity (K > 1) needs mode=paper (the release supports one identity image)")
+        if self.identity_rope != "paper" and self.mode != "paper":
+            errors.append(f"identity_rope={self.identity_rope} (--identity-rope) is a paper-mode option: add --mode paper")
         if self.checkpoint.load and not Path(self.checkpoint.load).exists() and not self.checkpoint.pretrained:
             errors.append(f"--load {self.checkpoint.load} does not exist")
         ck = self.checkpoint
@@ -210,7 +213,8 @@ class TrainConfig:
         """The DiT config this run trains (preprocessing uses it too, so shards match the model)."""
         from hcustom_mc.model.config import get_model_config, mode_overrides
 
-        return get_model_config(self.model, self.variant, **mode_overrides(self.mode, self.max_identity_images))
+        return get_model_config(self.model, self.variant, **mode_overrides(
+            self.mode, self.max_identity_images, self.identity_rope if self.mode == "paper" else None))
 
     def num_microbatches(self, world_size: int) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.parallel.data_parallel(world_size))
@@ -240,6 +244,11 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--model": ("model", str, "tiny | 13b | ModelConfig file"),
     "--variant": ("variant", str, "base | audio | editing"),
     "--mode": ("mode", str, "release | paper"),
+    "--max-identity-images": ("max_identity_images", int, "paper mode: the most identity images (subjects) a sample "
+                              "may have; release mode takes exactly 1"),
+    "--identity-rope": ("identity_rope", str, "paper mode: identity image k's RoPE positions: paper (t=-k, h=i+H', "
+                        "w=j+W', the paper's eqs. 1-2) or release_spatial (t=-k, h=i, w=j+W': the spatial offsets the "
+                        "released single-subject weights learned)"),
     "--trainable": ("trainable", str, "all | new"),
     "--lr": ("optim.lr", float, "peak learning rate"),
     "--min-lr": ("optim.min_lr", float, "final learning rate"),
@@ -296,7 +305,8 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
 
 
 # --help groups: a flag's section, from its field's section (top-level fields listed here)
-TOP_LEVEL_GROUP = {"model": "model", "variant": "model", "mode": "model", "trainable": "model", "kernels": "model",
+TOP_LEVEL_GROUP = {"model": "model", "variant": "model", "mode": "model", "max_identity_images": "model",
+                   "identity_rope": "model", "trainable": "model", "kernels": "model",
                    "bf16": "model", "recompute_granularity": "model", "recompute_method": "model",
                    "recompute_num_layers": "model", "init_seed": "model", "lora_rank": "model", "lora_alpha": "model",
                    "lora_dropout": "model", "lora_targets": "model", "ema_decay": "optimizer",
@@ -368,6 +378,7 @@ def field_default(dotted: str):
 
 # what an unset (None) field means, for --help
 UNSET_MEANS = {"checkpoint.save": "no checkpoints", "checkpoint.load": "a fresh start",
+               "max_identity_images": "3 in paper mode, 1 in release mode",
                "checkpoint.pretrained": "random initialisation", "exit_after_steps": "run to --train-iters",
                "parallel.virtual_pipeline_parallel": "no interleaving", "parallel.ulysses_degree": "usp: the whole CP group",
                "recompute_granularity": "no recomputation", "recompute_method": "every block",

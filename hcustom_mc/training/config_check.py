@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hcustom_mc.checkpoint.verify_modes import VERIFY_MODES
+from hcustom_mc.model.config import IDENTITY_ROPES
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ RANGES: dict[str, Range] = {
     "logging.log_interval": AT_LEAST_1, "logging.peak_tflops": POSITIVE,
     "ema_decay": Range(0, 1, lo_open=True, hi_open=True), "skip_nonfinite_steps": NON_NEGATIVE,
 }
-CHOICES: dict[str, tuple] = {"checkpoint.verify": VERIFY_MODES,
+CHOICES: dict[str, tuple] = {"checkpoint.verify": VERIFY_MODES, "identity_rope": IDENTITY_ROPES,
                              "checkpoint.pretrained_format": ("auto", "release", "diffusers", "mcore"),
                              "checkpoint.pretrained_key": ("module", "ema")}
 

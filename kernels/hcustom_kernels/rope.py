@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 
 _MODES = ("release", "paper")
+# paper mode's identity-image spatial offsets: paper (h += Hp, w += Wp) or release_spatial (w += Wp only)
+_IDENTITY_ROPES = ("paper", "release_spatial")
 # Heads per tile; 24 heads x D/2 = 64 pairs fit in one 32 x 64 tile. The tests lower it to exercise the
 # head loop and its masked tail.
 _MAX_BLOCK_H = 32
@@ -47,7 +49,7 @@ def _pair_cos_sin(s, image_len, HW, Wp, K, frame_offset, h_shift, PT, PH, DT, DH
     rem = s % HW
     is_id = g < K
     # identity image g+1 sits at t = -(g+1); video frame g-K at t = g-K. Only identity images are shifted
-    # (w by Wp in both modes, h by Hp in paper mode: h_shift is 0 in release mode).
+    # (w by Wp always, h by Hp with the paper's positions: h_shift is 0 in release mode and with release_spatial).
     t = tl.where(is_id, -(g + 1), g - K)
     h = rem // Wp + tl.where(is_id, h_shift, 0)
     w = rem % Wp + tl.where(is_id, Wp, 0)
@@ -191,14 +193,20 @@ def _bwd_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, dqo_ptr, dko_ptr, dq_ptr, dk_ptr, 
 
 
 # ------------------------------------------------------------------ launch helpers
-def _launch_args(S, B, H, D, grid, num_identity, mode, rope_dims, theta, eps, image_len, frame_offset):
+def _h_shift(mode: str, identity_rope: str, Hp: int) -> int:
+    """Rows added to identity-image tokens: H' only with the paper's positions (paper mode, identity_rope paper)."""
+    return Hp if mode == "paper" and identity_rope == "paper" else 0
+
+
+def _launch_args(S, B, H, D, grid, num_identity, mode, rope_dims, theta, eps, image_len, frame_offset,
+                 identity_rope="paper"):
     """Scalar kernel arguments shared by forward and backward."""
     _, Hp, Wp = grid
     dt, dh, dw = rope_dims
     # d of an axis with no pairs is never selected; max(., 2) keeps masked lanes free of 0/0
     return dict(
         H=H, D=D, HALF=D // 2, eps=float(eps), image_len=image_len, HW=Hp * Wp, Wp=Wp, K=num_identity,
-        frame_offset=frame_offset, h_shift=Hp if mode == "paper" else 0, PT=dt // 2, PH=dh // 2,
+        frame_offset=frame_offset, h_shift=_h_shift(mode, identity_rope, Hp), PT=dt // 2, PH=dh // 2,
         DT=max(dt, 2), DH=max(dh, 2), DW=max(dw, 2), log2_theta=math.log2(theta),
         two_pi_hi=_TWO_PI_HI, two_pi_lo=_TWO_PI_LO, inv_two_pi=1.0 / _TWO_PI,
         BLOCK_H=min(triton.next_power_of_2(H), _MAX_BLOCK_H), BLOCK_P=triton.next_power_of_2(D // 2),
@@ -244,7 +252,7 @@ def _is_int(v) -> bool:
 
 
 def _check(q, k, q_weight, k_weight, grid, num_identity, mode, rope_dims, theta, eps, image_len, frame_offset,
-           backend="triton") -> None:
+           backend="triton", identity_rope="paper") -> None:
     """Raise TypeError/ValueError for anything the kernel (or the reference) does not handle, before any work."""
     name = "qk_norm_rope"
     check_backend(name, backend)
@@ -269,6 +277,10 @@ def _check(q, k, q_weight, k_weight, grid, num_identity, mode, rope_dims, theta,
         raise ValueError(f"{name}: rope_dims {tuple(rope_dims)} sum to {sum(rope_dims)}, head dim is {D}")
     if mode not in _MODES:
         raise ValueError(f"{name}: unknown RoPE mode {mode!r}; expected one of {_MODES}")
+    if identity_rope not in _IDENTITY_ROPES:
+        raise ValueError(f"{name}: unknown identity_rope {identity_rope!r}; expected one of {_IDENTITY_ROPES}")
+    if mode == "release" and identity_rope != "paper":
+        raise ValueError(f"{name}: identity_rope={identity_rope!r} is a paper-mode option")
     if not (isinstance(grid, (tuple, list)) and len(grid) == 3 and all(_is_int(g) and g > 0 for g in grid)):
         raise ValueError(f"{name}: grid must be three positive ints (frames, H', W'), got {grid!r}")
     if not _is_int(num_identity) or num_identity < 0:
@@ -287,13 +299,13 @@ def _check(q, k, q_weight, k_weight, grid, num_identity, mode, rope_dims, theta,
 
 
 # ------------------------------------------------------------------ public API
-def _reference_positions(grid, num_identity, mode, first_frame, frames) -> torch.Tensor:
+def _reference_positions(grid, num_identity, mode, first_frame, frames, identity_rope="paper") -> torch.Tensor:
     """[frames*H'*W', 3] (t, h, w) positions of frames first_frame.. of the [identity ; video] frame list."""
     f, Hp, Wp = grid
     g = torch.arange(first_frame, first_frame + frames)
     is_id = g < num_identity
     t = torch.where(is_id, -(g + 1), g - num_identity)
-    h_shift = Hp if mode == "paper" else 0  # both modes shift identity images by W'; paper mode also by H'
+    h_shift = _h_shift(mode, identity_rope, Hp)  # identity images always shift by W'; the paper's positions also by H'
     rows = torch.arange(Hp)[None, :, None] + torch.where(is_id, h_shift, 0)[:, None, None]
     cols = torch.arange(Wp)[None, None, :] + torch.where(is_id, Wp, 0)[:, None, None]
     shape = (frames, Hp, Wp)
@@ -313,10 +325,11 @@ def _reference_rotate(x, positions, rope_dims, theta):
 
 
 def qk_norm_rope_reference(q, k, q_weight, k_weight, *, grid, num_identity, mode, rope_dims, theta=256.0, eps=1e-6,
-                           image_len, frame_offset=0):
+                           image_len, frame_offset=0, identity_rope="paper"):
     """PyTorch reference, written from the definition above: per-head RMSNorm in fp32 (cast back to the input
     dtype, as the model's unfused path does), then the pair rotation of the image tokens."""
-    _check(q, k, q_weight, k_weight, grid, num_identity, mode, rope_dims, theta, eps, image_len, frame_offset)
+    _check(q, k, q_weight, k_weight, grid, num_identity, mode, rope_dims, theta, eps, image_len, frame_offset,
+           identity_rope=identity_rope)
 
     def norm(x, w):
         xf = x.float()
@@ -326,30 +339,30 @@ def qk_norm_rope_reference(q, k, q_weight, k_weight, *, grid, num_identity, mode
     if image_len == 0:
         return q, k
     hw = grid[1] * grid[2]
-    pos = _reference_positions(tuple(grid), num_identity, mode, frame_offset, image_len // hw)
+    pos = _reference_positions(tuple(grid), num_identity, mode, frame_offset, image_len // hw, identity_rope)
     return (torch.cat([_reference_rotate(q[:image_len], pos, rope_dims, theta), q[image_len:]]),
             torch.cat([_reference_rotate(k[:image_len], pos, rope_dims, theta), k[image_len:]]))
 
 
 def qk_norm_rope(q, k, q_weight, k_weight, *, grid, num_identity, mode, rope_dims, theta=256.0, eps=1e-6,
-                 image_len, frame_offset=0, backend="triton"):
+                 image_len, frame_offset=0, backend="triton", identity_rope="paper"):
     """q, k: [S, B, H, D] (contiguous; bf16/fp16/fp32); q_weight/k_weight: [D] RMSNorm weights.
 
     grid = (f, Hp, Wp) latent grid of the whole video; num_identity = K identity images;
     mode 'release' (K <= 1; identity token (i, j) at t=-1, h=i, w=j+Wp) or 'paper' (image k at t=-k,
-    h=i+Hp, w=j+Wp). The first image_len tokens (a multiple of Hp*Wp) are image tokens and get RoPE,
+    h=i+Hp, w=j+Wp; with identity_rope='release_spatial' h=i, the released spatial offsets). The first image_len tokens (a multiple of Hp*Wp) are image tokens and get RoPE,
     the rest are text (norm only). frame_offset: index in the [identity ; video] frame list of the first
     frame held here (context parallel). Returns (rope(rmsnorm(q)), rope(rmsnorm(k))), dtype of q.
     """
     _check(q, k, q_weight, k_weight, grid, num_identity, mode, rope_dims, theta, eps, image_len, frame_offset,
-           backend)
+           backend, identity_rope)
     if backend == "torch" or q.numel() == 0:
         return qk_norm_rope_reference(q, k, q_weight, k_weight, grid=grid, num_identity=num_identity, mode=mode,
                                       rope_dims=rope_dims, theta=theta, eps=eps, image_len=image_len,
-                                      frame_offset=frame_offset)
+                                      frame_offset=frame_offset, identity_rope=identity_rope)
     S, B, H, D = q.shape
     args = _launch_args(S, B, H, D, tuple(grid), num_identity, mode, tuple(rope_dims), theta, eps, image_len,
-                        frame_offset)
+                        frame_offset, identity_rope)
     # [D] weights are tiny: copying a strided one is cheap
     return _QKNormRope.apply(q, k, q_weight.contiguous(), k_weight.contiguous(), args)
 
