@@ -93,7 +93,8 @@ def _readme_commands(script: str) -> list[list[str]]:
     for line in text.splitlines():
         if line.startswith("torchrun ") and f" {script} " in line:
             words = shlex.split(line)
-            found.append((int(_flag(words, "--nnodes")) * int(_flag(words, "--nproc-per-node")),
+            nodes = int(_flag(words, "--nnodes")) if "--nnodes" in words else 1
+            found.append((nodes * int(_flag(words, "--nproc-per-node")),
                           words[words.index(script) + 1:]))
     return found
 
