@@ -123,6 +123,19 @@ def test_contact_sheet_shows_the_references_first(tmp_path):
     np.testing.assert_array_equal(sheet[row:row + H, :W], frames[0])  # the frames start on the next row
 
 
+def test_a_long_subject_name_is_cut_to_its_tile(tmp_path):
+    """Each label stays inside its own tile's column: a long name never overprints its neighbour's label."""
+    frames = smooth_frames()
+    Image.fromarray(frames[0]).save(tmp_path / "ref.png")
+    long = "a very long subject phrase that is much wider than one tile"
+    refs = [(long, str(tmp_path / "ref.png")), ("x", str(tmp_path / "ref.png"))]
+    with Image.open(write_contact_sheet(tmp_path / "sheet.png", frames, max_frames=4, references=refs)) as img:
+        strip = np.asarray(img.convert("RGB"))[H:H + LABEL_HEIGHT]
+    drawn = np.flatnonzero(strip.max(axis=(0, 2)) > 0)
+    first, second = drawn[drawn < W], drawn[drawn >= W]
+    assert W // 2 < first.max() < W - 1 and second.min() >= W + 2  # the first label fills its tile and ends in it
+
+
 def test_sidecar_round_trip(tmp_path):
     settings = {"seed": 7, "size": (32, 48), "ckpt": Path("/ckpt/x.pt"), "dtype": torch.bfloat16,
                 "fps": Fraction(24000, 1001), "cfg": 7.5, "nested": {"b": 1, "a": np.float32(0.5)}}

@@ -132,6 +132,15 @@ def read_mp4(path) -> tuple[np.ndarray, Fraction, Optional[np.ndarray], Optional
     return frames, Fraction(fps), audio, audio_rate
 
 
+def _clipped(draw, label: str, room: float) -> str:
+    """The label cut to fit its tile (ending in '.' when cut), so neighbouring names never overprint."""
+    if draw.textlength(label) <= room:
+        return label
+    while len(label) > 1 and draw.textlength(label + ".") > room:
+        label = label[:-1]
+    return label + "."
+
+
 def write_contact_sheet(path, frames_uint8: np.ndarray, columns: Optional[int] = None,
                         max_frames: int = 16, references: Sequence[tuple[str, str]] = ()) -> Path:
     """PNG grid of up to `max_frames` evenly spaced frames, each tile labelled with its frame index.
@@ -163,7 +172,7 @@ def write_contact_sheet(path, frames_uint8: np.ndarray, columns: Optional[int] =
         col = k % cols if k < len(references) else (k - len(references)) % cols
         x, y = col * width, row * tile_h
         sheet.paste(tile, (x, y))
-        draw.text((x + 2, y + height + 1), label, fill=(255, 255, 255))
+        draw.text((x + 2, y + height + 1), _clipped(draw, label, width - 4), fill=(255, 255, 255))
     path, tmp = _atomic_target(path)
     sheet.save(tmp, format="PNG")
     os.replace(tmp, path)
