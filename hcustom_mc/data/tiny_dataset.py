@@ -4,8 +4,10 @@ Every sample is a coloured shape crossing a white frame, so captions, identity c
 pitch (follows the shape's x position) and the edit mask are all exactly known. Videos alternate
 between h264 (.mp4) and VP9 (.webm) so both decoding paths (PyAV-fed and DALI's own) get exercised.
 Tasks cycle identity, multi_identity, t2v, audio, editing (or the `tasks` given); the n-th multi_identity sample
-has multi_subjects[n % len(multi_subjects)] subjects (2 by default). With broken_fraction > 0 a deterministic
-subset of samples gets one broken file each, of varied kinds, for the error-handling paths.
+has multi_subjects[n % len(multi_subjects)] subjects (2 by default), of distinct colours, so each subject's
+name ("red square") is a distinct phrase of the caption. With boxes_at_frame = f, subjects carry no identity image
+but their box in frame f (the input of subject extraction, tools/extract_subjects.py). With broken_fraction > 0 a
+deterministic subset of samples gets one broken file each, of varied kinds, for the error-handling paths.
 
     from hcustom_mc.data.tiny_dataset import make_tiny_dataset
     broken = make_tiny_dataset("runs/tiny/dataset", num_samples=16, size="64x48", frames=17, seed=0)
@@ -82,8 +84,17 @@ class _Mover:
         mask[y:y + self.side, x:x + self.side] = self.footprint
         return mask
 
+    def name(self) -> str:
+        """The subject's phrase in the caption: colours differ within a clip, so names do too."""
+        return f"{self.color} {self.shape}"
+
+    def box(self, t: float) -> list[int]:
+        """[x0, y0, x1, y1] in video pixels at time t (the extraction manifest's box)."""
+        y, x = self.position(t)
+        return [x, y, x + self.side, y + self.side]
+
     def phrase(self) -> str:
-        return f"{self.color} {self.shape} moves {'to the ' if self.direction in ('left', 'right') else ''}{self.direction}"
+        return f"{self.name()} moves {'to the ' if self.direction in ('left', 'right') else ''}{self.direction}"
 
 
 def _render(movers: list[_Mover], frames: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -173,7 +184,7 @@ def _break(kind: str, record: dict, root: Path, h: int, w: int, rng: np.random.G
 
 def _applicable(kind: str, record: dict) -> bool:
     if kind == "bad_image":
-        return bool(record["subjects"])
+        return bool(record["subjects"]) and "image" in record["subjects"][0]
     if kind == "wrong_rate":
         return record["audio"] is not None
     return True
@@ -181,7 +192,8 @@ def _applicable(kind: str, record: dict) -> bool:
 
 def make_tiny_dataset(out: str | os.PathLike, num_samples: int = 16, size: str | tuple[int, int] = "64x48",
                       frames: int = 17, seed: int = 0, broken_fraction: float = 0.0,
-                      tasks: tuple[str, ...] = TASK_CYCLE, multi_subjects: tuple[int, ...] = (2,)) -> list[str]:
+                      tasks: tuple[str, ...] = TASK_CYCLE, multi_subjects: tuple[int, ...] = (2,),
+                      boxes_at_frame: int | None = None) -> list[str]:
     """Write the dataset and `manifest.jsonl` under `out`; return the ids of the broken samples.
 
     Also writes `broken.json` ({id: {"file_kind": ..., "error_kind": DataError kind}}) so tests know
@@ -194,6 +206,8 @@ def make_tiny_dataset(out: str | os.PathLike, num_samples: int = 16, size: str |
     problems = [f"unknown task {t!r} (known: {', '.join(TASK_CYCLE)})" for t in tasks if t not in TASK_CYCLE]
     problems += [f"multi_identity takes 2..{len(COLORS)} subjects (one colour each), got {n}" for n in multi_subjects
                  if not 2 <= n <= len(COLORS)]
+    if boxes_at_frame is not None and not 0 <= boxes_at_frame < frames:
+        problems.append(f"boxes_at_frame must be a frame of the clip (0..{frames - 1}), got {boxes_at_frame}")
     if not tasks or not multi_subjects or problems:
         raise ValueError("; ".join(problems or ["tasks and multi_subjects must not be empty"]))
     h, w = parse_size(size)
@@ -218,9 +232,13 @@ def make_tiny_dataset(out: str | os.PathLike, num_samples: int = 16, size: str |
         write_video(root / record["video"], video)
         if task != "t2v":
             for k, m in enumerate(movers):
+                if boxes_at_frame is not None:
+                    box = m.box(boxes_at_frame / max(1, frames - 1))
+                    record["subjects"].append({"name": m.name(), "box": box, "frame": boxes_at_frame})
+                    continue
                 image = f"images/{sid}_{k}.png"
                 box = write_identity(root / image, m)
-                record["subjects"].append({"name": m.shape, "image": image, "box": box})
+                record["subjects"].append({"name": m.name(), "image": image, "box": box})
         if task == "audio":
             record["audio"] = f"audio/{sid}.wav"
             write_tone(root / record["audio"], movers[0], frames)
