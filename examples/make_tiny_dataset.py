@@ -3,7 +3,7 @@
     python examples/make_tiny_dataset.py --out runs/tiny_data/dataset --num-samples 16 --encoders
     python examples/make_tiny_dataset.py --out /tmp/broken --broken-fraction 0.5   # with broken files
     python examples/make_tiny_dataset.py --out /tmp/multi --tasks identity multi_identity --multi-subjects 2 3
-    python examples/make_tiny_dataset.py --out /tmp/raw --tasks multi_identity --frames 17 --boxes-at-frame 12
+    python examples/make_tiny_dataset.py --out /tmp/raw --tasks multi_identity --frames 17 --boxes-from-frame 9
 
 Moving coloured shapes on white, h264 (.mp4) and VP9 (.webm) alternating; tasks cycle identity,
 multi_identity, t2v, audio, editing. Broken samples (if any) are listed on stdout and in broken.json.
@@ -36,9 +36,10 @@ def main(argv=None) -> int:
                    help=f"the tasks samples cycle through (default: {' '.join(TASK_CYCLE)})")
     p.add_argument("--multi-subjects", nargs="+", type=int, default=[2], metavar="K",
                    help="subjects per multi_identity sample, cycled (default: 2)")
-    p.add_argument("--boxes-at-frame", type=int, default=None, metavar="F",
-                   help="subjects get no identity image, only their box in frame F (input for "
-                        "tools/extract_subjects.py, which cuts the images; default: images written)")
+    p.add_argument("--boxes-from-frame", type=int, default=None, metavar="F",
+                   help="subjects get no identity image, only their box in a frame from F on (the one where the "
+                        "shape is least covered): input for tools/extract_subjects.py, which cuts the images "
+                        "(default: images written)")
     p.add_argument("--encoders", action="store_true",
                    help="also write tiny random LLaVA, CLIP, Whisper and VAE folders (shaped for the tiny DiT) "
                         "to OUT/encoders, as examples/tiny_data.yaml expects")
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     broken = make_tiny_dataset(args.out, num_samples=args.num_samples, size=args.size, frames=args.frames,
                                seed=args.seed, broken_fraction=args.broken_fraction, tasks=tuple(args.tasks),
-                               multi_subjects=tuple(args.multi_subjects), boxes_at_frame=args.boxes_at_frame)
+                               multi_subjects=tuple(args.multi_subjects), boxes_from_frame=args.boxes_from_frame)
     print(f"wrote {args.num_samples} samples to {args.out / 'manifest.jsonl'} in {time.perf_counter() - start:.1f}s")
     print(f"broken ids ({len(broken)}): {' '.join(broken) if broken else 'none'}")
     if args.encoders:

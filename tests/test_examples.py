@@ -13,7 +13,7 @@ from tests.torchrun import REPO, _free_port, backend_env, child_pythonpath
 
 EXAMPLES = REPO / "examples"
 SCRIPTS = ("train_tiny_3d.sh", "train_tiny_data.sh", "finetune_tiny.sh", "lora_tiny.sh", "convert_and_compare.sh",
-           "infer_parallel.sh", "train_tiny_validation.sh", "finetune_multi_subject_tiny.sh")
+           "infer_parallel.sh", "train_tiny_validation.sh", "multi_subject_tiny.sh")
 
 
 def _env(tmp_path, **extra):

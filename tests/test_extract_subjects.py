@@ -352,3 +352,29 @@ def test_replace_images_extracts_given_subjects_without_their_image_boxes(tmp_pa
     assert problems == [] and [s.requests[0].extract for s in replaced] == [True, True]
     assert replaced[0].requests[0].box is None  # the image's box is not a box in the video
     assert replaced[1].requests[0].box == (1, 2, 3, 4)
+
+
+def test_the_tiny_datasets_boxes_cut_each_named_shape(tmp_path):
+    """examples/multi_subject_tiny.sh's input: make_tiny_dataset(boxes_from_frame=9) names each shape by colour and
+    gives its box in a frame of the crop segment (frames 9..16 of 17 at 25 fps); extracted, each crop is mostly its
+    own subject's colour and the training video is the clip's first 9 frames."""
+    from hcustom_mc.data.subjects import ExtractionSettings, Segments, extract_subjects
+    from hcustom_mc.data.tiny_dataset import COLORS, make_tiny_dataset
+
+    make_tiny_dataset(tmp_path / "raw", num_samples=6, frames=17, tasks=("multi_identity",), multi_subjects=(2, 3),
+                      boxes_from_frame=9)
+    raw = [json.loads(line) for line in (tmp_path / "raw" / "manifest.jsonl").read_text().splitlines()]
+    assert all("image" not in s and 9 <= s["frame"] <= 16 and s["name"] in r["caption"]
+               for r in raw for s in r["subjects"])
+    extract_subjects(tmp_path / "raw" / "manifest.jsonl", tmp_path / "out",
+                     ExtractionSettings(segments=Segments(0, 0.36, 0.36, 0.68)), progress=False)
+    out = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert [len(r["subjects"]) for r in out] == [2, 3] * 3 and {r["num_frames"] for r in out} == {9}
+    for record in out:
+        for subject in record["subjects"]:
+            crop = read_png(tmp_path / "out" / subject["image"]).astype(int)
+            own = np.abs(crop - COLORS[subject["name"].split()[0]]).max(-1) < 30
+            # a 16-pixel shape in its 20-pixel crop: square 64 %, circle 50 %, triangle 32 % (less its h264-blurred
+            # edges and what covers it); a shape behind another all clip long would give ~0
+            least = 0.15 if subject["name"].endswith("triangle") else 0.3
+            assert own.mean() > least, (record["id"], subject, own.mean())

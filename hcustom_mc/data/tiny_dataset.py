@@ -5,8 +5,9 @@ pitch (follows the shape's x position) and the edit mask are all exactly known. 
 between h264 (.mp4) and VP9 (.webm) so both decoding paths (PyAV-fed and DALI's own) get exercised.
 Tasks cycle identity, multi_identity, t2v, audio, editing (or the `tasks` given); the n-th multi_identity sample
 has multi_subjects[n % len(multi_subjects)] subjects (2 by default), of distinct colours, so each subject's
-name ("red square") is a distinct phrase of the caption. With boxes_at_frame = f, subjects carry no identity image
-but their box in frame f (the input of subject extraction, tools/extract_subjects.py). With broken_fraction > 0 a
+name ("red square") is a distinct phrase of the caption. With boxes_from_frame = f, subjects carry no identity image
+but their box (the input of subject extraction, tools/extract_subjects.py) in the frame from f on where the fewest
+of their pixels are covered by shapes drawn over them. With broken_fraction > 0 a
 deterministic subset of samples gets one broken file each, of varied kinds, for the error-handling paths.
 
     from hcustom_mc.data.tiny_dataset import make_tiny_dataset
@@ -111,6 +112,20 @@ def _render(movers: list[_Mover], frames: int, h: int, w: int) -> tuple[np.ndarr
     return video, first
 
 
+def _clearest_frame(movers: list[_Mover], k: int, candidates: range) -> int:
+    """The candidate frame where the most of mover k's pixels show (shapes drawn after it cover it)."""
+    frames = candidates.stop
+
+    def visible(f: int) -> int:
+        t = f / max(1, frames - 1)
+        covered = np.zeros((movers[k].h, movers[k].w), bool)
+        for later in movers[k + 1:]:
+            covered |= later.region(t)
+        return int((movers[k].region(t) & ~covered).sum())
+
+    return max(candidates, key=lambda f: (visible(f), -f))
+
+
 def write_video(path: Path, frames: np.ndarray, fps: int = FPS) -> None:
     """uint8 [F, H, W, 3] -> h264 (.mp4) or VP9 (.webm) by suffix, yuv420p, high quality (masks survive)."""
     import av
@@ -193,7 +208,7 @@ def _applicable(kind: str, record: dict) -> bool:
 def make_tiny_dataset(out: str | os.PathLike, num_samples: int = 16, size: str | tuple[int, int] = "64x48",
                       frames: int = 17, seed: int = 0, broken_fraction: float = 0.0,
                       tasks: tuple[str, ...] = TASK_CYCLE, multi_subjects: tuple[int, ...] = (2,),
-                      boxes_at_frame: int | None = None) -> list[str]:
+                      boxes_from_frame: int | None = None) -> list[str]:
     """Write the dataset and `manifest.jsonl` under `out`; return the ids of the broken samples.
 
     Also writes `broken.json` ({id: {"file_kind": ..., "error_kind": DataError kind}}) so tests know
@@ -206,8 +221,8 @@ def make_tiny_dataset(out: str | os.PathLike, num_samples: int = 16, size: str |
     problems = [f"unknown task {t!r} (known: {', '.join(TASK_CYCLE)})" for t in tasks if t not in TASK_CYCLE]
     problems += [f"multi_identity takes 2..{len(COLORS)} subjects (one colour each), got {n}" for n in multi_subjects
                  if not 2 <= n <= len(COLORS)]
-    if boxes_at_frame is not None and not 0 <= boxes_at_frame < frames:
-        problems.append(f"boxes_at_frame must be a frame of the clip (0..{frames - 1}), got {boxes_at_frame}")
+    if boxes_from_frame is not None and not 0 <= boxes_from_frame < frames:
+        problems.append(f"boxes_from_frame must be a frame of the clip (0..{frames - 1}), got {boxes_from_frame}")
     if not tasks or not multi_subjects or problems:
         raise ValueError("; ".join(problems or ["tasks and multi_subjects must not be empty"]))
     h, w = parse_size(size)
@@ -224,7 +239,12 @@ def make_tiny_dataset(out: str | os.PathLike, num_samples: int = 16, size: str |
         if task == "multi_identity":
             count, multi = multi_subjects[multi % len(multi_subjects)], multi + 1
         for _ in range(count):
-            movers.append(_Mover(rng, h, w, taken={m.color for m in movers}))
+            for _ in range(100):  # a shape on another's path would hide behind it all clip long: draw again
+                mover = _Mover(rng, h, w, taken={m.color for m in movers})
+                if not any(mover.direction == m.direction and abs(mover.offset - m.offset) < mover.side
+                           for m in movers):
+                    break
+            movers.append(mover)
         video, region = _render(movers, frames, h, w)
         record = {"id": sid, "task": task, "video": f"videos/{sid}{ext}",
                   "caption": "A " + " and a ".join(m.phrase() for m in movers) + ".",
@@ -232,9 +252,10 @@ def make_tiny_dataset(out: str | os.PathLike, num_samples: int = 16, size: str |
         write_video(root / record["video"], video)
         if task != "t2v":
             for k, m in enumerate(movers):
-                if boxes_at_frame is not None:
-                    box = m.box(boxes_at_frame / max(1, frames - 1))
-                    record["subjects"].append({"name": m.name(), "box": box, "frame": boxes_at_frame})
+                if boxes_from_frame is not None:
+                    f = _clearest_frame(movers, k, range(boxes_from_frame, frames))
+                    box = m.box(f / max(1, frames - 1))
+                    record["subjects"].append({"name": m.name(), "box": box, "frame": f})
                     continue
                 image = f"images/{sid}_{k}.png"
                 box = write_identity(root / image, m)
