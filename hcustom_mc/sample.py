@@ -135,7 +135,7 @@ def build_jobs(args) -> list:
     jobs, outputs = [], {}
     for n, entry in enumerate(entries):
         merged = {**base, **entry}
-        merged.setdefault("output", str(args.out / f"{n:03d}_{merged.get('task', 'job')}"))
+        merged["output"] = output_stem(args.out, merged.get("output"), f"{n:03d}_{merged.get('task', 'job')}")
         # compare the files each job writes, resolved (./a, a, links to a): two jobs must never share one
         for written in _output_files(merged["output"]):
             if written in outputs:
@@ -148,6 +148,15 @@ def build_jobs(args) -> list:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"job {n}: {exc}") from None
     return jobs
+
+
+def output_stem(out: Path, given, default: str) -> str:
+    """Where a job's NAME.mp4 / .png / .json / .latents.pt go: a job's `output` relative to --out (absolute as
+    given), without a trailing .mp4 (the stem names all four files); none given: --out/NNN_task."""
+    stem = Path(str(given)).expanduser() if given else Path(default)
+    if stem.suffix.lower() == ".mp4":
+        stem = stem.with_suffix("")
+    return str(stem if stem.is_absolute() else out / stem)
 
 
 def _refuse_existing(n: int, output, overwrite: bool) -> None:

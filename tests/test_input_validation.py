@@ -208,9 +208,23 @@ def test_outputs_resolving_to_one_file_refused(tmp_path, monkeypatch):
     for a, b in (("out/a", "./out/a"), ("out/a", str(tmp_path / "link" / "a")), ("out/x", "out/x/../x")):
         jobs.write_text(json.dumps([{"task": "t2v", "prompt": "p", "output": a}, {"task": "t2v", "prompt": "p", "output": b}]))
         with pytest.raises(ConfigError, match="job 1: output .* which job 0 also writes"):
-            build_jobs(parse_args(["--checkpoint", "x", "--jobs", str(jobs)]))
+            build_jobs(parse_args(["--checkpoint", "x", "--jobs", str(jobs), "--out", "."]))
     jobs.write_text(json.dumps([{"task": "t2v", "prompt": "p", "output": "out/a"}, {"task": "t2v", "prompt": "p", "output": "out/b"}]))
     assert len(build_jobs(parse_args(["--checkpoint", "x", "--jobs", str(jobs)]))) == 2
+
+
+def test_a_jobs_output_is_a_stem_under_out(tmp_path, monkeypatch):
+    """`output` in a job file names the files' stem: relative ones go under --out, absolute ones stay, a trailing .mp4
+    is not doubled (clip.mp4 -> clip.mp4, not clip.mp4.mp4); without one, --out/NNN_task."""
+    from hcustom_mc.sample import build_jobs, parse_args
+
+    monkeypatch.chdir(tmp_path)
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(json.dumps([{"task": "t2v", "prompt": "p", "output": "clip.mp4"},
+                                {"task": "t2v", "prompt": "p", "output": str(tmp_path / "abs" / "b")},
+                                {"task": "t2v", "prompt": "p", "output": "sub/c.v2"}, {"task": "t2v", "prompt": "p"}]))
+    got = [j.output for j in build_jobs(parse_args(["--checkpoint", "x", "--jobs", str(jobs), "--out", "res"]))]
+    assert got == ["res/clip", str(tmp_path / "abs" / "b"), "res/sub/c.v2", "res/003_t2v"]
 
 
 def test_nonfinite_latents_stop_naming_the_step(single_process, monkeypatch):

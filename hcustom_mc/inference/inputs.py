@@ -74,7 +74,7 @@ class SampleJob:
     embedded_guidance: float | None = None  # only for guidance-distilled models (guidance_embed)
     ip_cfg_scale: float = 0.0  # > 0 adds the "ip" branch
     audio_strength: float | None = None  # lambda_A; None: the model config's
-    output: str = "output.mp4"
+    output: str = "output"  # the files' stem (NAME.mp4, .png, .json, .latents.pt); the sampler puts a relative one under --out
     fps: float | None = None  # editing: the source's fps when None, else 25
     # where the subject is, (x0, y0, x1, y1) as fractions of the frame: read by the metrics (DINO-Sim scores that
     # region against the identity image), not by sampling
