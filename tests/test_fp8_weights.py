@@ -196,6 +196,27 @@ def test_auto_matmul_on_cpu_is_the_upcast(ckpts):
     assert torch.equal(a, b)
 
 
+@pytest.mark.gpu
+def test_fp8_gemm_on_this_gpu(ckpts):
+    """On a GPU with fp8 tensor cores, --fp8-matmul auto runs torch._scaled_mm (activations quantised per token):
+    finite and within a few percent of the upcast's output (each activation moves by <= 2^-4 relative)."""
+    from hcustom_mc.inference.fp8 import load_fp8_model
+    from hcustom_mc.model.fp8 import block_linears, fp8_matmul_backend
+
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    path = _fp8_file(ckpts, "pc")
+    gemm, _ = load_fp8_model(path, "release", ckpts["cfg"], BF16, "ulysses", matmul="auto", device=cuda)
+    upcast, _ = load_fp8_model(path, "release", ckpts["cfg"], BF16, "ulysses", device=cuda)
+    kinds = {fp8_matmul_backend("auto", cuda, BF16, m.weight.shape[1], m.weight.shape[0], True)
+             for _, m in block_linears(gemm)}
+    if kinds == {"upcast"}:
+        pytest.skip(f"this GPU (sm_{''.join(map(str, torch.cuda.get_device_capability()))}) has no row-wise fp8 GEMM")
+    inputs = {k: v.to(cuda) for k, v in ckpts["inputs"].items()}
+    a, b = _forward(gemm, inputs, BF16).float(), _forward(upcast, inputs, BF16).float()
+    assert torch.isfinite(a).all() and not torch.equal(a, b)
+    assert (a - b).abs().max() <= 0.05 * b.abs().max()
+
+
 @pytest.mark.parametrize("rowwise", [True, False])
 def test_scaled_mm_linear_maths(rowwise):
     """The fp8 GEMM path's maths (torch._scaled_mm also runs on the CPU, so it is checked here even though the
@@ -265,6 +286,20 @@ def test_per_channel_export_round_trip_bounds(ckpts, tmp_path):
     for k, v in sd.items():  # everything else as in the source
         if k[:-7] not in scales:
             assert torch.equal(v, ckpts["sd"][k]), k
+    # --fp8 per-tensor writes the release's own format: the pair save_release_fp8 writes
+    run_python("-m", "hcustom_mc.checkpoint.convert", "--src", ckpts["root"] / "bf16", "--src-format", "release",
+               "--dst", tmp_path / "pt", "--dst-format", "release", "--model-config", "tiny", "--fp8", "per-tensor")
+    got, got_scales = read_release_fp8(tmp_path / "pt" / "mp_rank_00_model_states_fp8.pt")
+    want, want_scales = read_release_fp8(_fp8_file(ckpts, "pt"))
+    assert all(s.ndim == 0 for s in got_scales.values())
+    assert {k: v.view(torch.uint8) if v.dtype.itemsize == 1 else v for k, v in got.items()}.keys() == want.keys()
+    assert all(torch.equal(got[k].view(torch.uint8), want[k].view(torch.uint8)) if want[k].dtype.itemsize == 1
+               else torch.equal(got[k], want[k]) for k in want)
+    assert all(torch.equal(got_scales[n], want_scales[n]) for n in want_scales)
+    bad = run_python("-m", "hcustom_mc.checkpoint.convert", "--src", ckpts["root"] / "bf16", "--src-format", "release",
+                     "--dst", tmp_path / "d", "--dst-format", "diffusers", "--model-config", "tiny", "--fp8",
+                     "per-channel", expect_ok=False)
+    assert "--fp8 writes the release fp8 pair: it needs --dst-format release, not diffusers" in bad
 
 
 def test_bad_scales_give_one_clear_message(ckpts, tmp_path):

@@ -17,7 +17,7 @@ from typing import Mapping
 import torch
 
 from hcustom_mc.checkpoint.release import CheckpointFormatError, fp8_effective_scale
-from hcustom_mc.model.fp8 import block_linears, fp8_structure_, is_fp8_linear, set_side_adapter
+from hcustom_mc.model.fp8 import block_linears, fp8_structure_, is_fp8_linear, linear_kind, set_side_adapter
 from hcustom_mc.parallel.groups import group_rank, group_size, tensor_parallel_group
 from hcustom_mc.parallel.sharding import TPSplit, get_tp_split, load_full_state_dict, shard_full_tensor
 
@@ -68,7 +68,7 @@ def apply_adapters(model: torch.nn.Module, adapters, scale: float = 1.0, full_sh
             module = modules[name]
             split = get_tp_split(module.weight)
             Bs = B.float() * scale
-            if split is not None and split.dim == 0:  # column: this rank's output rows of B, A whole
+            if linear_kind(module) == "column":  # this rank's output rows of B, A whole
                 A_local, B_local = A.float(), _shard(Bs, split, 0, rank, tp)
             else:  # row: this rank's input columns of A, B whole
                 A_local, B_local = _shard(A.float(), split, 1, rank, tp), Bs

@@ -211,7 +211,8 @@ def _fp8_class(base: type) -> type:
     return _CLASSES[base]
 
 
-def _kind(module: nn.Module) -> str | None:
+def linear_kind(module: nn.Module) -> str | None:
+    """'column' | 'row' for megatron's local parallel linears (and their subclasses), else None."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     if isinstance(module, ColumnParallelLinear):
@@ -235,7 +236,7 @@ def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
             continue
-        if _kind(module) is None:
+        if linear_kind(module) is None:
             other.append(f"{name} ({type(module).__name__})")
         else:
             out.append((name, module))
@@ -248,7 +249,7 @@ def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _scale_split(module: nn.Module, per_channel: bool) -> TPSplit | None:
     """A per-channel scale of a column-parallel layer is split with its weight's rows; otherwise replicated."""
     split = get_tp_split(module.weight)
-    return split if per_channel and _kind(module) == "column" and split is not None and split.dim == 0 else None
+    return split if per_channel and linear_kind(module) == "column" and split is not None and split.dim == 0 else None
 
 
 def to_fp8_linear(module: nn.Module, w8: torch.Tensor, scale: torch.Tensor, compute_dtype: torch.dtype,
@@ -257,7 +258,7 @@ def to_fp8_linear(module: nn.Module, w8: torch.Tensor, scale: torch.Tensor, comp
     (() or [out_local] fp32) in place of its weight; its parameter marks (TP split) are kept."""
     if matmul not in MATMUL_MODES:
         raise Fp8Error(f"fp8 matmul mode must be one of {MATMUL_MODES}, got {matmul!r}")
-    if _kind(module) is None:
+    if linear_kind(module) is None:
         raise Fp8Error(f"{type(module).__name__} is not a megatron local parallel linear")
     old = module.weight
     if w8.dtype != FP8_DTYPE or tuple(w8.shape) != tuple(old.shape):
@@ -290,7 +291,7 @@ def quantize_linear_(module: nn.Module, granularity: str, compute_dtype: torch.d
     the whole weight, not the shard (a MAX all-reduce over the layer's TP group where the shard splits a
     channel or the tensor), so every TP layout stores the same fp8 values and scales."""
     w = module.weight.detach()
-    kind, tp_group = _kind(module), getattr(module, "tp_group", None)
+    kind, tp_group = linear_kind(module), getattr(module, "tp_group", None)
     tp = group_size(tp_group) if tp_group is not None else 1
     if granularity == "per-tensor":
         amax = w.float().abs().amax()
@@ -341,6 +342,6 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
 
 
 __all__ = ["FP8_DTYPE", "FP8_MAX", "GRANULARITIES", "MATMUL_MODES", "Fp8Error", "block_linears", "bf16_ceil",
-           "check_scale", "dequantize_weight", "fp8_matmul_backend", "fp8_structure_", "is_fp8_linear",
+           "check_scale", "dequantize_weight", "linear_kind", "fp8_matmul_backend", "fp8_structure_", "is_fp8_linear",
            "quantize_linear_", "quantize_model_", "quantize_weight", "scaled_mm_linear", "set_side_adapter",
            "to_fp8_linear", "weight_bytes"]
