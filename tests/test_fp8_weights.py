@@ -325,6 +325,20 @@ def test_bad_scales_give_one_clear_message(ckpts, tmp_path):
             assert str(err.value).count("\n  - ") == 1, str(err.value)  # one problem, said once
 
 
+def test_non_finite_weights_refused_when_quantising_on_load(ckpts, tmp_path):
+    from hcustom_mc.checkpoint.release import CheckpointFormatError, save_release_state_dict
+    from hcustom_mc.inference.fp8 import load_fp8_model
+
+    sd = dict(ckpts["sd"])
+    sd["double_blocks.1.img_mlp.fc2.weight"] = sd["double_blocks.1.img_mlp.fc2.weight"].clone()
+    sd["double_blocks.1.img_mlp.fc2.weight"][0, 3] = float("inf")
+    (tmp_path / "ck").mkdir()
+    path = save_release_state_dict(sd, tmp_path / "ck")
+    with pytest.raises(CheckpointFormatError, match="cannot keep its weights in fp8: double_blocks.1.img_mlp.fc2: "
+                                                    "cannot quantise a weight holding non-finite values"):
+        load_fp8_model(path, "release", ckpts["cfg"], BF16, "ulysses")
+
+
 # ----------------------------------------------------------------------------- LoRA
 def test_lora_on_an_fp8_checkpoint_is_a_side_adapter(ckpts):
     """fp8 pair + LoRA: side adapters on the fp8 block linears, merged into the others; matches the exact

@@ -66,7 +66,8 @@ def load_fp8_model(path: Path, fmt: str, model_cfg: ModelConfig, dtype: torch.dt
     from hcustom_mc.checkpoint.lora import merge_into_model
     from hcustom_mc.checkpoint.release import is_release_fp8, read_release_fp8
     from hcustom_mc.inference.pipeline import load_model
-    from hcustom_mc.model.fp8 import MATMUL_MODES, quantize_model_, weight_bytes
+    from hcustom_mc.checkpoint.release import CheckpointFormatError
+    from hcustom_mc.model.fp8 import MATMUL_MODES, Fp8Error, quantize_model_, weight_bytes
     from hcustom_mc.model.spec import local_linear_submodules
     from hcustom_mc.parallel.groups import layout_process_groups
 
@@ -93,7 +94,10 @@ def load_fp8_model(path: Path, fmt: str, model_cfg: ModelConfig, dtype: torch.dt
         for adapters, scale in loras:  # into the bf16 weights, before they are quantised
             merged = merge_into_model(model, adapters, scale)
             report.lora.append((adapters.source, scale, 0, merged))
-        report.linears = quantize_model_(model, "per-channel", dtype, matmul)
+        try:
+            report.linears = quantize_model_(model, "per-channel", dtype, matmul)
+        except Fp8Error as err:  # e.g. non-finite weights: the checkpoint's fault, said with its name
+            raise CheckpointFormatError(f"{path}: cannot keep its weights in fp8: {err}") from None
     place_module(model, device)
     model.eval().requires_grad_(False)
     report.bytes = weight_bytes(model)

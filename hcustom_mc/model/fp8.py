@@ -309,9 +309,12 @@ def quantize_model_(model: nn.Module, granularity: str, compute_dtype: torch.dty
     """Quantise every block linear of `model` in place; returns how many (collective over each layer's TP group)."""
     linears = block_linears(model)
     with torch.no_grad():
-        for _, module in linears:
+        for name, module in linears:
             if not is_fp8_linear(module):
-                quantize_linear_(module, granularity, compute_dtype, matmul)
+                try:
+                    quantize_linear_(module, granularity, compute_dtype, matmul)
+                except Fp8Error as err:
+                    raise Fp8Error(f"{name}: {err}") from None
     return len(linears)
 
 
