@@ -66,6 +66,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "checkpoint's own, else paper)")
     m.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
                    help="DiT dtype (default: not set: bfloat16 on GPU, float32 on CPU)")
+    wg = p.add_argument_group("weights", "How the DiT's weights are held in memory (README: fp8 weights).")
+    wg.add_argument("--fp8-weights", default="off", choices=("off", "on"),
+                    help="on: keep the blocks' linear weights in float8_e4m3fn with their scales, upcast to --dtype just "
+                         "before each matmul: an fp8 checkpoint (..._fp8.pt) as stored, any other checkpoint quantised "
+                         "on load per output channel (after merging --lora); --lora on an fp8 checkpoint runs as a side "
+                         "adapter (default: off)")
+    wg.add_argument("--fp8-matmul", default="upcast", choices=("upcast", "auto"),
+                    help="with --fp8-weights on: upcast (exactly the dequantised weights' result) or auto (torch's fp8 "
+                         "GEMM, torch._scaled_mm, on GPUs with fp8 tensor cores, sm_89/sm_90+, activations quantised to "
+                         "fp8 per token; upcast elsewhere) (default: upcast)")
     e = p.add_argument_group("encoders (local folders; nothing is downloaded)")
     e.add_argument("--encoders-dir", type=Path, help="folder holding llava/ clip/ whisper/ vae/, or the released "
                    "download's llava-llama-3-8b-v1_1/ openai_clip-vit-large-patch14/ whisper-tiny/ vae_3d/hyvae_v1_0801/ "
@@ -229,7 +239,8 @@ def encoder_paths(args):
     return paths
 
 
-def _write_outputs(job, n, video, latents, ckpt, fmt, model_cfg, layout, world, dtype, timing, decode_s, t0) -> None:
+def _write_outputs(job, n, video, latents, ckpt, fmt, model_cfg, layout, world, dtype, timing, decode_s, t0,
+                   weights: dict | None = None) -> None:
     import torch
 
     from hcustom_mc.inference.output import to_uint8_frames, write_contact_sheet, write_mp4, write_sidecar
@@ -246,7 +257,8 @@ def _write_outputs(job, n, video, latents, ckpt, fmt, model_cfg, layout, world, 
     write_contact_sheet(_named(out, ".png"), frames, references=job.subjects)
     write_sidecar(_named(out, ".json"), {
         "job": job.to_dict(), "checkpoint": str(ckpt), "checkpoint_format": fmt, "model": model_cfg.to_dict(),
-        "layout": vars(layout), "world_size": world, "dtype": str(dtype), "denoise": timing, "decode_s": decode_s,
+        "layout": vars(layout), "world_size": world, "dtype": str(dtype), "weights": weights or {"fp8_weights": "off"},
+        "denoise": timing, "decode_s": decode_s,
         "total_s": time.time() - t0})
     torch.save(latents.cpu(), _named(out, ".latents.pt"))
     log.info("job %d: wrote %s (%d frames at %g fps) in %.1fs", n, _named(out, ".mp4"), frames.shape[0], job.fps,
@@ -285,6 +297,8 @@ def run(args) -> int:
     from hcustom_mc.parallel.state import initialize_parallel
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.fp8_matmul != "upcast" and args.fp8_weights != "on":
+        raise ConfigError(f"--fp8-matmul {args.fp8_matmul} needs --fp8-weights on")
     fmt, ckpt = resolve_checkpoint(args.checkpoint, args.checkpoint_format, args.verify_checkpoint)
     fallback = None
     if args.model_config:
@@ -335,11 +349,22 @@ def _generate(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, info, dtyp
 
     rank0 = info.rank == 0
     t_load = time.time()
-    model = load_model(ckpt, fmt, model_cfg, dtype, args.cp_mode, args.load_key)
-    for adapters, scale in loras:  # merged: no cost per step; W + sum of scale_i * B_i A_i, added in fp32
-        merge_into_model(model, adapters, scale)
+    weights = {"fp8_weights": args.fp8_weights}
+    if args.fp8_weights == "on":  # LoRAs merged before quantising, or side adapters on an fp8 checkpoint
+        from hcustom_mc.inference.fp8 import load_fp8_model
+
+        model, report = load_fp8_model(ckpt, fmt, model_cfg, dtype, args.cp_mode, args.load_key, loras,
+                                       matmul=args.fp8_matmul)
+        weights.update(fp8_matmul=args.fp8_matmul, fp8_source=report.source, fp8_granularity=report.granularity,
+                       dit_bytes_per_rank=report.bytes)
         if rank0:
-            log.info("merged LoRA %s x %g (%d modules)", adapters.source, scale, len(adapters.tensors))
+            log.info("%s", report.describe())
+    else:
+        model = load_model(ckpt, fmt, model_cfg, dtype, args.cp_mode, args.load_key)
+        for adapters, scale in loras:  # merged: no cost per step; W + sum of scale_i * B_i A_i, added in fp32
+            merge_into_model(model, adapters, scale)
+            if rank0:
+                log.info("merged LoRA %s x %g (%d modules)", adapters.source, scale, len(adapters.tensors))
     encoders = EncoderSet.from_paths(paths, needs_audio=any(j.task == "audio" for j in jobs), device=info.device,
                                      dtype=torch.float32 if info.device.type == "cpu" else torch.float16,
                                      mode=model_cfg.mode, max_subjects=model_cfg.max_identity_images,
@@ -369,7 +394,7 @@ def _generate(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, info, dtyp
         if rank0:
             try:
                 _write_outputs(job, n, video[0].float().cpu(), latents, ckpt, fmt, model_cfg, layout, world, dtype,
-                               timing, time.time() - t_dec, t0)
+                               timing, time.time() - t_dec, t0, weights)
             except Exception as exc:  # other ranks must not wait forever in the next collective
                 failed = exc
         if torch.distributed.is_initialized():

@@ -3,16 +3,20 @@
   python -m hcustom_mc.checkpoint.convert --src PATH --src-format {release,diffusers,mcore} \
       --dst PATH --dst-format {release,diffusers,mcore} --model-config {tiny,13b,FILE} \
       [--variant base|audio|editing] [--mode release|paper] [--guidance-embed] [--tp N] [--pp N]
-      [--merge-lora FILE[:SCALE] ...]
+      [--merge-lora FILE[:SCALE] ...] [--fp8 per-tensor|per-channel]
 
-release   : `*_model_states.pt` with the weights under `module` (`_fp8.pt` + `_fp8_map.pt` are dequantised)
+release   : `*_model_states.pt` with the weights under `module` (`_fp8.pt` + `_fp8_map.pt` are dequantised);
+            with --fp8, written as the release's fp8 pair `mp_rank_00_model_states_fp8.pt` +
+            `mp_rank_00_model_states_fp8_map.pt` (the blocks' linear weights in float8_e4m3fn, one scale per
+            tensor as the release, or per output channel: a 1-D [out] scale), which `sample --fp8-weights on`
+            keeps in fp8
 diffusers : a HunyuanVideoTransformer3DModel folder (safetensors + config.json)
 mcore     : a megatron-core distributed checkpoint, loadable at any TP
 
 Conversions that touch `mcore` build the model at TP=--tp, so run them with that many processes
 (`torchrun --nproc-per-node N -m hcustom_mc.checkpoint.convert ... --tp N`); the mcore checkpoint
 itself stores global tensors and reshards to any TP on load. Tensors are copied bit-exactly:
-no dtype change. Loading never unpickles arbitrary objects.
+no dtype change (except --fp8). Loading never unpickles arbitrary objects.
 """
 
 from __future__ import annotations
@@ -43,8 +47,12 @@ def read_full_state_dict(path: Path, fmt: str, load_key: str = "module") -> tupl
 
 
 def write_full_state_dict(sd: dict, path: Path, fmt: str, cfg: ModelConfig, load_key: str = "module",
-                          ema: dict | None = None) -> None:
-    if fmt == "release":
+                          ema: dict | None = None, fp8: str | None = None) -> None:
+    if fmt == "release" and fp8:
+        from hcustom_mc.checkpoint.release import save_release_fp8
+
+        save_release_fp8(sd, path, granularity=fp8)  # a folder: the pair's fixed file names
+    elif fmt == "release":
         from hcustom_mc.checkpoint.release import save_release_state_dict
 
         if path.suffix != ".pt":  # a folder, like the release's transformers/ folder
@@ -122,6 +130,11 @@ def parse_args(argv=None):
                    help="merge LoRA adapters into the output weights, times SCALE (default scale 1); repeatable. FILE: "
                         "an `hcustom_mc.checkpoint.lora export --format original` file or a training checkpoint folder "
                         "(default: none)")
+    p.add_argument("--fp8", default=None, choices=("per-tensor", "per-channel"),
+                   help="--dst-format release only: write the release fp8 pair into the folder --dst, the blocks' "
+                        "linear weights quantised to float8_e4m3fn with one scale per tensor (as the released file) or "
+                        "per output channel (smaller error); for `sample --fp8-weights on` (default: not set: no "
+                        "quantisation)")
     p.add_argument("--overwrite", action="store_true",
                    help="allow writing into an existing, non-empty --dst (switch; default: off)")
     p.add_argument("--verify-checkpoint", default=DEFAULT_VERIFY, choices=VERIFY_MODES,
@@ -138,6 +151,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --src {args.src} does not exist")
     if args.dst.exists() and (args.dst.is_file() or any(args.dst.iterdir())) and not args.overwrite:
         raise SystemExit(f"error: --dst {args.dst} exists and is not empty (pass --overwrite)")
+    if args.fp8 and args.dst_format != "release":
+        raise SystemExit(f"error: --fp8 writes the release fp8 pair: it needs --dst-format release, not {args.dst_format}")
+    if args.fp8 and args.dst.suffix == ".pt":
+        raise SystemExit(f"error: --fp8 writes two files with fixed names (mp_rank_00_model_states_fp8.pt and its "
+                         f"_fp8_map.pt): give --dst as a folder, not {args.dst}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != args.tp * args.pp:
         raise SystemExit(f"error: --tp {args.tp} x --pp {args.pp} needs that many processes, this run has {world}: "
@@ -178,7 +196,7 @@ def _convert(args, cfg: ModelConfig, info, src_sd: dict | None) -> None:
         merge_into_state_dict(src_sd, adapters, scale)
     if "mcore" not in (args.src_format, args.dst_format):
         if info.rank == 0:
-            write_full_state_dict(src_sd, args.dst, args.dst_format, cfg, args.load_key)
+            write_full_state_dict(src_sd, args.dst, args.dst_format, cfg, args.load_key, fp8=args.fp8)
     else:
         from hcustom_mc.checkpoint.integrity import select_checkpoint
         from hcustom_mc.checkpoint.mcore import has_mcore_prefix, load_mcore_checkpoint, save_mcore_checkpoint
@@ -202,7 +220,10 @@ def _convert(args, cfg: ModelConfig, info, src_sd: dict | None) -> None:
         else:
             sd = gather_pipeline_state_dict(full_state_dict(model))
             ema = None
-            if src_sd is None and args.dst_format == "release" and has_mcore_prefix(src, "ema."):
+            if src_sd is None and args.dst_format == "release" and has_mcore_prefix(src, "ema.") and args.fp8:
+                if info.rank == 0:
+                    log.info("--fp8: the fp8 pair holds the `module` weights only; the source's EMA is not written")
+            elif src_sd is None and args.dst_format == "release" and has_mcore_prefix(src, "ema."):
                 if loras and info.rank == 0:
                     log.warning("--merge-lora: the adapters are merged into `module`, not into the `ema` entry")
                 # a training run's EMA weights (fp32) become the release file's `ema` entry
@@ -211,7 +232,7 @@ def _convert(args, cfg: ModelConfig, info, src_sd: dict | None) -> None:
                 ema = gather_pipeline_state_dict(full_state_dict(ema_model))
                 del ema_model
             if info.rank == 0:
-                write_full_state_dict(sd, args.dst, args.dst_format, cfg, args.load_key, ema=ema)
+                write_full_state_dict(sd, args.dst, args.dst_format, cfg, args.load_key, ema=ema, fp8=args.fp8)
 
 
 def _mcore_dtype(path: Path) -> "torch.dtype":

@@ -8,7 +8,10 @@ released ones, so every function here works on plain `dict[str, Tensor]`.
 FP8 pair (facts file 1.7): `..._fp8.pt` holds float8_e4m3fn weights for every Linear weight inside
 `double_blocks`/`single_blocks` (everything else as stored), and `..._fp8_map.pt` holds one
 per-tensor scale per Linear, `torch.load(map)["module"][linear_name]` (HunyuanCustom wraps the map
-in `"module"`, HunyuanVideo's map is flat; both are read).
+in `"module"`, HunyuanVideo's map is flat; both are read). Our per-channel export (`convert --fp8
+per-channel`) stores a 1-D [out] scale instead, which every reader here accepts. `read_release_fp8`
+returns the pair as stored (for `sample --fp8-weights on`, which keeps the weights fp8);
+`load_release_state_dict` dequantises it.
 
 Safety: every file is read with `torch.load(weights_only=True)`, so no arbitrary object is ever
 unpickled. The only non-tensor class allowed in addition to torch's own weights-only allowlist is
@@ -39,6 +42,9 @@ __all__ = [
     "save_release_state_dict",
     "quantize_release_fp8",
     "dequantize_release_fp8",
+    "read_release_fp8",
+    "is_release_fp8",
+    "fp8_effective_scale",
     "save_release_fp8",
     "is_fp8_quantized_weight",
 ]
@@ -158,69 +164,39 @@ def _unwrap_fp8_map(obj: Any, path: Path) -> dict[str, Any]:
     return {(k[: -len(".weight")] if k.endswith(".weight") else k): v for k, v in obj.items()}
 
 
-def _scale_tensor(value: Any, name: str, path: Path) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise CheckpointFormatError(
-                f"fp8 map {path}: scale of {name} has shape {tuple(value.shape)}; only per-tensor scales are supported"
-            )
-        scale = value.detach().reshape(()).to(torch.float32)
-    elif isinstance(value, (int, float)):
-        scale = torch.tensor(float(value), dtype=torch.float32)
-    else:
-        raise CheckpointFormatError(f"fp8 map {path}: scale of {name} is a {type(value).__name__}")
-    if not torch.isfinite(scale):
-        raise CheckpointFormatError(f"fp8 map {path}: scale of {name} is not finite ({scale.item()})")
-    return scale
+def _check_fp8(fp8_sd: Mapping[str, torch.Tensor], fp8_map: Mapping[str, Any], source: str) -> dict[str, torch.Tensor]:
+    """Every float8_e4m3fn `<linear>.weight` with its scale: {linear: fp32 scale, () per-tensor or [out]
+    per output channel}. Every problem of the pair is listed in one CheckpointFormatError."""
+    from hcustom_mc.model.fp8 import Fp8Error, check_scale
 
-
-def dequantize_release_fp8(
-    fp8_sd: Mapping[str, torch.Tensor],
-    fp8_map: Mapping[str, Any],
-    mode: str = "release",
-    *,
-    source: str = "<state dict>",
-) -> dict[str, torch.Tensor]:
-    """Dequantise every float8_e4m3fn `<linear>.weight` with its per-tensor scale to bfloat16.
-
-    `fp8_map` maps linear names (with or without `.weight`; optionally wrapped in `"module"`) to
-    scales. Tensors that are not fp8 are returned unchanged (same objects).
-
-    mode="release" (default) reproduces the released runtime bit for bit: it keeps the scale as
-    `scale.to(bf16)` and computes `w_fp8.to(bf16) * scale_bf16`. That product is computed exactly
-    in fp32 (4-bit x 8-bit significands) and rounded once to bf16, on any device, so we compute
-    `(w.float() * scale.to(bf16).float()).to(bf16)`.
-    mode="fp32": `(w.float() * scale_fp32).to(bf16)`: keeps the full-precision scale (closer to the
-    weights the map was made from when the stored scales are fp32, but not what the release runs).
-    The two agree whenever the stored scale is already bf16-representable.
-    """
-    if mode not in FP8_DEQUANT_MODES:
-        raise CheckpointFormatError(f"fp8 dequant mode must be one of {FP8_DEQUANT_MODES}, got {mode!r}")
     scales = _unwrap_fp8_map(fp8_map, Path(source))
     out: dict[str, torch.Tensor] = {}
-    no_scale, not_weight = [], []
+    no_scale, not_weight, bad_scale, e5m2 = [], [], [], []
     for key, t in fp8_sd.items():
         if t.dtype == torch.float8_e5m2:
-            raise CheckpointFormatError(f"{source}: {key} is float8_e5m2; the release format is float8_e4m3fn")
-        if t.dtype != FP8_DTYPE:
-            out[key] = t
+            e5m2.append(key)
             continue
-        if not key.endswith(".weight"):
+        if t.dtype != FP8_DTYPE:
+            continue
+        if not key.endswith(".weight") or t.ndim != 2:
             not_weight.append(key)
             continue
         name = key[: -len(".weight")]
         if name not in scales:
             no_scale.append(name)
             continue
-        scale = _scale_tensor(scales[name], name, Path(source))
-        if mode == "release":
-            scale = scale.to(torch.bfloat16).to(torch.float32)
-        out[key] = (t.to(torch.float32) * scale).to(torch.bfloat16)
+        try:
+            out[name] = check_scale(scales[name], t.shape[0], name)
+        except Fp8Error as err:
+            bad_scale.append(str(err))
     errors = []
+    if e5m2:
+        errors.append(f"float8_e5m2 tensors (the release format is float8_e4m3fn): {e5m2}")
     if not_weight:
         errors.append(f"float8 tensors that are not Linear weights: {not_weight}")
     if no_scale:
         errors.append(f"float8 weights with no scale in the fp8 map: {no_scale}")
+    errors += bad_scale
     # A scale whose weight is stored un-quantised is ambiguous (the release would cast it to fp8
     # without scaling and then multiply by the scale); refuse rather than guess.
     unscaled = sorted(
@@ -231,6 +207,72 @@ def dequantize_release_fp8(
     if errors:
         raise CheckpointFormatError(f"{source}: invalid fp8 checkpoint:\n  - " + "\n  - ".join(errors))
     return out
+
+
+def fp8_effective_scale(scale: torch.Tensor, mode: str = "release") -> torch.Tensor:
+    """The fp32 scale a dequantisation in `mode` multiplies by (release: the scale rounded to bf16, as the
+    released runtime; fp32: as stored)."""
+    if mode not in FP8_DEQUANT_MODES:
+        raise CheckpointFormatError(f"fp8 dequant mode must be one of {FP8_DEQUANT_MODES}, got {mode!r}")
+    return scale.to(torch.bfloat16).to(torch.float32) if mode == "release" else scale.to(torch.float32)
+
+
+def dequantize_release_fp8(
+    fp8_sd: Mapping[str, torch.Tensor],
+    fp8_map: Mapping[str, Any],
+    mode: str = "release",
+    *,
+    source: str = "<state dict>",
+) -> dict[str, torch.Tensor]:
+    """Dequantise every float8_e4m3fn `<linear>.weight` with its scale to bfloat16.
+
+    `fp8_map` maps linear names (with or without `.weight`; optionally wrapped in `"module"`) to
+    scales: one value (per-tensor, the release) or a 1-D [out] tensor (per output channel, our
+    `convert --fp8 per-channel` export). Tensors that are not fp8 are returned unchanged (same objects).
+
+    mode="release" (default) reproduces the released runtime bit for bit: it keeps the scale as
+    `scale.to(bf16)` and computes `w_fp8.to(bf16) * scale_bf16`. That product is computed exactly
+    in fp32 (4-bit x 8-bit significands) and rounded once to bf16, on any device, so we compute
+    `(w.float() * scale.to(bf16).float()).to(bf16)`.
+    mode="fp32": `(w.float() * scale_fp32).to(bf16)`: keeps the full-precision scale (closer to the
+    weights the map was made from when the stored scales are fp32, but not what the release runs).
+    The two agree whenever the stored scale is already bf16-representable (per-channel exports are).
+    """
+    from hcustom_mc.model.fp8 import dequantize_weight
+
+    if mode not in FP8_DEQUANT_MODES:
+        raise CheckpointFormatError(f"fp8 dequant mode must be one of {FP8_DEQUANT_MODES}, got {mode!r}")
+    scales = _check_fp8(fp8_sd, fp8_map, source)
+    out: dict[str, torch.Tensor] = {}
+    for key, t in fp8_sd.items():
+        name = key[: -len(".weight")]
+        if t.dtype == FP8_DTYPE:
+            out[key] = dequantize_weight(t, fp8_effective_scale(scales[name], mode), torch.bfloat16)
+        else:
+            out[key] = t
+    return out
+
+
+def read_release_fp8(
+    path: str | os.PathLike, load_key: str = "module"
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """An `..._fp8.pt` file and its `..._fp8_map.pt`, NOT dequantised: (state dict with the float8_e4m3fn
+    weights as stored, memory-mapped, {linear: fp32 scale as stored, () or [out]}), checked as
+    `dequantize_release_fp8` checks them."""
+    file = _resolve_checkpoint_path(Path(path), load_key)
+    if not file.name.endswith("_fp8.pt"):
+        raise CheckpointFormatError(f"{file} is not an fp8 checkpoint (..._fp8.pt with its ..._fp8_map.pt)")
+    map_file = _fp8_map_path(file)
+    if not map_file.is_file():
+        raise CheckpointFormatError(f"{file} is an fp8 checkpoint but its scale map {map_file} is missing")
+    sd = _unwrap(_safe_torch_load(file), load_key, file)
+    return sd, _check_fp8(sd, _safe_torch_load(map_file), str(file))
+
+
+def is_release_fp8(path: str | os.PathLike) -> bool:
+    """Whether `path` names a release fp8 weights file (`..._fp8.pt`)."""
+    p = Path(path)
+    return p.is_file() and p.name.endswith("_fp8.pt")
 
 
 def load_release_state_dict(
@@ -320,46 +362,50 @@ def is_fp8_quantized_weight(name: str, t: torch.Tensor) -> bool:
 
 
 def quantize_release_fp8(
-    sd: Mapping[str, torch.Tensor],
+    sd: Mapping[str, torch.Tensor], granularity: str = "per-tensor",
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Produce the release's fp8 pair from a (bf16/fp32) state dict.
 
     Every 2-D `.weight` whose name contains `double_blocks` or `single_blocks` (the Linear weights
-    of the blocks; the RMSNorm weights are 1-D) becomes float8_e4m3fn with a per-tensor fp32 scale
-    `amax / 448` (amax over |w| in fp32; an all-zero weight gets scale 1.0 instead of 0):
-    `q = clamp(w.float() / scale, -448, 448).to(float8_e4m3fn)` (round to nearest even).
+    of the blocks; the RMSNorm weights are 1-D) becomes float8_e4m3fn with
+    `q = clamp(w.float() / scale, -448, 448).to(float8_e4m3fn)` (round to nearest even), scale:
+    - per-tensor (the release's): one fp32 `amax / 448` (amax over |w| in fp32; an all-zero weight gets
+      1.0 instead of 0), a 0-d tensor in the map;
+    - per-channel: one scale per output row, a 1-D [out] fp32 tensor in the map, rounded up to a
+      bf16-representable value (hcustom_mc.model.fp8.quantize_weight says why).
     Everything else is returned unchanged (same tensor objects).
-    Returns `(fp8_sd, fp8_map)` with `fp8_map = {linear_name: 0-d fp32 scale}` (no `"module"`
-    wrapper; `save_release_fp8` adds it).
+    Returns `(fp8_sd, fp8_map)` with `fp8_map = {linear_name: scale}` (no `"module"` wrapper;
+    `save_release_fp8` adds it).
     """
+    from hcustom_mc.model.fp8 import GRANULARITIES, Fp8Error, quantize_weight
+
+    if granularity not in GRANULARITIES:
+        raise CheckpointFormatError(f"fp8 granularity must be one of {GRANULARITIES}, got {granularity!r}")
     _check_state_dict(sd)
     fp8_sd: dict[str, torch.Tensor] = {}
     fp8_map: dict[str, torch.Tensor] = {}
     for key, t in sd.items():
-        if not is_fp8_quantized_weight(key, t) or t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                raise CheckpointFormatError(f"{key} is already a float8 tensor; quantise a bf16/fp32 state dict")
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise CheckpointFormatError(f"{key} is already a float8 tensor; quantise a bf16/fp32 state dict")
+        if not is_fp8_quantized_weight(key, t):
             fp8_sd[key] = t
             continue
-        w = t.detach().to(device="cpu", dtype=torch.float32)
-        if not torch.isfinite(w).all():
-            raise CheckpointFormatError(f"cannot quantise {key}: it holds non-finite values")
-        amax = w.abs().max()
-        scale = amax / FP8_MAX if amax > 0 else torch.tensor(1.0)
-        scale = scale.to(torch.float32).reshape(())
-        fp8_sd[key] = (w / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-        fp8_map[key[: -len(".weight")]] = scale
+        try:
+            fp8_sd[key], fp8_map[key[: -len(".weight")]] = quantize_weight(t.detach().cpu(), granularity)
+        except Fp8Error as err:
+            raise CheckpointFormatError(f"cannot quantise {key}: {err}") from None
     return fp8_sd, fp8_map
 
 
-def save_release_fp8(sd: Mapping[str, torch.Tensor], path: str | os.PathLike) -> tuple[Path, Path]:
-    """Quantise `sd` and write `mp_rank_00_model_states_fp8.pt` (`{"module": fp8_sd}`) and
+def save_release_fp8(sd: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                     granularity: str = "per-tensor") -> tuple[Path, Path]:
+    """Quantise `sd` (`granularity`: see quantize_release_fp8) and write `mp_rank_00_model_states_fp8.pt` (`{"module": fp8_sd}`) and
     `mp_rank_00_model_states_fp8_map.pt` (`{"module": {linear_name: scale}}`) into directory `path`."""
     directory = Path(path)
     if directory.exists() and not directory.is_dir():
         raise CheckpointFormatError(f"save_release_fp8 needs a directory, got the file {directory}")
     directory.mkdir(parents=True, exist_ok=True)
-    fp8_sd, fp8_map = quantize_release_fp8(sd)
+    fp8_sd, fp8_map = quantize_release_fp8(sd, granularity)
     weights = save_release_state_dict(fp8_sd, directory / FP8_NAME)
     scales = directory / FP8_MAP_NAME
     torch.save({"module": fp8_map}, scales)

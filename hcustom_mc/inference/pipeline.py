@@ -103,15 +103,18 @@ def model_config_for(path: Path, fmt: str, fallback: ModelConfig | None) -> Mode
 
 
 def load_model(path: Path, fmt: str, model_cfg: ModelConfig, dtype: torch.dtype, cp_mode: str,
-               load_key: str = "module") -> HunyuanCustomDiT:
+               load_key: str = "module", device: torch.device | None = None, submodules=None) -> HunyuanCustomDiT:
     """Collective: build this rank's shard of the DiT (the training module) on the TP x CP x CFG layout's
     process groups and fill it from the checkpoint; `load_key="ema"` takes the EMA weights (a release
-    file's `ema` entry, or a training run's --ema-decay)."""
+    file's `ema` entry, or a training run's --ema-decay). `device` (default: the compute device) and
+    `submodules` (default: the model's choice of linear layers) are for loaders that transform the weights
+    before they go to the GPU (inference/fp8.py)."""
     from hcustom_mc.parallel.groups import layout_process_groups
     from hcustom_mc.parallel.sharding import load_full_state_dict
 
-    device = compute_device()
-    model = HunyuanCustomDiT(model_cfg, params_dtype=dtype, cp_mode=cp_mode, pg_collection=layout_process_groups())
+    device = compute_device() if device is None else device
+    model = HunyuanCustomDiT(model_cfg, submodules=submodules, params_dtype=dtype, cp_mode=cp_mode,
+                             pg_collection=layout_process_groups(), device=device)
     if fmt == "mcore":
         from hcustom_mc.checkpoint.mcore import load_mcore_checkpoint
 

@@ -101,6 +101,9 @@ def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor], 
             params[name].copy_(tensor)
 
 
+_FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def full_state_dict(model: torch.nn.Module, grads: bool = False) -> dict[str, torch.Tensor]:
     """All-gather TP shards into full release-layout tensors (same result on every TP rank).
 
@@ -123,9 +126,11 @@ def full_state_dict(model: torch.nn.Module, grads: bool = False) -> dict[str, to
             dist.all_reduce(tensor, group=group)
         split = get_tp_split(param)
         if split is not None and tp > 1:
-            gathered = [torch.empty_like(tensor) for _ in range(tp)]
-            dist.all_gather(gathered, tensor.contiguous(), group=group)
-            tensor = unshard_tensors(gathered, split)
+            # float8 (fp8 sampling weights) travels as its bytes: gloo has no float8 types
+            wire = tensor.view(torch.uint8) if tensor.dtype in _FLOAT8 else tensor
+            gathered = [torch.empty_like(wire) for _ in range(tp)]
+            dist.all_gather(gathered, wire.contiguous(), group=group)
+            tensor = unshard_tensors([g.view(tensor.dtype) for g in gathered], split)
         out[name] = tensor.clone()
     return out
 
