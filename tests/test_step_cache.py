@@ -190,7 +190,7 @@ def test_state_is_per_branch(setup):
 
     sampler.velocities = keep
     try:
-        _, cache = cached(sampler, noise, branches, 0.1, steps=3)  # 3 steps: all computed (warm-up)
+        _, cache = cached(sampler, noise, branches, 0.1, steps=3, warmup=3)  # all computed (warm-up)
     finally:
         del sampler.velocities
     uncond, cond = cache.branches["uncond"], cache.branches["cond"]
@@ -214,6 +214,54 @@ def test_one_stale_branch_never_meets_a_fresh_one(setup):
     _, cache = cached(sampler, noise, branches, 0.1)
     r = cache.report()["branches"]
     assert r["uncond"]["computed"] == r["cond"]["computed"] and r["uncond"]["skipped"] == r["cond"]["skipped"] > 0
+
+
+def test_the_identity_tokens_change_counts_on_its_own():
+    """d is the larger of the image tokens' and the identity tokens' relative L1 change: a change confined to the
+    few identity rows is not averaged away by the many video rows."""
+    from hcustom_mc.inference.cache import CacheSettings, StepCache
+
+    cache = StepCache(CacheSettings(threshold=0.1))
+    cache.start(10, ["uncond", "cond"], ["uncond", "cond"], [])
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(104, 2, 8, generator=g)  # 4 identity rows, then 100 video rows; branches along dim 1
+    for j, name in enumerate(["uncond", "cond"]):
+        cache.branches[name].probe = ref[:, j : j + 1]
+    now = ref.clone()
+    now[:4, 1] *= 1.5  # cond: only its identity rows move, by 50%
+    now[4:, 0] *= 1.01  # uncond: its video rows move by 1%
+    d = cache._probe_changes(torch.cat([now, torch.zeros(7, 2, 8)]), n_img=104, n_id=4)  # 7 text rows after
+    assert d["cond"] == pytest.approx(0.5, rel=1e-6)
+    whole = float((now[:, 0] - ref[:, 0]).abs().sum() / ref[:, 0].abs().sum())
+    assert d["uncond"] == pytest.approx(whole, rel=1e-6) and whole < 0.011
+
+
+def test_the_gain_is_the_least_squares_fit_through_the_origin():
+    from hcustom_mc.inference.cache import BranchCache
+
+    pairs = [(0.03, 0.028), (0.05, 0.061), (0.02, 0.018), (0.08, 0.07)]
+    d, r = torch.tensor([p[0] for p in pairs], dtype=torch.float64), torch.tensor([p[1] for p in pairs], dtype=torch.float64)
+    k = torch.linalg.lstsq(d[:, None], r[:, None]).solution.item()
+    assert BranchCache(pairs=pairs).gain() == pytest.approx(k, rel=1e-12)
+    assert BranchCache(pairs=[(0.0, 0.0)]).gain() == 0.0  # nothing moves: reuse is exact
+    assert BranchCache(pairs=[(0.0, 0.1)]).gain() == math.inf  # the probe is blind to a moving residual: never skip
+    assert BranchCache().gain() == math.inf
+
+
+@pytest.mark.gpu
+def test_bf16_on_cuda_threshold_zero_is_bit_for_bit_and_a_threshold_skips(single_process):
+    from hcustom_mc.inference.pipeline import ParallelSampler, SamplerLayout
+
+    model = tiny_model().to("cuda", torch.bfloat16)
+    noise, branches = conditions(model.cfg)
+    branches = {n: {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in b.items()}
+                for n, b in branches.items()}
+    sampler = ParallelSampler(model, SamplerLayout())
+    full = sampler.sample(noise, branches, STEPS, SHIFT, 7.5)
+    out, _ = cached(sampler, noise, branches, 0.0)
+    assert torch.equal(out, full)
+    out, cache = cached(sampler, noise, branches, 0.1)
+    assert cache.report()["skipped_steps"] and float((out - full).norm() / full.norm()) < 1e-2
 
 
 def test_bad_settings_are_one_message():
