@@ -32,8 +32,8 @@ def conditions(cfg, ip: bool = False, seed: int = 0) -> tuple[torch.Tensor, dict
     g = torch.Generator().manual_seed(seed)
 
     def branch(identity):
-        return {"text_states": torch.randn(1, 8, cfg.text_dim, generator=g), "text_mask": torch.ones(1, 8, dtype=torch.long),
-                "text_pooled": torch.randn(1, cfg.pooled_text_dim, generator=g), "identity_latents": identity}
+        return {"text_states": torch.randn(1, 8, cfg.text_dim, generator=g),
+                "text_mask": torch.ones(1, 8, dtype=torch.long), "text_pooled": torch.randn(1, cfg.pooled_text_dim, generator=g), "identity_latents": identity}
 
     ref = torch.randn(1, cfg.in_channels, 1, 6, 8, generator=g)
     white = torch.full_like(ref, 0.7)
@@ -230,7 +230,7 @@ def test_the_identity_tokens_change_counts_on_its_own():
     now = ref.clone()
     now[:4, 1] *= 1.5  # cond: only its identity rows move, by 50%
     now[4:, 0] *= 1.01  # uncond: its video rows move by 1%
-    d = cache._probe_changes(torch.cat([now, torch.zeros(7, 2, 8)]), n_img=104, n_id=4)  # 7 text rows after
+    d = cache._probe_changes(now, n_id=4)
     assert d["cond"] == pytest.approx(0.5, rel=1e-6)
     whole = float((now[:, 0] - ref[:, 0]).abs().sum() / ref[:, 0].abs().sum())
     assert d["uncond"] == pytest.approx(whole, rel=1e-6) and whole < 0.011
@@ -240,7 +240,7 @@ def test_the_gain_is_the_least_squares_fit_through_the_origin():
     from hcustom_mc.inference.cache import BranchCache
 
     pairs = [(0.03, 0.028), (0.05, 0.061), (0.02, 0.018), (0.08, 0.07)]
-    d, r = torch.tensor([p[0] for p in pairs], dtype=torch.float64), torch.tensor([p[1] for p in pairs], dtype=torch.float64)
+    d, r = (torch.tensor(column, dtype=torch.float64) for column in zip(*pairs))
     k = torch.linalg.lstsq(d[:, None], r[:, None]).solution.item()
     assert BranchCache(pairs=pairs).gain() == pytest.approx(k, rel=1e-12)
     assert BranchCache(pairs=[(0.0, 0.0)]).gain() == 0.0  # nothing moves: reuse is exact

@@ -44,7 +44,9 @@ Threshold 0: nothing is ever skipped, and the computed steps run the very same o
 (the probe blocks, then the rest, from the same input), so the latents are bit-identical. The sampler does not
 build a cache at threshold 0 (`CacheSettings.enabled`).
 Cost: per branch the deep residual of the last computed step (this rank's rows x hidden, model dtype) and the
-probe residual of its image tokens; two tiny all-reduces per step under TP / CP / CFG-parallel.
+probe residual of its image rows (13B at 720p x 129 frames, bf16: about 0.75 GB each, 3 GB for two branches, divided
+by CP); under TP / CP / CFG-parallel two or three all-reduces of a few numbers per step.
+Not supported: pipeline-parallel models (the sampler runs at PP 1; validation during training does not cache).
 """
 
 from __future__ import annotations
@@ -126,12 +128,16 @@ def _ratio(num: float, den: float) -> float:
     return 0.0 if num == 0 else math.inf
 
 
-def _abs_sums(t: torch.Tensor, branches: int) -> torch.Tensor:
-    """sum |t| per branch of a batch-stacked [rows, branches x B, C] tensor -> [branches] (fp32 accumulation)."""
-    if t.shape[0] == 0:
-        return torch.zeros(branches, dtype=torch.float64, device=t.device)
-    per_column = t.abs().sum(dim=(0, 2), dtype=torch.float32)
-    return per_column.view(branches, -1).sum(dim=1).double()
+def _rel_l1_sums(now: torch.Tensor, refs: list[torch.Tensor], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum |now - ref|, sum |ref|) per branch over the first `rows` rows; `now` [rows, branches x B, C] holds the
+    branches side by side along the batch, `refs` each branch's [rows, B, C] (fp32 accumulation, no full copies)."""
+    per = now.shape[1] // len(refs)
+    num, den = [], []
+    for j, ref in enumerate(refs):
+        mine, ref = now[:rows, j * per : (j + 1) * per], ref[:rows]
+        num.append((mine - ref).abs().sum(dtype=torch.float32))
+        den.append(ref.abs().sum(dtype=torch.float32))
+    return torch.stack(num).double(), torch.stack(den).double()
 
 
 def local_rows(ctx) -> tuple[int, int]:
@@ -218,43 +224,36 @@ class StepCache:
             raise ValueError(f"the batch of {h.shape[1]} does not split into {n} branches")
         per = h.shape[1] // n
         n_img, n_id = local_rows(ctx)
-        probe_res = h - x
-        changes = None
-        if self.last_computed is not None:
-            changes = self._probe_changes(probe_res, n_img, n_id)
-        skip = self._decide(changes)
-        if skip:
-            cached = [self.branches[b].residual for b in self.mine]
-            y = h + (cached[0] if n == 1 else torch.cat(cached, dim=1))
+        probe_res = h[:n_img] - x[:n_img]  # the probe blocks' residual on the image (identity + video) rows
+        changes = None if self.last_computed is None else self._probe_changes(probe_res, n_id)
+        if self._decide(changes):
+            for j, b in enumerate(self.mine):  # h is not needed any more: add in place, no second copy
+                h[:, j * per : (j + 1) * per] += self.branches[b].residual
             for b in self.names:
                 self.branches[b].skipped += 1
             self.run_of_skips += 1
             self.skipped_steps.append(self.step)
-            return y
+            return h
         y = model.run_layers(h, vec, ctx, rest)
         deep = y - h
         if changes is not None:  # a calibration pair per branch: probe change vs the deep residual's real change
-            prev = torch.cat([self.branches[b].residual[:n_img] for b in self.mine], dim=1)
-            sums = self._table([_abs_sums(deep[:n_img] - prev, n), _abs_sums(prev, n)])
+            sums = self._table(_rel_l1_sums(deep, [self.branches[b].residual for b in self.mine], n_img))
             for b, (num, den) in zip(self.names, sums):
                 self.branches[b].pairs.append((changes[b], _ratio(num, den)))
         for j, b in enumerate(self.mine):
             state = self.branches[b]
-            state.probe = probe_res[:n_img, j * per : (j + 1) * per]
+            state.probe = probe_res[:, j * per : (j + 1) * per]
             state.residual = deep[:, j * per : (j + 1) * per]
         for b in self.names:
             self.branches[b].computed += 1
         self.last_computed, self.run_of_skips = self.step, 0
         return y
 
-    def _probe_changes(self, probe_res: torch.Tensor, n_img: int, n_id: int) -> dict[str, float]:
+    def _probe_changes(self, probe_res: torch.Tensor, n_id: int) -> dict[str, float]:
         """d per branch: the probe residual's relative L1 change since the last computed step, the larger of the
         image tokens' and the identity tokens' alone (0 where there are none)."""
-        n = len(self.mine)
-        ref = torch.cat([self.branches[b].probe for b in self.mine], dim=1)
-        now = probe_res[:n_img]
-        sums = self._table([_abs_sums(now - ref, n), _abs_sums(ref, n),
-                            _abs_sums(now[:n_id] - ref[:n_id], n), _abs_sums(ref[:n_id], n)])
+        refs = [self.branches[b].probe for b in self.mine]
+        sums = self._table([*_rel_l1_sums(probe_res, refs, probe_res.shape[0]), *_rel_l1_sums(probe_res, refs, n_id)])
         return {b: max(_ratio(img, img_ref), _ratio(ident, ident_ref))
                 for b, (img, img_ref, ident, ident_ref) in zip(self.names, sums)}
 
