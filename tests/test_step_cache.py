@@ -279,6 +279,20 @@ def test_bad_settings_are_one_message():
     assert not CacheSettings().enabled and CacheSettings(threshold=0.05).enabled
 
 
+def test_sampler_flags_make_the_settings_and_bad_ones_are_refused():
+    from hcustom_mc.model.config import ConfigError
+    from hcustom_mc.sample import cache_settings, parse_args
+
+    base = ["--checkpoint", "ck", "--task", "t2v", "--prompt", "a"]
+    assert not cache_settings(parse_args(base)).enabled  # default: off
+    s = cache_settings(parse_args(base + ["--cache-threshold", "0.05", "--cache-warmup", "4", "--cache-probe-blocks",
+                                          "2", "--cache-max-skips", "2"]))
+    assert (s.threshold, s.warmup, s.probe_blocks, s.max_skips) == (0.05, 4, 2, 2) and s.warmup_steps(30) == 4
+    assert cache_settings(parse_args(base)).warmup_steps(50) == 10  # 20% of the steps
+    with pytest.raises(ConfigError, match="--cache-probe-blocks 60 leaves no block to cache: the model has 60"):
+        cache_settings(parse_args(base + ["--cache-probe-blocks", "60"])).check(num_blocks=60)
+
+
 # ----------------------------------------------------------------------------- across ranks
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, setup):
