@@ -126,6 +126,22 @@ def test_a_positive_threshold_evaluates_fewer_blocks_and_stays_close(setup):
     assert 0 < err < 1e-3, err  # measured 7.2e-5
 
 
+def test_two_probe_blocks_run_every_step(setup):
+    model, sampler, noise, branches, full = setup
+    spy = BlockSpy(model)
+    try:
+        out, cache = cached(sampler, noise, branches, 0.1, probe_blocks=2)
+    finally:
+        spy.close()
+    report = cache.report()
+    computed = STEPS - len(report["skipped_steps"])
+    assert report["skipped_steps"] and report["probe_blocks"] == 2
+    assert spy.calls["double_blocks.0"] == spy.calls["double_blocks.1"] == STEPS
+    assert spy.calls["single_blocks.0"] == spy.calls["single_blocks.1"] == computed
+    assert report["branches"]["cond"]["block_evaluations"] == computed * 4 + len(report["skipped_steps"]) * 2
+    assert float((out - full).norm() / full.norm()) < 1e-3
+
+
 def test_computed_steps_keep_the_full_arithmetic(setup):
     """Up to the first cached step the latents equal full sampling bit for bit; after it they differ."""
     _, sampler, noise, branches, _ = setup
