@@ -118,6 +118,20 @@ def parse_args(argv=None) -> argparse.Namespace:
               "fps": "frame rate of the mp4"}
     for flag, what in floats.items():
         j.add_argument(f"--{flag}", type=float, help=what if "default" in what else f"{what} (default: the task's)")
+    c = p.add_argument_group("step cache", "Reuse the deep DiT blocks' residual on steps where it is predicted to "
+                             "change little (hcustom_mc/inference/cache.py); the identity tokens run through the probe "
+                             "blocks on every step. The sidecar's `cache` entry counts the steps computed per branch.")
+    c.add_argument("--cache-threshold", type=float, default=0.0, metavar="T",
+                   help="cache a step when the deep residual's predicted relative L1 change since it was computed is "
+                        "below T, in every guidance branch (default: 0: off, full sampling bit for bit)")
+    c.add_argument("--cache-warmup", type=int, default=None, metavar="W",
+                   help="the first W steps are always computed and calibrate the prediction, >= 2 (default: 20%% of "
+                        "the job's steps, at least 2)")
+    c.add_argument("--cache-probe-blocks", type=int, default=1, metavar="P",
+                   help="blocks run on every step, on the whole sequence; their residual's change is the signal "
+                        "(default: 1)")
+    c.add_argument("--cache-max-skips", type=int, default=3, metavar="N",
+                   help="at most N cached steps in a row (default: 3)")
     o = p.add_argument_group("output and console")
     o.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
     o.add_argument("--overwrite", action="store_true", help="replace existing output files (switch; default: off: "
@@ -239,8 +253,17 @@ def encoder_paths(args):
     return paths
 
 
+def cache_settings(args):
+    """The step cache's settings from the flags, checked (ConfigError) against the model's block count."""
+    from hcustom_mc.inference.cache import CacheSettings
+
+    return CacheSettings(threshold=args.cache_threshold, warmup=args.cache_warmup,
+                         probe_blocks=args.cache_probe_blocks, max_skips=args.cache_max_skips)
+
+
 def _write_outputs(job, n, video, latents, ckpt, fmt, model_cfg, layout, world, dtype, timing, decode_s, t0,
-                   weights: dict | None = None) -> None:
+                   modes: dict) -> None:
+    """`modes`: the sidecar's entries for how the job was sampled (weights, step cache, ...)."""
     import torch
 
     from hcustom_mc.inference.output import to_uint8_frames, write_contact_sheet, write_mp4, write_sidecar
@@ -257,9 +280,8 @@ def _write_outputs(job, n, video, latents, ckpt, fmt, model_cfg, layout, world, 
     write_contact_sheet(_named(out, ".png"), frames, references=job.subjects)
     write_sidecar(_named(out, ".json"), {
         "job": job.to_dict(), "checkpoint": str(ckpt), "checkpoint_format": fmt, "model": model_cfg.to_dict(),
-        "layout": vars(layout), "world_size": world, "dtype": str(dtype), "weights": weights or {"fp8_weights": "off"},
-        "denoise": timing, "decode_s": decode_s,
-        "total_s": time.time() - t0})
+        "layout": vars(layout), "world_size": world, "dtype": str(dtype), **modes, "denoise": timing,
+        "decode_s": decode_s, "total_s": time.time() - t0})
     torch.save(latents.cpu(), _named(out, ".latents.pt"))
     log.info("job %d: wrote %s (%d frames at %g fps) in %.1fs", n, _named(out, ".mp4"), frames.shape[0], job.fps,
              time.time() - t0)
@@ -310,6 +332,7 @@ def run(args) -> int:
         raise ConfigError(f"--identity-rope {args.identity_rope}: {args.checkpoint} was trained with identity_rope="
                           f"{model_cfg.identity_rope} (its saved model config); drop the flag")
     layout = SamplerLayout(args.tp, args.cp, args.cp_mode, args.cfg_parallel)
+    cache_settings(args).check(model_cfg.num_double_blocks + model_cfg.num_single_blocks)
     paths = encoder_paths(args)
     jobs = [resolve_job(j) for j in build_jobs(args)]
     # everything that can be checked without the model is checked now, on every rank
@@ -373,6 +396,9 @@ def _generate(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, info, dtyp
         log.info("loaded %s (%s) and encoders in %.1fs; layout TP %d x CP %d (%s) x CFG-parallel %d; DiT dtype %s",
                  ckpt, fmt, time.time() - t_load, args.tp, args.cp, args.cp_mode, args.cfg_parallel, dtype)
     sampler = ParallelSampler(model, layout)
+    from hcustom_mc.inference.cache import StepCache, cache_off_report
+
+    settings = cache_settings(args)
     for n, job in enumerate(jobs):
         t0 = time.time()
         with_audio_strength(model, job.audio_strength)
@@ -382,19 +408,24 @@ def _generate(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, info, dtyp
             raise InputError(f"job {n}: {exc}") from None
         noise = torch.randn(cond["latent_shape"], generator=torch.Generator().manual_seed(job.seed))[None]
         progress = StepProgress(job.steps, enabled=rank0 and not args.no_progress, desc=f"job {n} ({job.task})")
+        cache = StepCache(settings) if settings.enabled else None  # a fresh state per job
         try:
             latents = sampler.sample(noise, cond["branches"], job.steps, job.shift, job.cfg_scale, job.ip_cfg_scale,
-                                     job.embedded_guidance, progress)
+                                     job.embedded_guidance, progress, cache=cache)
         except NonFiniteError as exc:
             raise NonFiniteError(f"job {n}: {exc}") from None
         timing = progress.close()
+        if cache is not None and rank0:
+            log.info("job %d: %s", n, cache.summary())
         t_dec = time.time()
         video = decode_across_ranks(encoders.vae, latents)  # temporal tiles split over all ranks; video on rank 0
         failed = None
         if rank0:
             try:
                 _write_outputs(job, n, video[0].float().cpu(), latents, ckpt, fmt, model_cfg, layout, world, dtype,
-                               timing, time.time() - t_dec, t0, weights)
+                               timing, time.time() - t_dec, t0,
+                               {"weights": weights,
+                                "cache": cache.report() if cache else cache_off_report()})
             except Exception as exc:  # other ranks must not wait forever in the next collective
                 failed = exc
         if torch.distributed.is_initialized():

@@ -155,6 +155,7 @@ class ParallelSampler:
         self.groups = process_groups_of(model)  # cp: the frames' gather; dp: the CFG group (one branch per rank)
         self.cfg_rank = group_rank(self.groups.dp) if layout.cfg_parallel > 1 else 0
         self.device = next(model.parameters()).device
+        self.cache = None  # the StepCache of the run in progress (sample(cache=...))
 
     def _my_branches(self, names: list[str]) -> list[str]:
         return names if self.layout.cfg_parallel == 1 else [names[self.cfg_rank]]
@@ -170,7 +171,10 @@ class ParallelSampler:
         x = latents.to(self.device, dtype).repeat(len(mine), 1, 1, 1, 1)
         t = torch.full((x.shape[0],), timestep, device=self.device, dtype=torch.float32)
         g = None if guidance is None else torch.full_like(t, guidance * 1000.0)
-        v = self.model(x, t, guidance=g, **inputs).float()
+        if self.cache is None:
+            v = self.model(x, t, guidance=g, **inputs).float()
+        else:
+            v = self.cache.forward(self.model, x, t, guidance=g, **inputs).float()
         K = inputs["identity_latents"].shape[2] if "identity_latents" in inputs else 0
         pt, ph, pw = self.model.cfg.patch_size
         f, hw = latents.shape[2] // pt, (latents.shape[3] // ph) * (latents.shape[4] // pw)
@@ -183,17 +187,29 @@ class ParallelSampler:
             out = dict(zip(names, parts))
         return out
 
+    def _decision_groups(self) -> list:
+        """The groups whose ranks must take one caching decision: TP and CP (they run one forward together) and,
+        under CFG-parallel, the CFG group (one decision for all branches)."""
+        return [self.groups.tp, self.groups.cp] + ([self.groups.dp] if self.layout.cfg_parallel > 1 else [])
+
     def sample(self, noise: torch.Tensor, branches: dict[str, dict], steps: int, shift: float, cfg_scale: float,
-               ip_cfg_scale: float = 0.0, embedded_guidance: float | None = None, progress=None) -> torch.Tensor:
-        """Integrate from sigma 1 (noise) to 0; returns the clean latents (fp32, on every rank)."""
+               ip_cfg_scale: float = 0.0, embedded_guidance: float | None = None, progress=None,
+               cache=None) -> torch.Tensor:
+        """Integrate from sigma 1 (noise) to 0; returns the clean latents (fp32, on every rank).
+        `cache`: a StepCache (inference/cache.py) that may reuse the deep blocks' residual on some steps."""
         scheduler = FlowMatchEulerScheduler(steps, shift)
         names = branches_needed(cfg_scale, ip_cfg_scale)
         missing = [n for n in names if n not in branches]
         if missing:
             raise ValueError(f"guidance needs branches {names}; missing {missing}")
+        if cache is not None:
+            cache.start(steps, names, self._my_branches(names), self._decision_groups())
+        self.cache = cache  # every run sets its own (None: plain forwards)
         latents = noise.float().to(self.device)
         for i, t in enumerate(scheduler.timesteps.tolist()):
             t0 = time.time()
+            if self.cache is not None:
+                self.cache.begin_step(i)
             v = self.velocities(latents, t, branches, names, embedded_guidance)
             velocity = guide(v, cfg_scale, ip_cfg_scale, step=i, num_steps=steps)
             latents = scheduler.step(velocity, i, latents)

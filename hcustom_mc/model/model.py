@@ -323,14 +323,17 @@ class HunyuanCustomDiT(MegatronModule):
         update = update.permute(1, 2, 0, 3).flatten(0, 1)
         return torch.cat([x[:start], tokens + update, x[start + frames * hw :]])
 
-    def run_layers(self, x, vec, ctx: ForwardContext) -> torch.Tensor:
+    def run_layers(self, x, vec, ctx: ForwardContext, layers: list[int] | None = None) -> torch.Tensor:
         """This stage's blocks, in global order, with the audio cross-attention after its double blocks.
+        `layers`: a consecutive part of them only (the sampler's step cache runs its probe blocks, then maybe
+        the rest; both parts in turn do exactly what one call on all of them does).
 
         Full recompute, as megatron's --recompute-method: None checkpoints every block; "uniform" groups
         the blocks into runs of `recompute_num_layers` and keeps only each run's input; "block"
         checkpoints the first `recompute_num_layers` blocks of this chunk and runs the rest normally."""
         full = self.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
-        for run, checkpointed in recompute_plan(list(self.layers), self.recompute_method if full else None,
+        layers = list(self.layers) if layers is None else list(layers)
+        for run, checkpointed in recompute_plan(layers, self.recompute_method if full else None,
                                                 self.recompute_num_layers, full):
             if checkpointed:  # keep only the run's input; recompute its activations in backward
                 x = torch.utils.checkpoint.checkpoint(self._run_blocks, x, vec, ctx, run, use_reentrant=False)
