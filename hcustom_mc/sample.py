@@ -108,6 +108,16 @@ def parse_args(argv=None) -> argparse.Namespace:
               "fps": "frame rate of the mp4"}
     for flag, what in floats.items():
         j.add_argument(f"--{flag}", type=float, help=what if "default" in what else f"{what} (default: the task's)")
+    mem = p.add_argument_group("memory", "How the DiT and the encoders share the device (hcustom_mc/inference/memory.py; "
+                               "`python -m hcustom_mc.plan --sample` shows the estimates).")
+    mem.add_argument("--offload", default="auto", choices=("auto", "none", "blocks"),
+                     help="none: everything resident; blocks: the DiT's blocks streamed from host memory, the guidance "
+                          "branches one per forward, the encoders loaded in turn (text encoders and VAE for the "
+                          "conditions, then released; the VAE again for decoding); auto: the fastest that fits this "
+                          "GPU's free memory by the planner's estimate (none on the CPU) (default: auto)")
+    mem.add_argument("--offload-ahead", type=int, default=1, metavar="N",
+                     help="blocks copied to the GPU ahead of the one running, overlapping its compute; at most N + 1 "
+                          "blocks are on the device at once (default: 1)")
     o = p.add_argument_group("output and console")
     o.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
     o.add_argument("--overwrite", action="store_true", help="replace existing output files (switch; default: off: "
@@ -220,7 +230,8 @@ def encoder_paths(args):
     return paths
 
 
-def _write_outputs(job, n, video, latents, ckpt, fmt, model_cfg, layout, world, dtype, timing, decode_s, t0) -> None:
+def _write_outputs(job, n, video, latents, ckpt, fmt, model_cfg, layout, world, dtype, timing, decode_s, t0,
+                   memory=None) -> None:
     import torch
 
     from hcustom_mc.inference.output import to_uint8_frames, write_contact_sheet, write_mp4, write_sidecar
@@ -238,7 +249,7 @@ def _write_outputs(job, n, video, latents, ckpt, fmt, model_cfg, layout, world, 
     write_sidecar(_named(out, ".json"), {
         "job": job.to_dict(), "checkpoint": str(ckpt), "checkpoint_format": fmt, "model": model_cfg.to_dict(),
         "layout": vars(layout), "world_size": world, "dtype": str(dtype), "denoise": timing, "decode_s": decode_s,
-        "total_s": time.time() - t0})
+        "total_s": time.time() - t0, **({"memory": memory} if memory else {})})
     torch.save(latents.cpu(), _named(out, ".latents.pt"))
     log.info("job %d: wrote %s (%d frames at %g fps) in %.1fs", n, _named(out, ".mp4"), frames.shape[0], job.fps,
              time.time() - t0)
@@ -276,6 +287,8 @@ def run(args) -> int:
     from hcustom_mc.parallel.state import initialize_parallel
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.offload_ahead < 0:
+        raise ConfigError(f"--offload-ahead must be >= 0 blocks, got {args.offload_ahead}")
     fmt, ckpt = resolve_checkpoint(args.checkpoint, args.checkpoint_format, args.verify_checkpoint)
     fallback = None
     if args.model_config:
@@ -302,16 +315,56 @@ def run(args) -> int:
 
     loras = load_specs(args.lora, args.checkpoint)  # bad FILE:SCALE, another base: fail before the model loads
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
+    mode, why = offload_mode(args, jobs, model_cfg, dtype, info, paths)
     from hcustom_mc.inference.memory import check_jobs_fit
 
     # before the model and encoders are allocated (the parameter count needs the parallel layout)
-    check_jobs_fit(jobs, model_cfg, dtype, info.device, args.tp, args.cp, args.cfg_parallel, paths, world, args.text_len)
+    check_jobs_fit(jobs, model_cfg, dtype, info.device, args.tp, args.cp, args.cfg_parallel, paths, world, args.text_len,
+                   mode=mode, ahead=args.offload_ahead)
     locks = claim_outputs(jobs, args.overwrite)
     try:
+        if mode == "blocks":
+            return _generate_in_turn(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, info, dtype, world, why)
         return _generate(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, info, dtype, world)
     finally:
         for lock in locks:
             lock.release()
+
+
+def offload_mode(args, jobs, model_cfg, dtype, info, paths) -> tuple[str, str]:
+    """(resident | blocks, why) for --offload, the same on every rank: when the ranks' free memory gives different
+    answers, all offload (the collectives of the two paths differ)."""
+    from hcustom_mc.checkpoint.integrity import gather_objects
+    from hcustom_mc.inference.memory import resolve_offload
+
+    mode, why = resolve_offload(args.offload, jobs, model_cfg, dtype, info.device, args.tp, args.cp,
+                                args.cfg_parallel, paths, args.text_len, args.offload_ahead)
+    answers = gather_objects((mode, why))
+    mode, why = next((a for a in answers if a[0] == "blocks"), answers[0])
+    if info.rank == 0:
+        log.info("memory: %s (%s)", "block offload" if mode == "blocks" else "everything resident", why)
+    return mode, why
+
+
+def _finish_job(job, n, video, latents, ckpt, fmt, model_cfg, layout, world, dtype, timing, decode_s, t0, rank0,
+                device, memory=None) -> None:
+    """Rank 0 writes the job's files; every rank learns whether that worked (so none waits forever)."""
+    import torch
+
+    failed = None
+    if rank0:
+        try:
+            _write_outputs(job, n, video[0].float().cpu(), latents, ckpt, fmt, model_cfg, layout, world, dtype,
+                           timing, decode_s, t0, memory)
+        except Exception as exc:  # other ranks must not wait forever in the next collective
+            failed = exc
+    if torch.distributed.is_initialized():
+        flag = torch.tensor([1.0 if failed else 0.0], device=device)
+        torch.distributed.all_reduce(flag)
+        if flag.item() and failed is None:
+            raise RuntimeError(f"job {n}: writing the outputs failed on rank 0")
+    if failed is not None:
+        raise failed
 
 
 def _generate(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, info, dtype, world) -> int:
@@ -356,20 +409,76 @@ def _generate(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, info, dtyp
         timing = progress.close()
         t_dec = time.time()
         video = decode_across_ranks(encoders.vae, latents)  # temporal tiles split over all ranks; video on rank 0
-        failed = None
+        _finish_job(job, n, video, latents, ckpt, fmt, model_cfg, layout, world, dtype, timing, time.time() - t_dec,
+                    t0, rank0, info.device, {"offload": "none"})
+    return 0
+
+
+def _generate_in_turn(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, info, dtype, world, why: str) -> int:
+    """--offload blocks: LLaVA, CLIP (Whisper) and the VAE encode every job's conditions and are released; the DiT,
+    built in host memory with its blocks streamed to the device (inference/offload.py), denoises every job; then the
+    VAE alone, tiled, decodes them. The DiT's non-block modules reach the device only after the encoders left."""
+    import torch
+
+    from hcustom_mc.checkpoint.lora import merge_into_model
+    from hcustom_mc.encoders.vae import VideoVAE
+    from hcustom_mc.inference.decode import decode_across_ranks
+    from hcustom_mc.inference.inputs import EncoderSet, prepare_conditions
+    from hcustom_mc.inference.offload import BlockOffloader, free_device_memory
+    from hcustom_mc.inference.output import StepProgress
+    from hcustom_mc.inference.pipeline import NonFiniteError, ParallelSampler, load_model, with_audio_strength
+    from hcustom_mc.model.model import InputError
+
+    rank0, device = info.rank == 0, info.device
+    enc_dtype = torch.float32 if device.type == "cpu" else torch.float16
+    t_load = time.time()
+    model = load_model(ckpt, fmt, model_cfg, dtype, args.cp_mode, args.load_key, device="cpu")  # host memory
+    for adapters, scale in loras:  # merged into the host weights, before they are pinned and streamed
+        merge_into_model(model, adapters, scale)
         if rank0:
-            try:
-                _write_outputs(job, n, video[0].float().cpu(), latents, ckpt, fmt, model_cfg, layout, world, dtype,
-                               timing, time.time() - t_dec, t0)
-            except Exception as exc:  # other ranks must not wait forever in the next collective
-                failed = exc
-        if torch.distributed.is_initialized():
-            flag = torch.tensor([1.0 if failed else 0.0], device=info.device)
-            torch.distributed.all_reduce(flag)
-            if flag.item() and failed is None:
-                raise RuntimeError(f"job {n}: writing the outputs failed on rank 0")
-        if failed is not None:
-            raise failed
+            log.info("merged LoRA %s x %g (%d modules)", adapters.source, scale, len(adapters.tensors))
+    encoders = EncoderSet.from_paths(paths, needs_audio=any(j.task == "audio" for j in jobs), device=device,
+                                     dtype=enc_dtype, mode=model_cfg.mode, max_subjects=model_cfg.max_identity_images,
+                                     text_len=args.text_len)
+    conditions = []
+    for n, job in enumerate(jobs):
+        try:
+            conditions.append(prepare_conditions(job, encoders, model_cfg, device, dtype))
+        except ValueError as exc:  # e.g. a prompt too long for --text-len: same on every rank
+            raise InputError(f"job {n}: {exc}") from None
+    del encoders
+    free_device_memory(device)
+    offloader = BlockOffloader.attach(model, device, args.offload_ahead)
+    if rank0:
+        log.info("loaded %s (%s) into host memory and encoded %d job(s) in %.1fs; %d blocks streamed to %s, %d ahead; "
+                 "layout TP %d x CP %d (%s) x CFG-parallel %d; DiT dtype %s", ckpt, fmt, len(jobs), time.time() - t_load,
+                 len(offloader.blocks), device, args.offload_ahead, args.tp, args.cp, args.cp_mode, args.cfg_parallel,
+                 dtype)
+    sampler = ParallelSampler(model, layout)
+    sampler.branch_per_forward = True  # one branch's activations at a time (the planner's blocks estimate)
+    denoised = []
+    for n, (job, cond) in enumerate(zip(jobs, conditions)):
+        t0 = time.time()
+        with_audio_strength(model, job.audio_strength)
+        noise = torch.randn(cond["latent_shape"], generator=torch.Generator().manual_seed(job.seed))[None]
+        progress = StepProgress(job.steps, enabled=rank0 and not args.no_progress, desc=f"job {n} ({job.task})")
+        try:
+            latents = sampler.sample(noise, cond["branches"], job.steps, job.shift, job.cfg_scale, job.ip_cfg_scale,
+                                     job.embedded_guidance, progress)
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"job {n}: {exc}") from None
+        denoised.append((latents.cpu(), progress.close(), time.time() - t0))
+    memory = {"offload": "blocks", "ahead": args.offload_ahead, "blocks_on_device_at_most": offloader.max_live,
+              "blocks": len(offloader.blocks), "why": why}
+    offloader.detach()
+    del sampler, model, offloader, conditions
+    free_device_memory(device)
+    vae = VideoVAE.from_pretrained(paths.vae, dtype=enc_dtype, device=device, tiling=True)
+    for n, (job, (latents, timing, denoise_s)) in enumerate(zip(jobs, denoised)):
+        t_dec = time.time()
+        video = decode_across_ranks(vae, latents)  # temporal tiles split over all ranks; video on rank 0
+        _finish_job(job, n, video, latents, ckpt, fmt, model_cfg, layout, world, dtype, timing, time.time() - t_dec,
+                    t_dec - denoise_s, rank0, device, memory)
     return 0
 
 
