@@ -250,3 +250,129 @@ def test_offloaded_forward_peak_is_within_the_planner_estimate():
     assert planned <= 3 * peak, f"the estimate {planned} is more than 3x the measured {peak}: it no longer describes it"
     assert peak < resident, "offloading did not keep the blocks off the device"
     offloader.detach()
+
+
+# ----------------------------------------------------------------------------- the sampler command
+@pytest.fixture(scope="module")
+def release_checkpoint(tmp_path_factory):
+    """A random tiny base model saved as a release file, the tiny encoders and an identity image."""
+    from PIL import Image
+
+    from hcustom_mc.checkpoint.release import save_release_state_dict
+    from hcustom_mc.encoders.tiny import save_tiny_encoders
+
+    root = tmp_path_factory.mktemp("offload_cli")
+    model = _model("base")
+    save_release_state_dict(model.weight_state_dict(), root / "ckpt")
+    save_tiny_encoders(root / "enc", model.cfg)
+    g = torch.Generator().manual_seed(1)
+    Image.fromarray((torch.rand(48, 64, 3, generator=g) * 255).byte().numpy()).save(root / "man.png")
+    jobs = [{"task": "identity", "prompt": "A man walks.", "subjects": [["man", str(root / "man.png")]],
+             "cfg_scale": 1.0, "seed": 3},  # one guidance branch: one forward per step in both modes
+            {"task": "identity", "prompt": "A man runs.", "subjects": [["man", str(root / "man.png")]], "seed": 4}]
+    import json
+
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    return root
+
+
+def _sample_cli(root, out, *extra):
+    import subprocess
+    import sys
+
+    from tests.torchrun import REPO, child_pythonpath
+
+    cmd = [sys.executable, "-m", "hcustom_mc.sample", "--checkpoint", root / "ckpt", "--model-config", "tiny",
+           "--encoders-dir", root / "enc", "--jobs", root / "jobs.json", "--height", 32, "--width", 48, "--frames", 5,
+           "--steps", 2, "--out", out, "--no-progress", *extra]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": child_pythonpath()}
+    proc = subprocess.run(list(map(str, cmd)), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout + proc.stderr
+
+
+def test_sampler_offload_blocks_gives_the_resident_videos(release_checkpoint, tmp_path):
+    """`--offload blocks` (encoders in turn, blocks streamed, one branch per forward) against `--offload none`: the
+    one-branch job's latents bit for bit, the two-branch job's to float32 rounding (batch 1 vs 2 forwards), and the
+    same decoded frames."""
+    import json
+
+    from hcustom_mc.inference.output import read_mp4
+
+    log_none = _sample_cli(release_checkpoint, tmp_path / "none", "--offload", "none")
+    log_blocks = _sample_cli(release_checkpoint, tmp_path / "blocks", "--offload", "blocks", "--offload-ahead", 1)
+    assert "memory: everything resident (--offload none)" in log_none
+    assert "memory: block offload (--offload blocks)" in log_blocks and "4 blocks streamed to cpu, 1 ahead" in log_blocks
+    for n, exact in ((0, True), (1, False)):
+        name = f"00{n}_identity"
+        a = torch.load(tmp_path / "none" / f"{name}.latents.pt", weights_only=True)
+        b = torch.load(tmp_path / "blocks" / f"{name}.latents.pt", weights_only=True)
+        if exact:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        fa, fb = read_mp4(tmp_path / "none" / f"{name}.mp4")[0], read_mp4(tmp_path / "blocks" / f"{name}.mp4")[0]
+        assert fa.shape == fb.shape and (fa.astype(int) - fb.astype(int)).__abs__().max() <= 1
+        side = json.loads((tmp_path / "blocks" / f"{name}.json").read_text())
+        assert side["memory"]["offload"] == "blocks" and side["memory"]["blocks_on_device_at_most"] == 2
+        assert json.loads((tmp_path / "none" / f"{name}.json").read_text())["memory"] == {"offload": "none"}
+
+
+def test_sampler_offload_auto_on_the_cpu_keeps_everything_resident(release_checkpoint, tmp_path):
+    log = _sample_cli(release_checkpoint, tmp_path / "auto", "--offload-ahead", 0)
+    assert "memory: everything resident (auto: the compute device is the CPU" in log
+
+
+def test_blocks_mode_loads_the_encoders_the_dit_and_the_vae_in_turn(release_checkpoint, tmp_path, single_process,
+                                                                   monkeypatch):
+    """`_generate_in_turn` in this process: the text encoders are gone (collected) before the DiT's modules reach the
+    device, and the DiT is gone before the VAE is loaded again to decode."""
+    import argparse
+    import gc
+    import weakref
+
+    import hcustom_mc.sample as sample
+    from hcustom_mc.data.config import EncoderPaths
+    from hcustom_mc.encoders.text import LlavaTextEncoder
+    from hcustom_mc.encoders.vae import VideoVAE
+    from hcustom_mc.inference.inputs import SampleJob, resolve_job
+    from hcustom_mc.inference.offload import BlockOffloader
+    from hcustom_mc.inference.pipeline import SamplerLayout
+    from hcustom_mc.model.config import get_model_config
+
+    events, alive = [], {}
+    load_llava, load_vae, attach = LlavaTextEncoder.from_pretrained.__func__, VideoVAE.from_pretrained.__func__, \
+        BlockOffloader.attach.__func__
+
+    def llava(cls, *a, **kw):
+        encoder = load_llava(cls, *a, **kw)
+        alive["llava"] = weakref.ref(encoder)
+        events.append("llava")
+        return encoder
+
+    def vae(cls, *a, **kw):
+        gc.collect()
+        events.append("vae" + (" (DiT alive)" if "dit" in alive and alive["dit"]() is not None else ""))
+        return load_vae(cls, *a, **kw)
+
+    def offload(cls, model, *a, **kw):
+        gc.collect()
+        events.append("DiT to device" + (" (LLaVA alive)" if alive["llava"]() is not None else ""))
+        alive["dit"] = weakref.ref(model)
+        return attach(cls, model, *a, **kw)
+
+    monkeypatch.setattr(LlavaTextEncoder, "from_pretrained", classmethod(llava))
+    monkeypatch.setattr(VideoVAE, "from_pretrained", classmethod(vae))
+    monkeypatch.setattr(BlockOffloader, "attach", classmethod(offload))
+    root = release_checkpoint
+    jobs = [resolve_job(SampleJob(task="identity", prompt="A man walks.", subjects=[("man", str(root / "man.png"))],
+                                  height=32, width=48, frames=5, steps=1, output=str(tmp_path / f"j{n}")))
+            for n in range(2)]
+    args = argparse.Namespace(cp_mode="ulysses", load_key="module", text_len=256, offload_ahead=1, no_progress=True,
+                              tp=1, cp=1, cfg_parallel=1)
+    paths = EncoderPaths(llava=str(root / "enc/llava"), clip=str(root / "enc/clip"), vae=str(root / "enc/vae"))
+    cfg = get_model_config("tiny", "base")
+    sample._generate_in_turn(args, jobs, root / "ckpt", "release", cfg, SamplerLayout(),
+                             paths, [], single_process, torch.float32, 1, "test")
+    assert events == ["llava", "vae", "DiT to device", "vae"]  # nothing "alive" that should be gone
+    assert all((tmp_path / f"j{n}.mp4").is_file() for n in range(2))
