@@ -169,6 +169,19 @@ def test_plan_cli_sampling_input_errors(capsys):
     assert "choice: nothing fits" in capsys.readouterr().out
 
 
+def test_plan_cli_json(choices, capsys):
+    import json
+
+    from hcustom_mc.plan.__main__ import main
+
+    assert main(["--sample", "--model", "13b", "--size", "1280x720", "--frames", "129", "--gpu-memory", "24GB",
+                 "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["chosen"] == [choices[24].chosen.mode, choices[24].chosen.weights]
+    assert [r["fits"] for r in data["rows"]] == [r.fits for r in choices[24].rows]
+    assert data["reason"] == choices[24].reason
+
+
 def test_resolve_offload_flags():
     from hcustom_mc.inference.memory import resolve_offload
 
@@ -179,3 +192,29 @@ def test_resolve_offload_flags():
     assert mode == "resident" and "CPU" in why
     with pytest.raises(ValueError, match="auto, none or blocks"):
         resolve_offload("all", [], _cfg("tiny"), torch.float32, cpu, 1, 1, 1)
+
+
+@pytest.mark.parametrize("free_gb,mode", [(200, "resident"), (60, "blocks"), (24, "blocks")])
+def test_auto_on_a_gpu_takes_the_planner_choice_and_the_fit_check_follows_it(monkeypatch, free_gb, mode):
+    """`--offload auto` on a (stand-in) GPU with `free_gb` free: the mode the planner picks for the job in bf16, and
+    check_jobs_fit then measures the job in that mode; 16 GB free is too little for any mode (the encoders not
+    counted: no folders given, as the fit check reads their files)."""
+    import hcustom_mc.inference.memory as memory
+    from hcustom_mc.inference.inputs import InputError, SampleJob, resolve_job
+
+    job = resolve_job(SampleJob(task="identity", prompt="p", subjects=[("man", "man.png")], height=720, width=1280,
+                                frames=129))
+    cfg = _cfg()
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (free_gb * GB, "free memory of a stand-in GPU"))
+    got, why = memory.resolve_offload("auto", [job], cfg, torch.bfloat16, gpu, 1, 1, 1)
+    choice = memory.choose_mode(cfg, memory.JobSize.of(job), int(free_gb * GB * memory.HEADROOM), weights=("bf16",),
+                                encoders={})  # no encoder folders given: none counted, as check_jobs_fit
+    assert got == mode == choice.chosen.mode and why == f"auto (free memory of a stand-in GPU): {choice.reason}"
+    memory.check_jobs_fit([job], cfg, torch.bfloat16, gpu, 1, 1, 1, mode=got)
+    if mode == "blocks":
+        with pytest.raises(InputError, match=r"resident bf16, denoise\).*or --offload blocks"):
+            memory.check_jobs_fit([job], cfg, torch.bfloat16, gpu, 1, 1, 1, mode="resident")
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (16 * GB, "free memory of a stand-in GPU"))
+    with pytest.raises(InputError, match=r"job 0 \(1280x720, 129 frames\) needs about .*blocks bf16 \(ahead 1\), denoise"):
+        memory.check_jobs_fit([job], cfg, torch.bfloat16, gpu, 1, 1, 1, mode="blocks")

@@ -311,7 +311,7 @@ def resolve_offload(requested: str, jobs, model_cfg, dtype: torch.dtype, device:
     free, what = available_bytes(device)
     budget = int(free * HEADROOM)
     dit = dit_size(model_cfg)
-    enc = encoder_sizes(paths) or None
+    enc = encoder_sizes(paths)  # the folders the sampler was given (as check_jobs_fit counts them)
     sizes = [JobSize.of(j, text_len) for j in jobs]
     largest = max(sizes, key=lambda s: sampling_estimate(model_cfg, s, "resident", weights_of(dtype), dit=dit,
                                                          encoders=enc, tp=tp, cp=cp, cfg_parallel=cfg_parallel).peak)

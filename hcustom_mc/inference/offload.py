@@ -16,6 +16,11 @@ copied while it runs (`ahead = 0`: each block is copied when it is needed, with 
 On CUDA the copies run on a side stream: the block's tensors are allocated and filled there, an event orders the
 copy before the compute stream's first use, and `record_stream` tells the caching allocator that the compute stream
 uses them, so their memory is not handed out again until the compute stream's queued work on them has finished.
+The host would otherwise run ahead of the GPU (kernel launches and copies are asynchronous) and allocate fresh
+memory for every later block while the released ones still wait for their kernels: so before block i is set up,
+the host waits for the GPU to finish block i - 1 (an event recorded after its release). Block i's weights are
+already there (copied during block i - 1), so the GPU idles only for the launch of block i's first kernel, and the
+device holds at most `ahead + 1` blocks' weights in fact, not only in the bookkeeping.
 On the CPU (host == compute device) the same path runs: materialising copies into fresh tensors, releasing drops
 them, and the bookkeeping (`live`, `max_live`, `copies`) is the same, which is what the CPU tests check.
 
@@ -101,6 +106,7 @@ class BlockOffloader:
         self.live: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
         self.max_live = 0
         self.copies = 0
+        self.done: torch.cuda.Event | None = None  # CUDA: recorded on the compute stream after the last block ran
         self.handles = []
         for block in self.blocks:
             self.handles.append(block.register_forward_pre_hook(self._before))
@@ -154,6 +160,7 @@ class BlockOffloader:
     def release_all(self) -> None:
         for i in list(self.live):
             self._release(i)
+        self.done = None
 
     # -------------------------------------------------------------- hooks
     def _before(self, block: nn.Module, args) -> None:
@@ -164,6 +171,9 @@ class BlockOffloader:
         # blocks outside this window are stale (a forward stopped by an exception, blocks run out of order)
         for j in [j for j in self.live if not i <= j <= i + self.ahead]:
             self._release(j)
+        if self.done is not None:  # the previous block's kernels finished: its memory can take the next copy
+            self.done.synchronize()
+            self.done = None
         self._materialise(i)
         copies, event = self.live[i]
         if event is not None:
@@ -176,6 +186,9 @@ class BlockOffloader:
 
     def _after(self, block: nn.Module, args, output) -> None:
         self._release(self.position[id(block)])
+        if self.stream is not None:  # recorded after the release, so after the allocator's own events for it
+            self.done = torch.cuda.Event()
+            self.done.record(torch.cuda.current_stream(self.device))
 
     def detach(self) -> None:
         """Remove the hooks; every block is left pointing at its host tensors."""

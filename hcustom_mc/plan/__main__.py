@@ -134,10 +134,10 @@ def plan_sampling(args, cfg, w: int, h: int) -> int:
     choice = choose_mode(cfg, job, budget_of(capacity), weights=weights, tp=args.tp or 1, cp=args.cp or 1,
                          ahead=args.offload_ahead)
     if args.json:
-        rows = [{"mode": r.mode, "weights": r.weights, "ahead": r.ahead, "peak_gib": r.peak / GIB_,
+        rows = [{"mode": r.mode, "weights": r.weights, "ahead": r.ahead, "peak_gib": r.peak / GIB,
                  "peak_phase": r.peak_phase, "fits": r.fits,
-                 "phases_gib": {p: {k: v / GIB_ for k, v in t.items()} for p, t in r.phases.items()}} for r in choice.rows]
-        print(json.dumps({"budget_gib": choice.budget / GIB_, "rows": rows, "reason": choice.reason,
+                 "phases_gib": {p: {k: v / GIB for k, v in t.items()} for p, t in r.phases.items()}} for r in choice.rows]
+        print(json.dumps({"budget_gib": choice.budget / GIB, "rows": rows, "reason": choice.reason,
                           "chosen": None if choice.chosen is None else [choice.chosen.mode, choice.chosen.weights]},
                          indent=1))
         return 0 if choice.chosen else 1
@@ -156,8 +156,6 @@ def plan_sampling(args, cfg, w: int, h: int) -> int:
               + (" with fp8 weights" if choice.chosen.weights == "fp8" else ""))
     return 0 if choice.chosen else 1
 
-
-GIB_ = GIB
 
 
 def check_inputs(args, cfg) -> None:
