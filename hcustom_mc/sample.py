@@ -9,7 +9,9 @@ CKPT: a training run folder (its `latest`), a megatron-core checkpoint, a releas
 command-line job flags (--image included) are the defaults every listed job starts from, so a t2v entry
 next to --image sets `subjects: []`. Every job is validated on every
 rank before the model is loaded. Per job: `NAME.mp4` (+ the audio track for audio jobs), `NAME.png`
-(contact sheet) and `NAME.json` (all settings, seed, timings).
+(contact sheet) and `NAME.json` (all settings, seed, timings). On one GPU too small for everything at once,
+`--offload blocks` streams the DiT's blocks from host memory and loads the encoders in turn; `--offload auto` (the
+default) asks the memory planner (`python -m hcustom_mc.plan --sample` prints its estimates).
 """
 
 from __future__ import annotations
@@ -471,7 +473,7 @@ def _generate_in_turn(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, in
     memory = {"offload": "blocks", "ahead": args.offload_ahead, "blocks_on_device_at_most": offloader.max_live,
               "blocks": len(offloader.blocks), "why": why}
     offloader.detach()
-    del sampler, model, offloader, conditions
+    del sampler, model, offloader, conditions, cond, latents
     free_device_memory(device)
     vae = VideoVAE.from_pretrained(paths.vae, dtype=enc_dtype, device=device, tiling=True)
     for n, (job, (latents, timing, denoise_s)) in enumerate(zip(jobs, denoised)):

@@ -290,16 +290,16 @@ def _sample_cli(root, out, *extra):
 
 
 def test_sampler_offload_blocks_gives_the_resident_videos(release_checkpoint, tmp_path):
-    """`--offload blocks` (encoders in turn, blocks streamed, one branch per forward) against `--offload none`: the
-    one-branch job's latents bit for bit, the two-branch job's to float32 rounding (batch 1 vs 2 forwards), and the
-    same decoded frames."""
+    """`--offload blocks` (encoders in turn, blocks streamed, one branch per forward) against the default (auto: on
+    the CPU everything resident): the one-branch job's latents bit for bit, the two-branch job's to float32
+    rounding (batch 1 vs 2 forwards), and the same decoded frames."""
     import json
 
     from hcustom_mc.inference.output import read_mp4
 
-    log_none = _sample_cli(release_checkpoint, tmp_path / "none", "--offload", "none")
+    log_none = _sample_cli(release_checkpoint, tmp_path / "none")
     log_blocks = _sample_cli(release_checkpoint, tmp_path / "blocks", "--offload", "blocks", "--offload-ahead", 1)
-    assert "memory: everything resident (--offload none)" in log_none
+    assert "memory: everything resident (auto: the compute device is the CPU" in log_none
     assert "memory: block offload (--offload blocks)" in log_blocks and "4 blocks streamed to cpu, 1 ahead" in log_blocks
     for n, exact in ((0, True), (1, False)):
         name = f"00{n}_identity"
@@ -314,11 +314,6 @@ def test_sampler_offload_blocks_gives_the_resident_videos(release_checkpoint, tm
         side = json.loads((tmp_path / "blocks" / f"{name}.json").read_text())
         assert side["memory"]["offload"] == "blocks" and side["memory"]["blocks_on_device_at_most"] == 2
         assert json.loads((tmp_path / "none" / f"{name}.json").read_text())["memory"] == {"offload": "none"}
-
-
-def test_sampler_offload_auto_on_the_cpu_keeps_everything_resident(release_checkpoint, tmp_path):
-    log = _sample_cli(release_checkpoint, tmp_path / "auto", "--offload-ahead", 0)
-    assert "memory: everything resident (auto: the compute device is the CPU" in log
 
 
 def test_blocks_mode_loads_the_encoders_the_dit_and_the_vae_in_turn(release_checkpoint, tmp_path, single_process,
@@ -374,3 +369,12 @@ def test_blocks_mode_loads_the_encoders_the_dit_and_the_vae_in_turn(release_chec
                              paths, [], single_process, torch.float32, 1, "test")
     assert events == ["llava", "vae", "DiT to device", "vae"]  # nothing "alive" that should be gone
     assert all((tmp_path / f"j{n}.mp4").is_file() for n in range(2))
+
+
+def test_a_negative_offload_ahead_is_refused_before_anything_loads(tmp_path):
+    from hcustom_mc.model.config import ConfigError
+    from hcustom_mc.sample import parse_args, run
+
+    args = parse_args(["--checkpoint", str(tmp_path / "missing"), "--offload", "blocks", "--offload-ahead", "-1"])
+    with pytest.raises(ConfigError, match="--offload-ahead must be >= 0 blocks, got -1"):
+        run(args)  # before the checkpoint (which does not exist) is even looked at
