@@ -378,3 +378,106 @@ def test_a_negative_offload_ahead_is_refused_before_anything_loads(tmp_path):
     args = parse_args(["--checkpoint", str(tmp_path / "missing"), "--offload", "blocks", "--offload-ahead", "-1"])
     with pytest.raises(ConfigError, match="--offload-ahead must be >= 0 blocks, got -1"):
         run(args)  # before the checkpoint (which does not exist) is even looked at
+
+
+def test_the_cuda_path_orders_copies_waits_and_host_syncs(monkeypatch):
+    """The CUDA branch's protocol, with stand-ins for streams and events recording what is called (the copies
+    themselves stay on the CPU): every copy is made inside the side stream and records an event; the compute
+    stream waits on a block's event before the block runs and marks its tensors as used there; the host waits for
+    block i - 1 before block i's setup (so its memory can take the next copy); block i + 1 is copied while block i
+    runs. The whole sequence of one forward, event by event."""
+    from hcustom_mc.inference import offload as offload_module
+    from hcustom_mc.inference.offload import BlockOffloader
+
+    log, state = [], {"side": False}
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_event(self, event):
+            log.append(("wait", self.name, event.name))
+
+    side, compute = Stream("side"), Stream("compute")
+
+    class Event:
+        count = 0
+
+        def __init__(self):
+            Event.count += 1
+            self.name = f"e{Event.count}"
+
+        def record(self, stream):
+            log.append(("record", stream.name, self.name))
+
+        def synchronize(self):
+            log.append(("sync", self.name))
+
+    class StreamContext:
+        def __init__(self, stream):
+            assert stream is side
+
+        def __enter__(self):
+            state["side"] = True
+
+        def __exit__(self, *exc):
+            state["side"] = False
+
+    copy_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        if kwargs.get("non_blocking"):
+            assert state["side"], "a block copy outside the side stream"
+            log.append(("copy",))
+            kwargs = {"copy": True}
+        return copy_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "stream", StreamContext)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: log.append(("used on", stream.name)))
+
+    blocks = [Block(4, s) for s in range(4)]
+    offloader = BlockOffloader(blocks, "cpu", ahead=1)
+    offloader.stream = side  # what a CUDA device gets: the same code from here on
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        reference = x
+        for b in blocks:
+            reference = b(reference)  # the offloader runs here too (CPU side of the stand-ins)
+        log.clear()
+        out = x
+        for b in blocks:
+            log.append(("run", blocks.index(b)))
+            out = b(out)
+    assert torch.equal(out, reference)
+    per_block = len(offloader.tensors[0])
+    # name the events by role: copy k (recorded on the side stream), done k (on the compute stream after block k)
+    names, copies, done, steps = {}, 0, -1, []
+    for entry in log:
+        if entry[0] == "copy":
+            copies += 1
+            continue
+        if entry[0] == "used on":
+            steps.append(("used on", entry[1]))
+            continue
+        if entry[0] == "record" and entry[1] == "side":
+            assert copies == per_block, "a copy event must follow exactly one block's tensors"
+            copies = 0
+            names[entry[2]] = f"copy {sum(v.startswith('copy') for v in names.values())}"
+        elif entry[0] == "record":
+            done += 1
+            names[entry[2]] = f"done {done}"
+        event = entry[-1] if entry[0] in ("record", "wait", "sync") else None
+        steps.append(entry if event is None else (*entry[:-1], names.get(event, "done of the forward before")))
+    used = [("used on", "compute")] * per_block
+    expected = []
+    for k in range(4):
+        expected += [("run", k), ("sync", f"done {k - 1}" if k else "done of the forward before")]
+        expected += [("record", "side", "copy 0")] if k == 0 else []  # block 0 was not prefetched
+        expected += [("wait", "compute", f"copy {k}"), *used]
+        expected += [("record", "side", f"copy {k + 1}")] if k < 3 else []  # the next block, during this one
+        expected += [("record", "compute", f"done {k}")]
+    assert steps == expected
+    assert offloader.max_live == 2 and not offloader.live
