@@ -9,7 +9,9 @@ CKPT: a training run folder (its `latest`), a megatron-core checkpoint, a releas
 command-line job flags (--image included) are the defaults every listed job starts from, so a t2v entry
 next to --image sets `subjects: []`. Every job is validated on every
 rank before the model is loaded. Per job: `NAME.mp4` (+ the audio track for audio jobs), `NAME.png`
-(contact sheet) and `NAME.json` (all settings, seed, timings).
+(contact sheet) and `NAME.json` (all settings, seed, timings). On one GPU too small for everything at once,
+`--offload blocks` streams the DiT's blocks from host memory and loads the encoders in turn; `--offload auto` (the
+default) asks the memory planner (`python -m hcustom_mc.plan --sample` prints its estimates).
 """
 
 from __future__ import annotations
@@ -132,6 +134,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: 1)")
     c.add_argument("--cache-max-skips", type=int, default=3, metavar="N",
                    help="at most N cached steps in a row (default: 3)")
+    mem = p.add_argument_group("memory", "How the DiT and the encoders share the device (hcustom_mc/inference/memory.py; "
+                               "`python -m hcustom_mc.plan --sample` shows the estimates).")
+    mem.add_argument("--offload", default="auto", choices=("auto", "none", "blocks"),
+                     help="none: everything resident; blocks: the DiT's blocks streamed from host memory, the guidance "
+                          "branches one per forward, the encoders loaded in turn (text encoders and VAE for the "
+                          "conditions, then released; the VAE again for decoding); auto: the fastest that fits this "
+                          "GPU's free memory by the planner's estimate (none on the CPU) (default: auto)")
+    mem.add_argument("--offload-ahead", type=int, default=1, metavar="N",
+                     help="blocks copied to the GPU ahead of the one running, overlapping its compute; at most N + 1 "
+                          "blocks are on the device at once (default: 1)")
     o = p.add_argument_group("output and console")
     o.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
     o.add_argument("--overwrite", action="store_true", help="replace existing output files (switch; default: off: "
@@ -321,6 +333,8 @@ def run(args) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.fp8_matmul != "upcast" and args.fp8_weights != "on":
         raise ConfigError(f"--fp8-matmul {args.fp8_matmul} needs --fp8-weights on")
+    if args.offload_ahead < 0:
+        raise ConfigError(f"--offload-ahead must be >= 0 blocks, got {args.offload_ahead}")
     fmt, ckpt = resolve_checkpoint(args.checkpoint, args.checkpoint_format, args.verify_checkpoint)
     fallback = None
     if args.model_config:
@@ -348,46 +362,136 @@ def run(args) -> int:
 
     loras = load_specs(args.lora, args.checkpoint)  # bad FILE:SCALE, another base: fail before the model loads
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
+    mode, why = offload_mode(args, jobs, model_cfg, dtype, info, paths)
     from hcustom_mc.inference.memory import check_jobs_fit
 
     # before the model and encoders are allocated (the parameter count needs the parallel layout)
-    check_jobs_fit(jobs, model_cfg, dtype, info.device, args.tp, args.cp, args.cfg_parallel, paths, world, args.text_len)
+    check_jobs_fit(jobs, model_cfg, dtype, info.device, args.tp, args.cp, args.cfg_parallel, paths, world, args.text_len,
+                   mode=mode, ahead=args.offload_ahead, weights=weights_option(args, dtype),
+                   step_cache=cache_settings(args).enabled)
     locks = claim_outputs(jobs, args.overwrite)
     try:
+        if mode == "blocks":
+            return _generate_in_turn(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, info, dtype, world, why)
         return _generate(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, info, dtype, world)
     finally:
         for lock in locks:
             lock.release()
 
 
-def _generate(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, info, dtype, world) -> int:
+def weights_option(args, dtype) -> str:
+    """The planner's name for the DiT weights this run keeps: fp8 (--fp8-weights on), else the dtype's."""
+    from hcustom_mc.inference.memory import weights_of
+
+    return "fp8" if args.fp8_weights == "on" else weights_of(dtype)
+
+
+def offload_mode(args, jobs, model_cfg, dtype, info, paths) -> tuple[str, str]:
+    """(resident | blocks, why) for --offload, the same on every rank: when the ranks' free memory gives different
+    answers, all offload (the collectives of the two paths differ)."""
+    from hcustom_mc.checkpoint.integrity import gather_objects
+    from hcustom_mc.inference.memory import resolve_offload
+
+    mode, why = resolve_offload(args.offload, jobs, model_cfg, dtype, info.device, args.tp, args.cp,
+                                args.cfg_parallel, paths, args.text_len, args.offload_ahead,
+                                weights=weights_option(args, dtype), step_cache=cache_settings(args).enabled)
+    answers = gather_objects((mode, why))
+    mode, why = next((a for a in answers if a[0] == "blocks"), answers[0])
+    if info.rank == 0:
+        log.info("memory: %s (%s)", "block offload" if mode == "blocks" else "everything resident", why)
+    return mode, why
+
+
+def _finish_job(job, n, video, latents, ckpt, fmt, model_cfg, layout, world, dtype, timing, decode_s, t0, rank0,
+                device, modes: dict) -> None:
+    """Rank 0 writes the job's files; every rank learns whether that worked (so none waits forever)."""
     import torch
 
-    from hcustom_mc.checkpoint.lora import merge_into_model
-    from hcustom_mc.inference.decode import decode_across_ranks
-    from hcustom_mc.inference.inputs import EncoderSet, prepare_conditions
-    from hcustom_mc.inference.output import StepProgress
-    from hcustom_mc.inference.pipeline import NonFiniteError, ParallelSampler, load_model, with_audio_strength
-    from hcustom_mc.model.model import InputError
+    failed = None
+    if rank0:
+        try:
+            _write_outputs(job, n, video[0].float().cpu(), latents, ckpt, fmt, model_cfg, layout, world, dtype,
+                           timing, decode_s, t0, modes)
+        except Exception as exc:  # other ranks must not wait forever in the next collective
+            failed = exc
+    if torch.distributed.is_initialized():
+        flag = torch.tensor([1.0 if failed else 0.0], device=device)
+        torch.distributed.all_reduce(flag)
+        if flag.item() and failed is None:
+            raise RuntimeError(f"job {n}: writing the outputs failed on rank 0")
+    if failed is not None:
+        raise failed
 
-    rank0 = info.rank == 0
-    t_load = time.time()
+
+def _load_dit(args, ckpt, fmt, model_cfg, dtype, loras, rank0: bool, device=None):
+    """(the DiT with the LoRAs applied, the sidecar's `weights` entry), on `device` (default: the compute device;
+    "cpu" for block offload). fp8: LoRAs merged before quantising, or side adapters on an fp8 checkpoint."""
+    from hcustom_mc.checkpoint.lora import merge_into_model
+    from hcustom_mc.inference.pipeline import load_model
+
     weights = {"fp8_weights": args.fp8_weights}
-    if args.fp8_weights == "on":  # LoRAs merged before quantising, or side adapters on an fp8 checkpoint
+    if args.fp8_weights == "on":
         from hcustom_mc.inference.fp8 import load_fp8_model
 
         model, report = load_fp8_model(ckpt, fmt, model_cfg, dtype, args.cp_mode, args.load_key, loras,
-                                       matmul=args.fp8_matmul)
+                                       matmul=args.fp8_matmul, device=device)
         weights.update(fp8_matmul=args.fp8_matmul, fp8_source=report.source, fp8_granularity=report.granularity,
                        dit_bytes_per_rank=report.bytes)
         if rank0:
             log.info("%s", report.describe())
-    else:
-        model = load_model(ckpt, fmt, model_cfg, dtype, args.cp_mode, args.load_key)
-        for adapters, scale in loras:  # merged: no cost per step; W + sum of scale_i * B_i A_i, added in fp32
-            merge_into_model(model, adapters, scale)
-            if rank0:
-                log.info("merged LoRA %s x %g (%d modules)", adapters.source, scale, len(adapters.tensors))
+        return model, weights
+    model = load_model(ckpt, fmt, model_cfg, dtype, args.cp_mode, args.load_key, device=device)
+    for adapters, scale in loras:  # merged: no cost per step; W + sum of scale_i * B_i A_i, added in fp32
+        merge_into_model(model, adapters, scale)
+        if rank0:
+            log.info("merged LoRA %s x %g (%d modules)", adapters.source, scale, len(adapters.tensors))
+    return model, weights
+
+
+def _denoise(args, sampler, model, job, n, cond, rank0: bool):
+    """One job's denoising loop (with a fresh step cache when --cache-threshold > 0): (latents, timing, cache entry)."""
+    import torch
+
+    from hcustom_mc.inference.cache import StepCache, cache_off_report
+    from hcustom_mc.inference.output import StepProgress
+    from hcustom_mc.inference.pipeline import NonFiniteError, with_audio_strength
+
+    settings = cache_settings(args)
+    with_audio_strength(model, job.audio_strength)
+    noise = torch.randn(cond["latent_shape"], generator=torch.Generator().manual_seed(job.seed))[None]
+    progress = StepProgress(job.steps, enabled=rank0 and not args.no_progress, desc=f"job {n} ({job.task})")
+    cache = StepCache(settings) if settings.enabled else None
+    try:
+        latents = sampler.sample(noise, cond["branches"], job.steps, job.shift, job.cfg_scale, job.ip_cfg_scale,
+                                 job.embedded_guidance, progress, cache=cache)
+    except NonFiniteError as exc:
+        raise NonFiniteError(f"job {n}: {exc}") from None
+    if cache is not None and rank0:
+        log.info("job %d: %s", n, cache.summary())
+    return latents, progress.close(), cache.report() if cache is not None else cache_off_report()
+
+
+def _conditions(job, n, encoders, model_cfg, device, dtype) -> dict:
+    from hcustom_mc.inference.inputs import prepare_conditions
+    from hcustom_mc.model.model import InputError
+
+    try:
+        return prepare_conditions(job, encoders, model_cfg, device, dtype)
+    except ValueError as exc:  # e.g. a prompt too long for --text-len: same on every rank
+        raise InputError(f"job {n}: {exc}") from None
+
+
+def _generate(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, info, dtype, world) -> int:
+    """Everything resident: the DiT and the encoders loaded once; each job encoded, denoised and decoded in turn."""
+    import torch
+
+    from hcustom_mc.inference.decode import decode_across_ranks
+    from hcustom_mc.inference.inputs import EncoderSet
+    from hcustom_mc.inference.pipeline import ParallelSampler
+
+    rank0 = info.rank == 0
+    t_load = time.time()
+    model, weights = _load_dit(args, ckpt, fmt, model_cfg, dtype, loras, rank0)
     encoders = EncoderSet.from_paths(paths, needs_audio=any(j.task == "audio" for j in jobs), device=info.device,
                                      dtype=torch.float32 if info.device.type == "cpu" else torch.float16,
                                      mode=model_cfg.mode, max_subjects=model_cfg.max_identity_images,
@@ -396,45 +500,64 @@ def _generate(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, info, dtyp
         log.info("loaded %s (%s) and encoders in %.1fs; layout TP %d x CP %d (%s) x CFG-parallel %d; DiT dtype %s",
                  ckpt, fmt, time.time() - t_load, args.tp, args.cp, args.cp_mode, args.cfg_parallel, dtype)
     sampler = ParallelSampler(model, layout)
-    from hcustom_mc.inference.cache import StepCache, cache_off_report
-
-    settings = cache_settings(args)
     for n, job in enumerate(jobs):
         t0 = time.time()
-        with_audio_strength(model, job.audio_strength)
-        try:
-            cond = prepare_conditions(job, encoders, model_cfg, info.device, dtype)
-        except ValueError as exc:  # e.g. a prompt too long for --text-len: same on every rank
-            raise InputError(f"job {n}: {exc}") from None
-        noise = torch.randn(cond["latent_shape"], generator=torch.Generator().manual_seed(job.seed))[None]
-        progress = StepProgress(job.steps, enabled=rank0 and not args.no_progress, desc=f"job {n} ({job.task})")
-        cache = StepCache(settings) if settings.enabled else None  # a fresh state per job
-        try:
-            latents = sampler.sample(noise, cond["branches"], job.steps, job.shift, job.cfg_scale, job.ip_cfg_scale,
-                                     job.embedded_guidance, progress, cache=cache)
-        except NonFiniteError as exc:
-            raise NonFiniteError(f"job {n}: {exc}") from None
-        timing = progress.close()
-        if cache is not None and rank0:
-            log.info("job %d: %s", n, cache.summary())
+        cond = _conditions(job, n, encoders, model_cfg, info.device, dtype)
+        latents, timing, cache = _denoise(args, sampler, model, job, n, cond, rank0)
         t_dec = time.time()
         video = decode_across_ranks(encoders.vae, latents)  # temporal tiles split over all ranks; video on rank 0
-        failed = None
-        if rank0:
-            try:
-                _write_outputs(job, n, video[0].float().cpu(), latents, ckpt, fmt, model_cfg, layout, world, dtype,
-                               timing, time.time() - t_dec, t0,
-                               {"weights": weights,
-                                "cache": cache.report() if cache else cache_off_report()})
-            except Exception as exc:  # other ranks must not wait forever in the next collective
-                failed = exc
-        if torch.distributed.is_initialized():
-            flag = torch.tensor([1.0 if failed else 0.0], device=info.device)
-            torch.distributed.all_reduce(flag)
-            if flag.item() and failed is None:
-                raise RuntimeError(f"job {n}: writing the outputs failed on rank 0")
-        if failed is not None:
-            raise failed
+        _finish_job(job, n, video, latents, ckpt, fmt, model_cfg, layout, world, dtype, timing, time.time() - t_dec,
+                    t0, rank0, info.device, {"weights": weights, "cache": cache, "memory": {"offload": "none"}})
+    return 0
+
+
+def _generate_in_turn(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, info, dtype, world, why: str) -> int:
+    """--offload blocks: LLaVA, CLIP (Whisper) and the VAE encode every job's conditions and are released; the DiT,
+    built in host memory with its blocks streamed to the device (inference/offload.py), denoises every job; then the
+    VAE alone, tiled, decodes them. The DiT's non-block modules reach the device only after the encoders left."""
+    import torch
+
+    from hcustom_mc.encoders.vae import VideoVAE
+    from hcustom_mc.inference.decode import decode_across_ranks
+    from hcustom_mc.inference.inputs import EncoderSet
+    from hcustom_mc.inference.offload import BlockOffloader, free_device_memory
+    from hcustom_mc.inference.pipeline import ParallelSampler
+
+    rank0, device = info.rank == 0, info.device
+    enc_dtype = torch.float32 if device.type == "cpu" else torch.float16
+    t_load = time.time()
+    # host memory: the LoRAs merged (or fp8 side adapters attached) before the blocks are pinned and streamed
+    model, weights = _load_dit(args, ckpt, fmt, model_cfg, dtype, loras, rank0, device=torch.device("cpu"))
+    encoders = EncoderSet.from_paths(paths, needs_audio=any(j.task == "audio" for j in jobs), device=device,
+                                     dtype=enc_dtype, mode=model_cfg.mode, max_subjects=model_cfg.max_identity_images,
+                                     text_len=args.text_len)
+    conditions = [_conditions(job, n, encoders, model_cfg, device, dtype) for n, job in enumerate(jobs)]
+    del encoders
+    free_device_memory(device)
+    offloader = BlockOffloader.attach(model, device, args.offload_ahead)
+    if rank0:
+        log.info("loaded %s (%s) into host memory and encoded %d job(s) in %.1fs; %d blocks streamed to %s, %d ahead; "
+                 "layout TP %d x CP %d (%s) x CFG-parallel %d; DiT dtype %s", ckpt, fmt, len(jobs), time.time() - t_load,
+                 len(offloader.blocks), device, args.offload_ahead, args.tp, args.cp, args.cp_mode, args.cfg_parallel,
+                 dtype)
+    sampler = ParallelSampler(model, layout)
+    sampler.branch_per_forward = True  # one branch's activations at a time (the planner's blocks estimate)
+    denoised = []
+    for n, (job, cond) in enumerate(zip(jobs, conditions)):
+        t0 = time.time()
+        latents, timing, cache = _denoise(args, sampler, model, job, n, cond, rank0)
+        denoised.append((latents.cpu(), timing, cache, time.time() - t0))
+    memory = {"offload": "blocks", "ahead": args.offload_ahead, "blocks_on_device_at_most": offloader.max_live,
+              "blocks": len(offloader.blocks), "why": why}
+    offloader.detach()
+    del sampler, model, offloader, conditions, cond, latents
+    free_device_memory(device)
+    vae = VideoVAE.from_pretrained(paths.vae, dtype=enc_dtype, device=device, tiling=True)
+    for n, (job, (latents, timing, cache, denoise_s)) in enumerate(zip(jobs, denoised)):
+        t_dec = time.time()
+        video = decode_across_ranks(vae, latents)  # temporal tiles split over all ranks; video on rank 0
+        _finish_job(job, n, video, latents, ckpt, fmt, model_cfg, layout, world, dtype, timing, time.time() - t_dec,
+                    t_dec - denoise_s, rank0, device, {"weights": weights, "cache": cache, "memory": memory})
     return 0
 
 

@@ -103,16 +103,18 @@ def model_config_for(path: Path, fmt: str, fallback: ModelConfig | None) -> Mode
 
 
 def load_model(path: Path, fmt: str, model_cfg: ModelConfig, dtype: torch.dtype, cp_mode: str,
-               load_key: str = "module", device: torch.device | None = None, submodules=None) -> HunyuanCustomDiT:
+               load_key: str = "module", device: torch.device | str | None = None,
+               submodules=None) -> HunyuanCustomDiT:
     """Collective: build this rank's shard of the DiT (the training module) on the TP x CP x CFG layout's
     process groups and fill it from the checkpoint; `load_key="ema"` takes the EMA weights (a release
-    file's `ema` entry, or a training run's --ema-decay). `device` (default: the compute device) and
-    `submodules` (default: the model's choice of linear layers) are for loaders that transform the weights
-    before they go to the GPU (inference/fp8.py)."""
+    file's `ema` entry, or a training run's --ema-decay). It is built on and left on `device` (default: the
+    compute device): block offload builds it in host memory ("cpu") and streams the blocks (inference/offload.py),
+    loaders that transform the weights before they go to the GPU do the same (inference/fp8.py). `submodules`
+    (default: the model's choice of linear layers) is for the latter."""
     from hcustom_mc.parallel.groups import layout_process_groups
     from hcustom_mc.parallel.sharding import load_full_state_dict
 
-    device = compute_device() if device is None else device
+    device = compute_device() if device is None else torch.device(device)
     model = HunyuanCustomDiT(model_cfg, submodules=submodules, params_dtype=dtype, cp_mode=cp_mode,
                              pg_collection=layout_process_groups(), device=device)
     if fmt == "mcore":
@@ -156,6 +158,10 @@ class ParallelSampler:
         self.cfg_rank = group_rank(self.groups.dp) if layout.cfg_parallel > 1 else 0
         self.device = next(model.parameters()).device
         self.cache = None  # the StepCache of the run in progress (sample(cache=...))
+        # False: every guidance branch of this rank in one forward (batched); True: one forward per branch, which
+        # holds one branch's activations (block offload, inference/memory.py) for more forwards per step. The step
+        # cache always batches: its one decision per step needs every branch's probe blocks first.
+        self.branch_per_forward = False
 
     def _my_branches(self, names: list[str]) -> list[str]:
         return names if self.layout.cfg_parallel == 1 else [names[self.cfg_rank]]
@@ -167,15 +173,11 @@ class ParallelSampler:
         mine = self._my_branches(names)
         B = latents.shape[0]
         dtype = next(self.model.parameters()).dtype
-        inputs = {k: torch.cat([branches[n][k] for n in mine]).to(self.device) for k in branches[mine[0]]}
-        x = latents.to(self.device, dtype).repeat(len(mine), 1, 1, 1, 1)
-        t = torch.full((x.shape[0],), timestep, device=self.device, dtype=torch.float32)
-        g = None if guidance is None else torch.full_like(t, guidance * 1000.0)
-        if self.cache is None:
-            v = self.model(x, t, guidance=g, **inputs).float()
-        else:
-            v = self.cache.forward(self.model, x, t, guidance=g, **inputs).float()
-        K = inputs["identity_latents"].shape[2] if "identity_latents" in inputs else 0
+        batched = self.cache is not None or not self.branch_per_forward
+        forwards = [mine] if batched else [[n] for n in mine]
+        v = torch.cat([self._forward(latents, timestep, branches, part, guidance, dtype) for part in forwards])
+        first = branches[mine[0]]
+        K = first["identity_latents"].shape[2] if "identity_latents" in first else 0
         pt, ph, pw = self.model.cfg.patch_size
         f, hw = latents.shape[2] // pt, (latents.shape[3] // ph) * (latents.shape[4] // pw)
         frames = self.model.video_frames_here(K, f, hw)
@@ -186,6 +188,16 @@ class ParallelSampler:
             dist.all_gather(parts, v.contiguous(), group=self.groups.dp)
             out = dict(zip(names, parts))
         return out
+
+    def _forward(self, latents, timestep, branches, part: list[str], guidance, dtype) -> torch.Tensor:
+        """One model forward of the branches `part`, batched (fp32 velocity); through the step cache when one runs."""
+        inputs = {k: torch.cat([branches[n][k] for n in part]).to(self.device) for k in branches[part[0]]}
+        x = latents.to(self.device, dtype).repeat(len(part), 1, 1, 1, 1)
+        t = torch.full((x.shape[0],), timestep, device=self.device, dtype=torch.float32)
+        g = None if guidance is None else torch.full_like(t, guidance * 1000.0)
+        if self.cache is None:
+            return self.model(x, t, guidance=g, **inputs).float()
+        return self.cache.forward(self.model, x, t, guidance=g, **inputs).float()
 
     def _decision_groups(self) -> list:
         """The groups whose ranks must take one caching decision: TP and CP (they run one forward together) and,

@@ -1,12 +1,19 @@
-"""Will it fit? Per-GPU memory and step FLOPs of a HunyuanCustom training layout (an estimate).
+"""Will it fit? Per-GPU memory and step FLOPs of a HunyuanCustom training layout, or the sampling mode for one GPU
+(estimates).
 
     python -m hcustom_mc.plan --model 13b --variant audio --size 1280x720 --frames 129 \\
         --tp 4 --pp 2 --cp 2 --dp 8 --micro-batch-size 1 --recompute full --bf16
     python -m hcustom_mc.plan --model 13b --variant audio --size 1280x720 --frames 129 --bf16 \\
         --recompute full --gpus 32 --gpu-memory 80GB          # rank every layout of 32 GPUs that fits
 
-Pure arithmetic on the model config (no torch import): see hcustom_mc/plan/memory.py for what is
+    python -m hcustom_mc.plan --sample --model 13b --variant base --size 1280x720 --frames 129 \\
+        --gpu-memory 24GB                                      # which --offload mode of the sampler fits
+
+Training: pure arithmetic on the model config (no torch import): see hcustom_mc/plan/memory.py for what is
 counted and what is not. Layout flags given together with --gpus constrain the search.
+--sample: hcustom_mc/inference/memory.py's per-mode estimates (the DiT's parameters counted exactly on a
+meta-device build, which imports torch); takes --tp, --cp, --identity-images, --text-len, --guidance-branches,
+--offload-ahead, --weights, --step-cache.
 Exit status: 0 fits (or no --gpu-memory given), 1 does not fit / no layout fits, 2 bad input.
 """
 
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import sys
 
@@ -87,7 +95,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-iters", type=int, help="steps of the run: adds its total wall time (default: not set)")
     p.add_argument("--top", type=int, default=10, help="layouts listed by --gpus (default: 10)")
     p.add_argument("--json", action="store_true", help="machine-readable output (switch; default: off)")
+    s = p.add_argument_group("sampling (--sample)")
+    s.add_argument("--sample", action="store_true", help="plan sampling on one GPU per rank instead of training: the "
+                   "sampler's --offload modes with their estimated peak and the fastest that fits --gpu-memory (switch; "
+                   "default: off)")
+    s.add_argument("--guidance-branches", type=int, default=2, choices=(1, 2, 3),
+                   help="model evaluations per step: 1 without CFG, 2 with (cfg_scale != 1), 3 with --ip-cfg-scale "
+                        "(default: 2)")
+    s.add_argument("--offload-ahead", type=int, default=1, help="the sampler's --offload-ahead (default: 1)")
+    s.add_argument("--weights", default="all", choices=("all", "bf16", "fp8"),
+                   help="DiT weight formats considered: bf16, fp8 (kept fp8, upcast per block) or all (default: all)")
+    s.add_argument("--step-cache", action="store_true",
+                   help="the sampler's step cache is on (--cache-threshold > 0): branches batched in every mode and "
+                        "two stored residuals per branch (switch; default: off)")
     return p
+
+
+TRAINING_ONLY = ("pp", "dp", "vpp", "gpus", "global_batch_size", "train_iters", "ulysses_degree", "cp_comm_type")
+
+
+def plan_sampling(args, cfg, w: int, h: int) -> int:
+    """--sample: the estimate of every sampling mode and the one the sampler's --offload auto would take."""
+    from hcustom_mc import console
+
+    console.setup()  # torch and megatron load below: their known import-time warnings are the console's to filter
+    logging.getLogger().setLevel(logging.WARNING)  # this command prints its own report; no INFO lines between
+    from hcustom_mc.inference.memory import HEADROOM, RUNTIME_ALLOWANCE, JobSize, budget_of, choose_mode, gib
+
+    used = [f"--{n.replace('_', '-')}" for n in TRAINING_ONLY if getattr(args, n) is not None]
+    used += [f for f, on in (("--sequence-parallel", args.sequence_parallel), ("--ema", args.ema),
+                             ("--bf16", args.bf16)) if on]
+    if used:
+        raise PlanError(f"{', '.join(used)}: training flag(s); --sample plans one sampling rank (it takes --tp, --cp)")
+    if not args.gpu_memory:
+        raise PlanError("--sample needs --gpu-memory (e.g. 24GB): the mode chosen is the fastest that fits it")
+    if args.offload_ahead < 0:
+        raise PlanError(f"--offload-ahead must be >= 0, got {args.offload_ahead}")
+    capacity = parse_bytes(args.gpu_memory)
+    job = JobSize(w, h, args.frames, args.identity_images, args.guidance_branches, args.text_len)
+    weights = ("bf16", "fp8") if args.weights == "all" else (args.weights,)
+    choice = choose_mode(cfg, job, budget_of(capacity), weights=weights, tp=args.tp or 1, cp=args.cp or 1,
+                         ahead=args.offload_ahead, step_cache=args.step_cache)
+    if args.json:
+        rows = [{"mode": r.mode, "weights": r.weights, "ahead": r.ahead, "peak_gib": r.peak / GIB,
+                 "peak_phase": r.peak_phase, "fits": r.fits,
+                 "phases_gib": {p: {k: v / GIB for k, v in t.items()} for p, t in r.phases.items()}} for r in choice.rows]
+        print(json.dumps({"budget_gib": choice.budget / GIB, "rows": rows, "reason": choice.reason,
+                          "chosen": None if choice.chosen is None else [choice.chosen.mode, choice.chosen.weights]},
+                         indent=1))
+        return 0 if choice.chosen else 1
+    f = (args.frames - 1) // cfg.temporal_compression + 1
+    print(f"ESTIMATE: sampling {args.model} ({args.variant}, {cfg.mode}) at {args.size} x {args.frames} frames ({f} latent "
+          f"frames, {args.identity_images} identity image(s), {args.text_len} text tokens), {args.guidance_branches} "
+          f"guidance branch(es), TP {args.tp or 1} x CP {args.cp or 1}")
+    print(f"GPU memory {args.gpu_memory}: {gib(choice.budget)} usable (less {gib(RUNTIME_ALLOWANCE)} for the CUDA context "
+          f"and workspaces, times {HEADROOM:g} against fragmentation); GiB per phase (hcustom_mc/inference/memory.py):")
+    print(choice.table())
+    flag = {"resident": "none", "blocks": "blocks"}
+    print(f"choice: {choice.reason}")
+    if choice.chosen is not None:
+        print(f"sampler: --offload {flag[choice.chosen.mode]}"
+              + (f" --offload-ahead {args.offload_ahead}" if choice.chosen.mode == "blocks" else "")
+              + (" --fp8-weights on" if choice.chosen.weights == "fp8" else ""))
+    return 0 if choice.chosen else 1
+
 
 
 def check_inputs(args, cfg) -> None:
@@ -272,6 +343,8 @@ def main(argv=None) -> int:
             raise PlanError(str(exc).replace("\n", " ")) from None
         check_inputs(args, cfg)
         w, h = parse_size(args.size)
+        if args.sample:
+            return plan_sampling(args, cfg, w, h)
         capacity = parse_bytes(args.gpu_memory) if args.gpu_memory else None
         work = Workload(width=w, height=h, frames=args.frames, identity_images=args.identity_images,
                         text_len=args.text_len, micro_batch=args.micro_batch_size, global_batch=args.global_batch_size)
