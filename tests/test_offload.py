@@ -361,8 +361,7 @@ def test_blocks_mode_loads_the_encoders_the_dit_and_the_vae_in_turn(release_chec
     jobs = [resolve_job(SampleJob(task="identity", prompt="A man walks.", subjects=[("man", str(root / "man.png"))],
                                   height=32, width=48, frames=5, steps=1, output=str(tmp_path / f"j{n}")))
             for n in range(2)]
-    args = argparse.Namespace(cp_mode="ulysses", load_key="module", text_len=256, offload_ahead=1, no_progress=True,
-                              tp=1, cp=1, cfg_parallel=1)
+    args = sample.parse_args(["--checkpoint", str(root / "ckpt"), "--offload", "blocks", "--no-progress"])
     paths = EncoderPaths(llava=str(root / "enc/llava"), clip=str(root / "enc/clip"), vae=str(root / "enc/vae"))
     cfg = get_model_config("tiny", "base")
     sample._generate_in_turn(args, jobs, root / "ckpt", "release", cfg, SamplerLayout(),

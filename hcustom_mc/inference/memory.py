@@ -80,29 +80,11 @@ class DiTSize:
         return max(self.blocks)
 
 
-def _meta_model(model_cfg):
-    """The whole DiT on the meta device (nothing allocated), without process groups: a build at TP = CP = 1
-    that needs no torch.distributed (the planner CLI runs without one)."""
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
-    from hcustom_mc.model import HunyuanCustomDiT
-
-    groups = ProcessGroupCollection(tp=None, cp=None, pp=None, dp=None, dp_cp=None)
-    groups.hcp = None
-    total = model_cfg.num_double_blocks + model_cfg.num_single_blocks
-    return HunyuanCustomDiT(model_cfg, layers=range(total), device="meta", pg_collection=groups)
-
-
-def dit_parameters(model_cfg) -> int:
-    return sum(p.numel() for p in _meta_model(model_cfg).parameters())
-
-
 def dit_size(model_cfg) -> DiTSize:
-    from hcustom_mc.inference.offload import model_blocks
+    """By arithmetic on the config (model/parameters.py): no model is built, so no process group is needed."""
+    from hcustom_mc.model.parameters import block_parameters, total_parameters
 
-    model = _meta_model(model_cfg)
-    return DiTSize(total=sum(p.numel() for p in model.parameters()),
-                   blocks=tuple(sum(p.numel() for p in b.parameters()) for b in model_blocks(model)))
+    return DiTSize(total=total_parameters(model_cfg), blocks=block_parameters(model_cfg))
 
 
 def encoder_sizes(paths) -> dict[str, int]:
