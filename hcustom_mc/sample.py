@@ -136,11 +136,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="at most N cached steps in a row (default: 3)")
     mem = p.add_argument_group("memory", "How the DiT and the encoders share the device (hcustom_mc/inference/memory.py; "
                                "`python -m hcustom_mc.plan --sample` shows the estimates).")
-    mem.add_argument("--offload", default="auto", choices=("auto", "none", "blocks"),
-                     help="none: everything resident; blocks: the DiT's blocks streamed from host memory, the guidance "
-                          "branches one per forward, the encoders loaded in turn (text encoders and VAE for the "
-                          "conditions, then released; the VAE again for decoding); auto: the fastest that fits this "
-                          "GPU's free memory by the planner's estimate (none on the CPU) (default: auto)")
+    mem.add_argument("--offload", default="auto", choices=("auto", "none", "encoders", "blocks"),
+                     help="none: everything resident; encoders: the DiT resident, the encoders loaded in turn (text "
+                          "encoders and VAE for every job's conditions, then released; the VAE again for decoding); "
+                          "blocks: as encoders, and the DiT's blocks streamed from host memory, the guidance branches "
+                          "one per forward; auto: the fastest that fits this GPU's free memory by the planner's "
+                          "estimate (none on the CPU) (default: auto)")
     mem.add_argument("--offload-ahead", type=int, default=1, metavar="N",
                      help="blocks copied to the GPU ahead of the one running, overlapping its compute; at most N + 1 "
                           "blocks are on the device at once (default: 1)")
@@ -371,8 +372,9 @@ def run(args) -> int:
                    step_cache=cache_settings(args).enabled)
     locks = claim_outputs(jobs, args.overwrite)
     try:
-        if mode == "blocks":
-            return _generate_in_turn(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, info, dtype, world, why)
+        if mode in ("encoders", "blocks"):
+            return _generate_in_turn(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, info, dtype, world, why,
+                                     stream_blocks=mode == "blocks")
         return _generate(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, info, dtype, world)
     finally:
         for lock in locks:
@@ -387,18 +389,20 @@ def weights_option(args, dtype) -> str:
 
 
 def offload_mode(args, jobs, model_cfg, dtype, info, paths) -> tuple[str, str]:
-    """(resident | blocks, why) for --offload, the same on every rank: when the ranks' free memory gives different
+    """(resident | encoders | blocks, why) for --offload, the same on every rank: when the ranks' free memory gives different
     answers, all offload (the collectives of the two paths differ)."""
     from hcustom_mc.checkpoint.integrity import gather_objects
-    from hcustom_mc.inference.memory import resolve_offload
+    from hcustom_mc.inference.memory import OFFLOAD_MODES, resolve_offload
 
     mode, why = resolve_offload(args.offload, jobs, model_cfg, dtype, info.device, args.tp, args.cp,
                                 args.cfg_parallel, paths, args.text_len, args.offload_ahead,
                                 weights=weights_option(args, dtype), step_cache=cache_settings(args).enabled)
     answers = gather_objects((mode, why))
-    mode, why = next((a for a in answers if a[0] == "blocks"), answers[0])
+    # the most frugal answer of any rank (OFFLOAD_MODES runs from the most memory to the least)
+    mode, why = max(answers, key=lambda a: OFFLOAD_MODES.index(a[0]))
     if info.rank == 0:
-        log.info("memory: %s (%s)", "block offload" if mode == "blocks" else "everything resident", why)
+        log.info("memory: %s (%s)", {"resident": "everything resident", "encoders": "the DiT resident, the encoders "
+                                     "in turn", "blocks": "block offload"}[mode], why)
     return mode, why
 
 
@@ -511,10 +515,12 @@ def _generate(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, info, dtyp
     return 0
 
 
-def _generate_in_turn(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, info, dtype, world, why: str) -> int:
-    """--offload blocks: LLaVA, CLIP (Whisper) and the VAE encode every job's conditions and are released; the DiT,
-    built in host memory with its blocks streamed to the device (inference/offload.py), denoises every job; then the
-    VAE alone, tiled, decodes them. The DiT's non-block modules reach the device only after the encoders left."""
+def _generate_in_turn(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, info, dtype, world, why: str,
+                      stream_blocks: bool) -> int:
+    """--offload encoders / blocks: LLaVA, CLIP (Whisper) and the VAE encode every job's conditions and are released;
+    the DiT, built in host memory, denoises every job, moved to the device whole (encoders) or with its blocks
+    streamed there (blocks, inference/offload.py); then the VAE alone, tiled, decodes them. The DiT reaches the device
+    only after the encoders left."""
     import torch
 
     from hcustom_mc.encoders.vae import VideoVAE
@@ -534,22 +540,29 @@ def _generate_in_turn(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, in
     conditions = [_conditions(job, n, encoders, model_cfg, device, dtype) for n, job in enumerate(jobs)]
     del encoders
     free_device_memory(device)
-    offloader = BlockOffloader.attach(model, device, args.offload_ahead)
+    offloader = BlockOffloader.attach(model, device, args.offload_ahead) if stream_blocks else None
+    if offloader is None:
+        model = model.to(device)
     if rank0:
-        log.info("loaded %s (%s) into host memory and encoded %d job(s) in %.1fs; %d blocks streamed to %s, %d ahead; "
-                 "layout TP %d x CP %d (%s) x CFG-parallel %d; DiT dtype %s", ckpt, fmt, len(jobs), time.time() - t_load,
-                 len(offloader.blocks), device, args.offload_ahead, args.tp, args.cp, args.cp_mode, args.cfg_parallel,
-                 dtype)
+        where = (f"{len(offloader.blocks)} blocks streamed to {device}, {args.offload_ahead} ahead" if offloader
+                 else f"the DiT moved to {device}")
+        log.info("loaded %s (%s) into host memory and encoded %d job(s) in %.1fs; %s; layout TP %d x CP %d (%s) x "
+                 "CFG-parallel %d; DiT dtype %s", ckpt, fmt, len(jobs), time.time() - t_load, where, args.tp, args.cp,
+                 args.cp_mode, args.cfg_parallel, dtype)
     sampler = ParallelSampler(model, layout)
-    sampler.branch_per_forward = True  # one branch's activations at a time (the planner's blocks estimate)
+    # blocks: one branch's activations at a time (the planner's blocks estimate); encoders: batched, as resident
+    sampler.branch_per_forward = stream_blocks
     denoised = []
     for n, (job, cond) in enumerate(zip(jobs, conditions)):
         t0 = time.time()
         latents, timing, cache = _denoise(args, sampler, model, job, n, cond, rank0)
         denoised.append((latents.cpu(), timing, cache, time.time() - t0))
-    memory = {"offload": "blocks", "ahead": args.offload_ahead, "blocks_on_device_at_most": offloader.max_live,
-              "blocks": len(offloader.blocks), "why": why}
-    offloader.detach()
+    if offloader is not None:
+        memory = {"offload": "blocks", "ahead": args.offload_ahead, "blocks_on_device_at_most": offloader.max_live,
+                  "blocks": len(offloader.blocks), "why": why}
+        offloader.detach()
+    else:
+        memory = {"offload": "encoders", "why": why}
     del sampler, model, offloader, conditions, cond, latents
     free_device_memory(device)
     vae = VideoVAE.from_pretrained(paths.vae, dtype=enc_dtype, device=device, tiling=True)

@@ -115,11 +115,16 @@ def test_the_choice_for_24_48_80_gb_is_the_fastest_that_fits(choices):
             assert f"{r.name} needs {r.peak / 2**30:.1f} GiB" in choice.reason
         assert choice.reason.startswith(choice.chosen.name)
         assert f"{choice.chosen.peak / 2**30:.1f} GiB at its peak ({choice.chosen.peak_phase}" in choice.reason
-    # a larger GPU never gets a slower mode; 80 GB keeps the DiT resident, 24 GB must stream its blocks
+    # a larger GPU never gets a slower mode; 80 GB keeps the DiT resident (the encoders in turn), 24 GB must stream
+    # its blocks
     order = [choices[gb].rows.index(choices[gb].chosen) for gb in (24, 48, 80)]
     assert order == sorted(order, reverse=True)
-    assert choices[80].chosen.mode == "resident"
+    assert (choices[80].chosen.mode, choices[80].chosen.weights) == ("encoders", "bf16")
     assert choices[24].chosen.mode == "blocks"
+    # encoders in turn: the same DiT on the device as resident, none of the encoders beside it while it denoises
+    resident, encoders = choices[80].rows[0], choices[80].rows[1]
+    assert resident.phases["denoise"]["DiT weights"] == encoders.phases["denoise"]["DiT weights"]
+    assert encoders.phases["denoise"]["encoders"] == 0 < resident.phases["denoise"]["encoders"]
     # the whole bf16 DiT alone (its exact parameter count x 2 bytes) is more than 24 GB can hold
     assert choices[24].rows[0].phases["denoise"]["DiT weights"] > choices[24].budget
 
@@ -152,7 +157,7 @@ def test_plan_cli_prints_the_table_and_the_choice(gb, choices):
     for r in choices[gb].rows:
         assert f"{r.peak / 2**30:9.2f}  {'yes' if r.fits else 'no'}" in out and r.name in out
     assert f"choice: {choices[gb].reason}" in out
-    assert f"sampler: --offload {'none' if chosen.mode == 'resident' else 'blocks'}" in out
+    assert f"sampler: --offload {'none' if chosen.mode == 'resident' else chosen.mode}" in out
 
 
 def test_plan_cli_sampling_input_errors(capsys):
@@ -188,7 +193,7 @@ def test_resolve_offload_flags():
     assert resolve_offload("blocks", [], _cfg("tiny"), torch.float32, cpu, 1, 1, 1)[0] == "blocks"
     mode, why = resolve_offload("auto", [], _cfg("tiny"), torch.float32, cpu, 1, 1, 1)
     assert mode == "resident" and "CPU" in why
-    with pytest.raises(ValueError, match="auto, none or blocks"):
+    with pytest.raises(ValueError, match="auto, none, encoders or blocks"):
         resolve_offload("all", [], _cfg("tiny"), torch.float32, cpu, 1, 1, 1)
 
 
@@ -210,7 +215,7 @@ def test_auto_on_a_gpu_takes_the_planner_choice_and_the_fit_check_follows_it(mon
                                 encoders={})  # no encoder folders given: none counted, as check_jobs_fit
     assert got == mode == choice.chosen.mode and why == f"auto (free memory of a stand-in GPU): {choice.reason}"
     memory.check_jobs_fit([job], cfg, torch.bfloat16, gpu, 1, 1, 1, mode=got)
-    if mode == "blocks":
+    if mode != "resident":
         with pytest.raises(InputError, match=r"resident bf16, denoise\).*or --offload blocks"):
             memory.check_jobs_fit([job], cfg, torch.bfloat16, gpu, 1, 1, 1, mode="resident")
     monkeypatch.setattr(memory, "available_bytes", lambda device: (16 * GB, "free memory of a stand-in GPU"))

@@ -1,9 +1,10 @@
 """Memory estimates for sampling, checked before anything is allocated, and the choice of a sampling mode.
 
-Two sampling modes (`--offload`), each with the DiT's weights in bf16 (2 bytes a parameter; fp32 4 on the CPU) or
+Three sampling modes (`--offload`), each with the DiT's weights in bf16 (2 bytes a parameter; fp32 4 on the CPU) or
 fp8 (1 byte, kept fp8 and upcast per block; the blocks only, the small modules around them stay 2 bytes):
 
     resident   the whole DiT and every encoder (LLaVA, CLIP, the VAE, Whisper for audio) stay on the device
+    encoders   the whole DiT on the device, the encoders loaded in turn (as in blocks mode); branches batched
     blocks     the DiT's blocks stream from host memory, `ahead` + 1 on the device at once (inference/offload.py);
                the guidance branches run one per forward; the encoders are loaded in turn: LLaVA, CLIP and the
                VAE for every job's conditions, then released; the DiT denoises; the VAE alone decodes
@@ -12,9 +13,10 @@ The estimate of a mode is the largest of its three phases, each the sum of what 
 
     encode    encoders' weights (+ in resident mode the DiT's) + the VAE encoding one tile of the conditions
     denoise   DiT weights on the device + activations of one forward + latents (+ in resident mode the encoders)
+              + the step cache's stored residuals when it is on
     decode    the VAE (+ in resident mode the DiT and the other encoders) + one decode tile + the decoded video
 
-    DiT weights       parameters (exact: counted on a meta-device build) x bytes / TP; blocks mode: the non-block
+    DiT weights       parameters (exact: model/parameters.py) x bytes / TP; blocks mode: the non-block
                       modules + (ahead + 1) x the largest block; fp8 adds one largest block upcast to bf16
     encoders          their weight files on disk when the folders are given, else the released encoders'
                       parameter counts (ENCODER_PARAMS) x 2 bytes (fp16, as sample.py loads them on a GPU)
@@ -48,13 +50,15 @@ HEADROOM = 0.9  # of the free memory a job may plan to use
 RUNTIME_ALLOWANCE = 2 * 2**30  # CUDA context, cuBLAS / NCCL workspaces: on the GPU, not in torch's allocator
 GIB = 2**30
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
-OFFLOAD_MODES = ("resident", "blocks")
-# Fastest first. Resident bf16 does no extra work. Resident fp8 adds one upcast of each block's weights per forward,
-# a device-local pass at HBM bandwidth (TB/s). Blocks offload copies every block's weights over PCIe (~25 GB/s) per
+OFFLOAD_MODES = ("resident", "encoders", "blocks")
+# Fastest first. Resident bf16 does no extra work. Encoders in turn costs one load of LLaVA (16 GB) and the VAE per
+# run, not per step: seconds against the minutes a 13B video takes. Resident fp8 adds one upcast of each block's
+# weights per forward, a device-local pass at HBM bandwidth (TB/s), on every step (and costs quality). Blocks offload copies every block's weights over PCIe (~25 GB/s) per
 # forward and runs the guidance branches one by one: hidden behind the compute where a block's compute outlasts
 # its copy (large videos), a clear slowdown where it does not, and never faster than resident. Offload fp8 copies
 # half the bytes but adds the upcast and fp8's rounding, so at a fit bf16 comes first (fp8 costs quality, too).
-MODE_ORDER = (("resident", "bf16"), ("resident", "fp8"), ("blocks", "bf16"), ("blocks", "fp8"))
+MODE_ORDER = (("resident", "bf16"), ("encoders", "bf16"), ("resident", "fp8"), ("encoders", "fp8"), ("blocks", "bf16"),
+              ("blocks", "fp8"))
 # The released encoders' parameter counts (architectures from their config.json files, counted on the meta device):
 # LLaVA-LLaMA-3-8B v1.1 (LlavaForConditionalGeneration: Llama-3-8B with vocabulary 128320, CLIP ViT-L/14-336
 # vision tower, projector), CLIP ViT-L/14 text model, HunyuanVideo's 884-16c VAE (diffusers
@@ -178,7 +182,7 @@ def sampling_estimate(model_cfg, job: JobSize, mode: str = "resident", weights: 
     act = 4 if weights == "fp32" else 2  # fp8 weights compute in bf16
     small = 4 if weights == "fp32" else 2  # the non-block modules are never fp8
     upcast = dit.largest_block * 2 // tp if weights == "fp8" else 0
-    if mode == "resident":
+    if mode in ("resident", "encoders"):
         dit_device = (dit.non_block * small + sum(dit.blocks) * wb) // tp + upcast
     else:
         dit_device = (dit.non_block * small + (ahead + 1) * dit.largest_block * wb) // tp + upcast
@@ -244,9 +248,9 @@ def choose_mode(model_cfg, job: JobSize, budget: int, weights: tuple[str, ...] =
     """Estimate every mode (modes x weights, fastest first as MODE_ORDER) and pick the first that fits `budget`."""
     kw.setdefault("dit", dit_size(model_cfg))
     rows = []
-    for mode in OFFLOAD_MODES:  # the order of MODE_ORDER: by mode, then by weights as given
-        if mode in modes:
-            for w in weights:
+    for mode, kind in MODE_ORDER:  # fp32 (the CPU, or --dtype float32) takes bf16's places
+        for w in weights:
+            if mode in modes and (w == kind or (kind == "bf16" and w not in ("bf16", "fp8"))):
                 est = sampling_estimate(model_cfg, job, mode, w, **kw)
                 est.budget = budget
                 rows.append(est)
@@ -292,10 +296,10 @@ def resolve_offload(requested: str, jobs, model_cfg, dtype: torch.dtype, device:
     numbers, so auto never picks it); on the CPU there is nowhere to offload to."""
     if requested == "none":
         return "resident", "--offload none"
-    if requested == "blocks":
-        return "blocks", "--offload blocks"
+    if requested in ("encoders", "blocks"):
+        return requested, f"--offload {requested}"
     if requested != "auto":
-        raise ValueError(f"offload must be auto, none or blocks, got {requested!r}")
+        raise ValueError(f"offload must be auto, none, encoders or blocks, got {requested!r}")
     if device.type != "cuda":
         return "resident", "auto: the compute device is the CPU, whose memory also holds the weights: nothing to offload"
     free, what = available_bytes(device)
@@ -340,6 +344,6 @@ def check_jobs_fit(jobs, model_cfg, dtype: torch.dtype, device: torch.device, tp
             problems.append(f"job {n} ({job.width}x{job.height}, {job.frames} frames) needs about {human_bytes(need)} "
                             f"({est.terms()}{per}; {est.name}, {est.peak_phase}), more than the {human_bytes(budget)} "
                             f"usable of the {human_bytes(free)} {what}: lower width/height/frames, or add ranks "
-                            f"(--tp/--cp){', or --offload blocks' if mode == 'resident' and device.type == 'cuda' else ''}")
+                            f"(--tp/--cp){', or --offload blocks' if mode != 'blocks' and device.type == 'cuda' else ''}")
     if problems:
         raise InputError("jobs that cannot fit in memory (estimated before loading anything):\n  - " + "\n  - ".join(problems))

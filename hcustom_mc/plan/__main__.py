@@ -151,7 +151,7 @@ def plan_sampling(args, cfg, w: int, h: int) -> int:
     print(f"GPU memory {args.gpu_memory}: {gib(choice.budget)} usable (less {gib(RUNTIME_ALLOWANCE)} for the CUDA context "
           f"and workspaces, times {HEADROOM:g} against fragmentation); GiB per phase (hcustom_mc/inference/memory.py):")
     print(choice.table())
-    flag = {"resident": "none", "blocks": "blocks"}
+    flag = {"resident": "none", "encoders": "encoders", "blocks": "blocks"}
     print(f"choice: {choice.reason}")
     if choice.chosen is not None:
         print(f"sampler: --offload {flag[choice.chosen.mode]}"
