@@ -76,3 +76,13 @@ def misplaced(module: torch.nn.Module, device: torch.device | str) -> list[str]:
 
     named = [*module.named_parameters(), *module.named_buffers()]
     return [f"{n} ({t.device})" for n, t in named if not same(t)]
+
+
+def peak_memory() -> tuple[int, str]:
+    """(bytes, what was measured): the CUDA caching allocator's peak on this rank's GPU, else the process's peak
+    resident set (the host memory that holds everything on the CPU)."""
+    if uses_cuda():
+        return torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak resident set size (ru_maxrss)"  # KiB

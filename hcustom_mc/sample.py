@@ -274,6 +274,14 @@ def cache_settings(args):
                          probe_blocks=args.cache_probe_blocks, max_skips=args.cache_max_skips)
 
 
+def _peak_memory_entry() -> dict:
+    """The sidecar's peak memory of this rank so far in the run (GPU: the allocator's; CPU: the process's)."""
+    from hcustom_mc.device import peak_memory
+
+    peak, what = peak_memory()
+    return {"bytes": peak, "gib": round(peak / 2**30, 3), "what": what}
+
+
 def _write_outputs(job, n, video, latents, ckpt, fmt, model_cfg, layout, world, dtype, timing, decode_s, t0,
                    modes: dict) -> None:
     """`modes`: the sidecar's entries for how the job was sampled (weights, step cache, ...)."""
@@ -294,7 +302,7 @@ def _write_outputs(job, n, video, latents, ckpt, fmt, model_cfg, layout, world, 
     write_sidecar(_named(out, ".json"), {
         "job": job.to_dict(), "checkpoint": str(ckpt), "checkpoint_format": fmt, "model": model_cfg.to_dict(),
         "layout": vars(layout), "world_size": world, "dtype": str(dtype), **modes, "denoise": timing,
-        "decode_s": decode_s, "total_s": time.time() - t0})
+        "decode_s": decode_s, "total_s": time.time() - t0, "peak_memory": _peak_memory_entry()})
     torch.save(latents.cpu(), _named(out, ".latents.pt"))
     log.info("job %d: wrote %s (%d frames at %g fps) in %.1fs", n, _named(out, ".mp4"), frames.shape[0], job.fps,
              time.time() - t0)

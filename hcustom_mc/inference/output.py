@@ -80,7 +80,9 @@ def write_mp4(path, frames_uint8: np.ndarray, fps, audio: Optional[np.ndarray] =
             video = container.add_stream("libx264", rate=rate)
             video.width, video.height, video.pix_fmt = width, height, "yuv420p"
             video.codec_context.time_base = 1 / rate
-            video.options = {"crf": str(int(crf))}
+            # a fixed thread count: x264's output depends on it, and "auto" follows the CPUs this process sees, so
+            # the same frames gave different files from one run to the next (compare's PSNR would count that)
+            video.options = {"crf": str(int(crf)), "threads": "4"}
             astream = None
             if audio is not None:
                 astream = container.add_stream("aac", rate=int(audio_rate))

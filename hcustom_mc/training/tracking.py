@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from hcustom_mc.device import uses_cuda
+from hcustom_mc.device import peak_memory, uses_cuda
 from hcustom_mc.model.flops import model_flops_per_sample  # noqa: F401  (the loop reads it from here)
 
 log = logging.getLogger("hcustom_mc")
@@ -46,9 +45,7 @@ def peak_tflops(bf16: bool, override: float | None) -> float | None:
 
 
 def peak_memory_gib() -> float:
-    if uses_cuda():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return peak_memory()[0] / 2**30
 
 
 def _fmt_time(seconds: float) -> str:
