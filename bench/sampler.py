@@ -150,10 +150,13 @@ def modes(args, argv) -> int:
         if mode != "resident":
             _run([sys.executable, "-m", "hcustom_mc.eval", "compare", work / "resident", out, "--models",
                   paths["eval_models"], "--out", work / f"compare_{mode}"], f"compare {mode}")
+            from hcustom_mc.eval.score import reported
+
             report = json.loads((work / f"compare_{mode}" / "scores.json").read_text())
             (job,) = report["jobs"]
+            shown = reported(report["info"]["metrics"])  # the metrics' values, not their frame counts or timings
             row.update({k: job.get(k) for k in ("psnr", "ssim")},
-                       deltas={k[: -len("_delta")]: v for k, v in job.items() if k.endswith("_delta") and v is not None})
+                       deltas={k: job[f"{k}_delta"] for k in shown if job.get(f"{k}_delta") is not None})
         rows.append(row)
         append_jsonl(args.jsonl, {"bench": "sampler_modes", **row, "size": args.size, "frames": args.frames,
                                   "model": args.model, "dtype": args.dtype})
@@ -162,7 +165,9 @@ def modes(args, argv) -> int:
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     base = rows[0]
-    fmt = lambda v, f: "-" if v is None else (f"{v:{f}}" if v != float("inf") else "inf")  # noqa: E731
+    def fmt(v, spec: str) -> str:  # None: not compared; JSON has no infinity (PSNR of identical videos: "inf")
+        return "-" if v is None else v if isinstance(v, str) else f"{v:{spec}}"
+
     lines = [f"model {args.model} ({args.double_blocks} double + {args.single_blocks} single blocks), one identity job "
              f"at {args.size} x {args.frames} frames, {args.steps} steps, CFG (2 branches), DiT {args.dtype}, one "
              f"process on {device}; peak memory: {base['peak_what']}; quality: `python -m hcustom_mc.eval compare` against "

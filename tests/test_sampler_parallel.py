@@ -145,6 +145,36 @@ def test_sampler_benchmark_runs_and_reports_scaling(tmp_path):
     assert "command: `python bench/sampler.py" in table and "| cfg=2 | 2 |" in table and "speedup" in out
 
 
+def test_sampler_benchmark_mode_flags():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_sampler", REPO / "bench" / "sampler.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    mode_flags = bench.mode_flags
+
+    assert mode_flags("resident") == ["--offload", "none"]
+    assert mode_flags("blocks+fp8+cache=0.1") == ["--offload", "blocks", "--fp8-weights", "on", "--cache-threshold", "0.1"]
+    assert mode_flags("cache=0.05") == ["--offload", "none", "--cache-threshold", "0.05"]
+    with pytest.raises(SystemExit, match="bad mode 'fast'"):
+        mode_flags("fast")
+
+
+@pytest.mark.slow
+def test_sampler_benchmark_modes_side_by_side(tmp_path):
+    """--modes: the real sampler per mode and eval compare against resident. The encoders mode samples the same
+    latents as resident and x264 writes them at a fixed thread count, so its videos are identical: PSNR inf."""
+    out = _run(1, ["bench/sampler.py"], "--modes", "encoders", "blocks+fp8+cache=0.5", "--size", "48x32", "--frames",
+               5, "--steps", 6, "--work", tmp_path / "work", "--out", tmp_path / "m.md")
+    table = (tmp_path / "m.md").read_text()
+    assert "command: `python bench/sampler.py --modes" in table and "one process on CPU" in table
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"resident", "encoders", "blocks+fp8+cache=0.5"}
+    assert "| inf | 1.0000 |" in rows["encoders"], rows["encoders"]
+    assert "`--offload blocks --fp8-weights on --cache-threshold 0.5`" in rows["blocks+fp8+cache=0.5"]
+    assert "ms/step" in out
+
+
 @pytest.mark.slow
 def test_infer_parallel_script_trains_the_demo_model_and_writes_videos(tmp_path):
     from hcustom_mc.inference.output import read_mp4
