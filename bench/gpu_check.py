@@ -1,7 +1,7 @@
 """The prepared GPU check: one command that turns the project's unverified GPU paths into measured facts.
 
     bench/gpu_check.sh --wheels .whl --out-dir $OUT                 # on the GPU machine: the smoke tier (240 s)
-    bench/gpu_check.sh --wheels .whl --out-dir $OUT --tier bench    # a second call: the bench tier (300 s)
+    bench/gpu_check.sh --wheels .whl --out-dir $OUT --tier bench    # a second call: the bench tier (375 s)
     bench/gpu_check.sh --dry-run [--tier all]                       # on CPU: the same logic at tiny shapes
     bench/gpu_check.sh --fetch-wheels .whl                          # here: the cp312 wheels the bare GPU image lacks
 
@@ -15,13 +15,14 @@ timed-out part is reported and the check goes on.
                   has (cuDNN, FA3, FA2, TE, SDPA) forward + backward against fp32 on the padded B=2 batch, the DiT
     train_step    bench/train_step.py: one bf16 step at 13B width (2 double + 4 single blocks), 848x480 x 33
     sampler       bench/sampler.py: one guided sampler step at that shape, one GPU
-  bench (300 s): env, then
+  bench (375 s): env, then
     pytest_gpu    pytest -m gpu on the rest of tests/ (compiled Triton kernels, placement, memory model)
     gloo_on_cuda  tests/test_device.py: the multi-process path a one-GPU host takes (gloo, CUDA untouched)
     kernels       bench/fused_kernels.py at 720p, bf16: ours vs eager vs torch.compile, GB/s, % of HBM
     attention     bench/attention.py --seq 16384,65536 --dtype bf16: TFLOP/s per backend
     train_step    one bf16 step at 13B width, 1280x720 x 129 frames (720p length), full recompute
     sampler       one guided sampler step at the same shape
+    sampler_modes bench/sampler.py --modes at 848x480 x 33: resident, block offload, fp8, step cache side by side
     data          bench/data.py: DALI GPU decode frames/s against PyAV (when nvidia.dali and av import)
 
 Every result is written the moment its part ends, into --out-dir, as gpu_check_<gpu>_<tier>.*:
@@ -58,7 +59,7 @@ use_checkout()  # hcustom_kernels from kernels/ when the checkout is not install
 from bench.wheels import fetch_wheels  # noqa: E402
 
 TIERS = ("smoke", "bench")
-TIER_BUDGET_S = {"smoke": 240, "bench": 300}  # command time of one device call each (the limit is 600 s a call)
+TIER_BUDGET_S = {"smoke": 240, "bench": 375}  # command time of one device call each (the limit is 600 s a call)
 GRACE_S = 10  # SIGINT this long before a part's box ends (a fifth of a short box), SIGKILL at its end: both inside it
 TEST_TIMEOUT_S = {"smoke": 60, "bench": 30}  # per test (pytest-timeout), well inside the part's box
 OPTIONAL_IMPORTS = ("flash_attn", "flash_attn_interface", "transformer_engine", "nvidia.dali", "megatron.core",
@@ -226,6 +227,15 @@ def plan(env: dict, work: Path, dry_run: bool, stem: Path | None = None) -> list
     parts.append(Part("sampler_720p", "one guided sampler step at 1280x720 x 129 (1 GPU, CFG 2 branches)", 35,
                       [py, "bench/sampler.py", "--layouts", "1", *bench_shape, *dtype, "--steps", "1", "--warmup", "1",
                        "--out", str(w("sampler_720p.md")), *jsonl], report=w("sampler_720p.md"), tier="bench"))
+
+    # the one-GPU modes through the real sampler command, each against resident (bench/sampler.py --modes)
+    modes = ["resident", "blocks", "fp8", "cache=0.1"]
+    parts.append(Part("sampler_modes", "sampling modes side by side at 848x480 x 33, 8 steps (resident, block offload, "
+                      "fp8 weights, step cache; 1 double + 2 single blocks): s/step, peak memory, PSNR/SSIM against resident", 75,
+                      [py, "bench/sampler.py", "--modes", *modes, *smoke_shape, "--double-blocks", "1",
+                       "--single-blocks", "2", "--text-len", "256", *dtype, "--steps", "8",
+                       "--work", str(w("sampler_modes")), "--out", str(w("sampler_modes.md")), *jsonl],
+                      report=w("sampler_modes.md"), tier="bench"))
 
     title = "video decoding: DALI GPU frames/s vs PyAV"
     if env and not (imports_ok(env, "nvidia.dali") and imports_ok(env, "av")):
@@ -517,7 +527,8 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="CPU: the same parts at tiny shapes (CI runs the smoke tier)")
     p.add_argument("--tier", choices=(*TIERS, "all"), default="smoke",
                    help="smoke (default; 240 s): env, GPU numerics tests, one 13B-width training step, one sampler "
-                        "step; bench (300 s): the rest of pytest -m gpu, kernels, attention, 720p step and sampler; all")
+                        "step; bench (375 s): the rest of pytest -m gpu, kernels, attention, 720p step and sampler, the sampling "
+                        "modes; all")
     p.add_argument("--out-dir", type=Path, help="where the results go (default bench/results; dry run: a temp folder)")
     p.add_argument("--budget", type=int, help="seconds for all parts together (default: the tier's boxes)")
     p.add_argument("--parts", help="comma list of parts to run, from any tier (instead of --tier)")

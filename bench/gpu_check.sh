@@ -3,7 +3,7 @@
 #
 #   bench/gpu_check.sh --fetch-wheels .whl [--with-pyav]    # here: cp312 wheels the bare GPU image lacks (< 64 MiB)
 #   bench/gpu_check.sh --wheels .whl --out-dir $OUT          # GPU machine, first call: the smoke tier (240 s)
-#   bench/gpu_check.sh --wheels .whl --out-dir $OUT --tier bench   # second call: the bench tier (300 s)
+#   bench/gpu_check.sh --wheels .whl --out-dir $OUT --tier bench   # second call: the bench tier (375 s)
 #   bench/gpu_check.sh --dry-run [--tier all] [--wheels .whl]       # on CPU: the same logic at tiny shapes
 #
 # --wheels DIR installs DIR/*.whl into a temporary folder (pip --target, no index, no dependencies) and
