@@ -192,6 +192,23 @@ def test_infer_parallel_script_trains_the_demo_model_and_writes_videos(tmp_path)
 
 
 @pytest.mark.slow
+def test_infer_parallel_script_one_gpu_modes_combine(tmp_path):
+    """MODE=blocks with fp8 weights and the step cache: one process, and each job's sidecar says all three."""
+    import json
+
+    root = tmp_path / "tiny"
+    proc = subprocess.run(["bash", "examples/infer_parallel.sh", "--fp8-weights", "on", "--cache-threshold", "0.05"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**ENV, "ROOT": str(root), "MASTER_PORT": str(_free_port()), "MODE": "blocks",
+                               "EXTRA": "--height 32 --width 48 --frames 9 --steps 4 --text-len 256"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("000_t2v", "001_identity", "002_audio"):
+        side = json.loads((root / "samples" / "latest" / f"{name}.json").read_text())
+        assert side["world_size"] == 1 and side["memory"]["offload"] == "blocks"
+        assert side["weights"]["fp8_weights"] == "on" and side["cache"]["threshold"] == 0.05
+
+
+@pytest.mark.slow
 def test_ip_cfg_three_branches_over_cfg_parallel_3(setup, tmp_path):
     _sample(setup, 1, tmp_path / "one", extra=["--ip-cfg-scale", 2.0])
     _sample(setup, 3, tmp_path / "three", "--cfg-parallel", 3, extra=["--ip-cfg-scale", 2.0])
