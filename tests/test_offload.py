@@ -482,31 +482,40 @@ def test_the_cuda_path_orders_copies_waits_and_host_syncs(monkeypatch):
     assert offloader.max_live == 2 and not offloader.live
 
 
-def test_encoders_mode_and_blocks_with_fp8_and_the_step_cache(release_checkpoint, tmp_path):
-    """`--offload encoders` (the DiT resident, the encoders in turn, branches batched) gives the resident latents bit
-    for bit. Block offload composes with fp8 weights and the step cache: the cache batches the branches in every mode,
-    so blocks + fp8 + cache equals resident + fp8 + cache bit for bit, with the same steps skipped, and the sidecar
+def test_encoders_mode_gives_the_resident_videos(release_checkpoint, tmp_path):
+    """`--offload encoders` (the DiT resident, the encoders in turn, branches batched): the resident latents and
+    videos bit for bit."""
+    import json
+
+    _sample_cli(release_checkpoint, tmp_path / "none", "--offload", "none")
+    log = _sample_cli(release_checkpoint, tmp_path / "encoders", "--offload", "encoders")
+    assert "memory: the DiT resident, the encoders in turn (--offload encoders)" in log
+    for n in range(2):
+        name = f"00{n}_identity"
+        assert torch.equal(torch.load(tmp_path / "none" / f"{name}.latents.pt", weights_only=True),
+                           torch.load(tmp_path / "encoders" / f"{name}.latents.pt", weights_only=True))
+        assert (tmp_path / "none" / f"{name}.mp4").read_bytes() == (tmp_path / "encoders" / f"{name}.mp4").read_bytes()
+        side = json.loads((tmp_path / "encoders" / f"{name}.json").read_text())
+        assert side["memory"]["offload"] == "encoders" and side["peak_memory"]["bytes"] > 0
+
+
+@pytest.mark.slow
+def test_blocks_with_fp8_and_the_step_cache_equals_resident_with_them(release_checkpoint, tmp_path):
+    """Block offload composes with fp8 weights and the step cache: the cache batches the branches in every mode, so
+    blocks + fp8 + cache equals resident + fp8 + cache bit for bit, with the same steps skipped, and the sidecar
     records all three."""
     import json
 
     fast = ("--fp8-weights", "on", "--cache-threshold", 0.5, "--cache-warmup", 2, "--steps", 8)
-    _sample_cli(release_checkpoint, tmp_path / "none", "--offload", "none")
-    log = _sample_cli(release_checkpoint, tmp_path / "encoders", "--offload", "encoders")
-    assert "memory: the DiT resident, the encoders in turn (--offload encoders)" in log
     _sample_cli(release_checkpoint, tmp_path / "fast_none", "--offload", "none", *fast)
     _sample_cli(release_checkpoint, tmp_path / "fast_blocks", "--offload", "blocks", *fast)
     for n in range(2):
         name = f"00{n}_identity"
-        latents = {k: torch.load(tmp_path / k / f"{name}.latents.pt", weights_only=True)
-                   for k in ("none", "encoders", "fast_none", "fast_blocks")}
-        assert torch.equal(latents["none"], latents["encoders"])
-        assert torch.equal(latents["fast_none"], latents["fast_blocks"])
-        sides = {k: json.loads((tmp_path / k / f"{name}.json").read_text()) for k in ("encoders", "fast_none",
-                                                                                     "fast_blocks")}
-        assert sides["encoders"]["memory"]["offload"] == "encoders"
-        blocks = sides["fast_blocks"]
+        assert torch.equal(torch.load(tmp_path / "fast_none" / f"{name}.latents.pt", weights_only=True),
+                           torch.load(tmp_path / "fast_blocks" / f"{name}.latents.pt", weights_only=True))
+        none, blocks = (json.loads((tmp_path / k / f"{name}.json").read_text()) for k in ("fast_none", "fast_blocks"))
         assert blocks["memory"]["offload"] == "blocks" and blocks["memory"]["blocks_on_device_at_most"] == 2
         assert blocks["weights"]["fp8_weights"] == "on" and blocks["cache"]["enabled"]
-        assert blocks["cache"]["skipped_steps"] == sides["fast_none"]["cache"]["skipped_steps"]
+        assert blocks["cache"]["skipped_steps"] == none["cache"]["skipped_steps"]
     # the threshold is high enough that the cache skips steps here (else the comparison above says little)
     assert json.loads((tmp_path / "fast_blocks" / "001_identity.json").read_text())["cache"]["skipped_steps"]
