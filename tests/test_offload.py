@@ -292,13 +292,22 @@ def _sample_cli(root, out, *extra):
 def test_sampler_offload_blocks_gives_the_resident_videos(release_checkpoint, tmp_path):
     """`--offload blocks` (encoders in turn, blocks streamed, one branch per forward) against the default (auto: on
     the CPU everything resident): the one-branch job's latents bit for bit, the two-branch job's to float32
-    rounding (batch 1 vs 2 forwards), and the same decoded frames."""
+    rounding (batch 1 vs 2 forwards), and the same decoded frames. `--offload encoders`: the same files."""
     import json
 
     from hcustom_mc.inference.output import read_mp4
 
     log_none = _sample_cli(release_checkpoint, tmp_path / "none")
     log_blocks = _sample_cli(release_checkpoint, tmp_path / "blocks", "--offload", "blocks", "--offload-ahead", 1)
+    # --offload encoders (the DiT resident, the encoders in turn, branches batched): the resident files byte for byte
+    log_encoders = _sample_cli(release_checkpoint, tmp_path / "encoders", "--offload", "encoders")
+    assert "memory: the DiT resident, the encoders in turn (--offload encoders)" in log_encoders
+    for name in ("000_identity", "001_identity"):
+        for suffix in (".latents.pt", ".mp4"):
+            assert (tmp_path / "none" / f"{name}{suffix}").read_bytes() == \
+                (tmp_path / "encoders" / f"{name}{suffix}").read_bytes(), name + suffix
+        side = json.loads((tmp_path / "encoders" / f"{name}.json").read_text())
+        assert side["memory"]["offload"] == "encoders" and side["peak_memory"]["bytes"] > 0
     assert "memory: everything resident (auto: the compute device is the CPU" in log_none
     assert "memory: block offload (--offload blocks)" in log_blocks and "4 blocks streamed to cpu, 1 ahead" in log_blocks
     for n, exact in ((0, True), (1, False)):
@@ -480,23 +489,6 @@ def test_the_cuda_path_orders_copies_waits_and_host_syncs(monkeypatch):
         expected += [("record", "compute", f"done {k}")]
     assert steps == expected
     assert offloader.max_live == 2 and not offloader.live
-
-
-def test_encoders_mode_gives_the_resident_videos(release_checkpoint, tmp_path):
-    """`--offload encoders` (the DiT resident, the encoders in turn, branches batched): the resident latents and
-    videos bit for bit."""
-    import json
-
-    _sample_cli(release_checkpoint, tmp_path / "none", "--offload", "none")
-    log = _sample_cli(release_checkpoint, tmp_path / "encoders", "--offload", "encoders")
-    assert "memory: the DiT resident, the encoders in turn (--offload encoders)" in log
-    for n in range(2):
-        name = f"00{n}_identity"
-        assert torch.equal(torch.load(tmp_path / "none" / f"{name}.latents.pt", weights_only=True),
-                           torch.load(tmp_path / "encoders" / f"{name}.latents.pt", weights_only=True))
-        assert (tmp_path / "none" / f"{name}.mp4").read_bytes() == (tmp_path / "encoders" / f"{name}.mp4").read_bytes()
-        side = json.loads((tmp_path / "encoders" / f"{name}.json").read_text())
-        assert side["memory"]["offload"] == "encoders" and side["peak_memory"]["bytes"] > 0
 
 
 @pytest.mark.slow
