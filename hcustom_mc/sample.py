@@ -9,9 +9,11 @@ CKPT: a training run folder (its `latest`), a megatron-core checkpoint, a releas
 command-line job flags (--image included) are the defaults every listed job starts from, so a t2v entry
 next to --image sets `subjects: []`. Every job is validated on every
 rank before the model is loaded. Per job: `NAME.mp4` (+ the audio track for audio jobs), `NAME.png`
-(contact sheet) and `NAME.json` (all settings, seed, timings). On one GPU too small for everything at once,
-`--offload blocks` streams the DiT's blocks from host memory and loads the encoders in turn; `--offload auto` (the
-default) asks the memory planner (`python -m hcustom_mc.plan --sample` prints its estimates).
+(contact sheet), `NAME.json` (all settings, seed, timings, peak memory) and `NAME.latents.pt`. On one GPU too
+small for everything at once, `--offload encoders` loads the encoders in turn and `--offload blocks` also streams
+the DiT's blocks from host memory; `--offload auto` (the default) asks the memory planner (`python -m
+hcustom_mc.plan --sample` prints its estimates). `--fp8-weights on` keeps the blocks' weights in fp8 and
+`--cache-threshold T` skips the deep blocks on steps where they change little (README "Sampling on one GPU").
 """
 
 from __future__ import annotations
