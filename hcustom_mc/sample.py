@@ -374,12 +374,22 @@ def run(args) -> int:
     loras = load_specs(args.lora, args.checkpoint)  # bad FILE:SCALE, another base: fail before the model loads
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
     mode, why = offload_mode(args, jobs, model_cfg, dtype, info, paths)
+    from hcustom_mc.checkpoint.integrity import gather_objects
     from hcustom_mc.inference.memory import check_jobs_fit
+    from hcustom_mc.model.model import InputError
 
-    # before the model and encoders are allocated (the parameter count needs the parallel layout)
-    check_jobs_fit(jobs, model_cfg, dtype, info.device, args.tp, args.cp, args.cfg_parallel, paths, world, args.text_len,
-                   mode=mode, ahead=args.offload_ahead, weights=weights_option(args, dtype),
-                   step_cache=cache_settings(args).enabled)
+    # before the model and encoders are allocated (the parameter count needs the parallel layout). Each rank measures
+    # its own free memory: a rank short of it tells every rank, which all stop here instead of waiting for it later
+    error = None
+    try:
+        check_jobs_fit(jobs, model_cfg, dtype, info.device, args.tp, args.cp, args.cfg_parallel, paths, world,
+                       args.text_len, mode=mode, ahead=args.offload_ahead, weights=weights_option(args, dtype),
+                       step_cache=cache_settings(args).enabled)
+    except InputError as exc:
+        error = f"rank {info.rank}: {exc}" if world > 1 else str(exc)
+    errors = [e for e in gather_objects(error) if e]
+    if errors:
+        raise InputError(errors[0])
     locks = claim_outputs(jobs, args.overwrite)
     try:
         if mode in ("encoders", "blocks"):

@@ -442,3 +442,19 @@ def test_sample_command_fp8_weights(ckpts, tmp_path):
     assert not torch.equal(a, c)
     bad = run_python(*common[:-1], "--fp8-matmul", "auto", "--out", tmp_path / "bad", expect_ok=False)
     assert "--fp8-matmul auto needs --fp8-weights on" in bad
+
+
+def test_the_quantisation_maxima_reduce_where_the_group_can(monkeypatch, single_process):
+    """An NCCL group takes CUDA tensors only: a model quantised in host memory (fp8 loading before the GPU) reduces
+    its maxima on this rank's GPU, and gloo on the CPU; reduce_device decides. The reduction itself (gloo, one rank)
+    gives the maxima back where they were."""
+    import torch.distributed as dist
+
+    from hcustom_mc.model import fp8
+
+    out = fp8._all_reduce_max(torch.tensor([1.0, 3.0]), dist.group.WORLD)
+    assert torch.equal(out, torch.tensor([1.0, 3.0])) and out.device.type == "cpu"
+    assert fp8.reduce_device(dist.group.WORLD) == torch.device("cpu")
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert fp8.reduce_device(dist.group.WORLD) == torch.device("cuda", 3)

@@ -286,6 +286,20 @@ def fp8_structure_(module: nn.Module, per_channel: bool, compute_dtype: torch.dt
     to_fp8_linear(module, torch.zeros(w.shape, dtype=FP8_DTYPE, device=w.device), scale, compute_dtype, matmul)
 
 
+def reduce_device(group) -> torch.device:
+    """Where a collective on `group` can run: NCCL groups take CUDA tensors only (a model quantised in host memory
+    before it goes to the GPU still reduces over NCCL), every other backend (gloo) the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce_max(t: torch.Tensor, group) -> torch.Tensor:
+    out = t.to(reduce_device(group))
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    return out.to(t.device)
+
+
 def quantize_linear_(module: nn.Module, granularity: str, compute_dtype: torch.dtype, matmul: str = "upcast") -> None:
     """Quantise `module`'s own (bf16/fp32, this rank's shard) weight in place. The |w| maxima are taken over
     the whole weight, not the shard (a MAX all-reduce over the layer's TP group where the shard splits a
@@ -300,7 +314,7 @@ def quantize_linear_(module: nn.Module, granularity: str, compute_dtype: torch.d
         amax = w.float().abs().amax(dim=1)
         reduce = tp > 1 and kind == "row"  # a row-parallel shard holds part of every output channel
     if reduce:
-        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=tp_group)
+        amax = _all_reduce_max(amax, tp_group)
     w8, scale = quantize_weight(w, granularity, amax=amax)
     to_fp8_linear(module, w8, scale, compute_dtype, matmul)
 

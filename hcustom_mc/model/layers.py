@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from hcustom_mc.console import log_once
+from hcustom_mc.device import uses_cuda
 from hcustom_mc.model.spec import LinearSubmodules, build_column
 from hcustom_mc.parallel.sequence import NO_SP, SequenceLayout
 from hcustom_mc.parallel.sharding import mark_tp_split
@@ -31,9 +32,11 @@ def _apex_fused_layer_norm():
 def affine_layer_norm(hidden: int, eps: float = 1e-5, device: torch.device | str | None = None) -> nn.Module:
     """An affine LayerNorm (token refiner, AudioNet): apex's FusedLayerNorm on CUDA when apex is importable,
     else nn.LayerNorm. Both keep `weight` and `bias`, so checkpoints do not care which one was built.
-    `device` defaults to the one the model is being built under (`with torch.device(...)`)."""
+    `device` defaults to the one the model is being built under (`with torch.device(...)`). A model built in host
+    memory to run on the GPU (block offload, fp8 loading) gets the same choice as one built there: FusedLayerNorm
+    falls back to F.layer_norm for CPU inputs, so the choice follows where the process computes."""
     device = torch.device(device) if device is not None else torch.get_default_device()
-    fused = _apex_fused_layer_norm() if device.type == "cuda" else None
+    fused = _apex_fused_layer_norm() if device.type == "cuda" or uses_cuda() else None
     log_once(f"affine LayerNorms: {'apex FusedLayerNorm' if fused else 'torch nn.LayerNorm'}")
     return fused(hidden, eps=eps) if fused else nn.LayerNorm(hidden, eps=eps)
 
