@@ -511,3 +511,30 @@ def test_blocks_with_fp8_and_the_step_cache_equals_resident_with_them(release_ch
         assert blocks["cache"]["skipped_steps"] == none["cache"]["skipped_steps"]
     # the threshold is high enough that the cache skips steps here (else the comparison above says little)
     assert json.loads((tmp_path / "fast_blocks" / "001_identity.json").read_text())["cache"]["skipped_steps"]
+
+
+def test_host_arena_packs_tensors_into_slabs():
+    """The host side of CUDA offload (here unpinned: the same code with pin_memory=False): every tensor keeps its
+    dtype, shape and values, contiguous, at an aligned offset in a slab; a slab fills before the next is taken; a
+    tensor larger than a slab gets its own allocation. Pinned per tensor, torch would round each up to a power of two."""
+    from hcustom_mc.inference.offload import HostArena
+
+    arena = HostArena(pin=False, slab_bytes=4096)
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(10, 7, generator=g),  # 280 bytes: offset 0
+               torch.randn(3, generator=g).to(torch.bfloat16),  # 6: 512
+               (torch.randn(64, 16, generator=g) * 8).to(torch.float8_e4m3fn),  # 1024: 1024
+               torch.randn(5, 9, generator=g).t(),  # 180, not contiguous: 2048
+               torch.randn(2000, generator=g),  # 8000 > a slab: its own
+               torch.zeros(0),  # nothing
+               torch.arange(6, dtype=torch.int64),  # 48: 2560, 1024 bytes left
+               torch.randn(750, generator=g)]  # 3000 > 1024 left: offset 0 of a second slab
+    placed = [arena.place(t) for t in tensors]
+    for t, h in zip(tensors, placed):
+        assert h.dtype == t.dtype and h.shape == t.shape and h.is_contiguous()
+        assert torch.equal(h.contiguous().view(torch.uint8), t.contiguous().view(torch.uint8))
+    first, second = (s.untyped_storage().data_ptr() for s in arena.slabs)
+    where = [(h.untyped_storage().data_ptr(), h.data_ptr() - h.untyped_storage().data_ptr()) for h in placed]
+    assert [where[k] for k in (0, 1, 2, 3, 6, 7)] == [(first, 0), (first, 512), (first, 1024), (first, 2048),
+                                                       (first, 2560), (second, 0)]
+    assert where[4][0] not in (first, second) and arena.allocated == 2 * 4096 + 8000
