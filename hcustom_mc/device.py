@@ -86,3 +86,9 @@ def peak_memory() -> tuple[int, str]:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak resident set size (ru_maxrss)"  # KiB
+
+
+def encoder_dtype(device: torch.device | str) -> torch.dtype:
+    """The encoders' (LLaVA, CLIP, Whisper, VAE) dtype on `device`: fp16 on a GPU, as the release runs them, fp32 on
+    the CPU (no fast fp16 there)."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32

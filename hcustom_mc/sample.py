@@ -495,6 +495,16 @@ def _denoise(args, sampler, model, job, n, cond, rank0: bool):
     return latents, progress.close(), cache.report() if cache is not None else cache_off_report()
 
 
+def _load_encoders(args, paths, jobs, model_cfg, device):
+    """The EncoderSet the jobs need (Whisper only for audio jobs), on `device` in its encoder dtype."""
+    from hcustom_mc.device import encoder_dtype
+    from hcustom_mc.inference.inputs import EncoderSet
+
+    return EncoderSet.from_paths(paths, needs_audio=any(j.task == "audio" for j in jobs), device=device,
+                                 dtype=encoder_dtype(device), mode=model_cfg.mode,
+                                 max_subjects=model_cfg.max_identity_images, text_len=args.text_len)
+
+
 def _conditions(job, n, encoders, model_cfg, device, dtype) -> dict:
     from hcustom_mc.inference.inputs import prepare_conditions
     from hcustom_mc.model.model import InputError
@@ -510,16 +520,12 @@ def _generate(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, info, dtyp
     import torch
 
     from hcustom_mc.inference.decode import decode_across_ranks
-    from hcustom_mc.inference.inputs import EncoderSet
     from hcustom_mc.inference.pipeline import ParallelSampler
 
     rank0 = info.rank == 0
     t_load = time.time()
     model, weights = _load_dit(args, ckpt, fmt, model_cfg, dtype, loras, rank0)
-    encoders = EncoderSet.from_paths(paths, needs_audio=any(j.task == "audio" for j in jobs), device=info.device,
-                                     dtype=torch.float32 if info.device.type == "cpu" else torch.float16,
-                                     mode=model_cfg.mode, max_subjects=model_cfg.max_identity_images,
-                                     text_len=args.text_len)
+    encoders = _load_encoders(args, paths, jobs, model_cfg, info.device)
     if rank0:
         log.info("loaded %s (%s) and encoders in %.1fs; layout TP %d x CP %d (%s) x CFG-parallel %d; DiT dtype %s",
                  ckpt, fmt, time.time() - t_load, args.tp, args.cp, args.cp_mode, args.cfg_parallel, dtype)
@@ -543,20 +549,17 @@ def _generate_in_turn(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, in
     only after the encoders left."""
     import torch
 
+    from hcustom_mc.device import encoder_dtype
     from hcustom_mc.encoders.vae import VideoVAE
     from hcustom_mc.inference.decode import decode_across_ranks
-    from hcustom_mc.inference.inputs import EncoderSet
     from hcustom_mc.inference.offload import BlockOffloader, free_device_memory
     from hcustom_mc.inference.pipeline import ParallelSampler
 
     rank0, device = info.rank == 0, info.device
-    enc_dtype = torch.float32 if device.type == "cpu" else torch.float16
     t_load = time.time()
     # host memory: the LoRAs merged (or fp8 side adapters attached) before the blocks are pinned and streamed
     model, weights = _load_dit(args, ckpt, fmt, model_cfg, dtype, loras, rank0, device=torch.device("cpu"))
-    encoders = EncoderSet.from_paths(paths, needs_audio=any(j.task == "audio" for j in jobs), device=device,
-                                     dtype=enc_dtype, mode=model_cfg.mode, max_subjects=model_cfg.max_identity_images,
-                                     text_len=args.text_len)
+    encoders = _load_encoders(args, paths, jobs, model_cfg, device)
     conditions = [_conditions(job, n, encoders, model_cfg, device, dtype) for n, job in enumerate(jobs)]
     del encoders
     free_device_memory(device)
@@ -585,7 +588,7 @@ def _generate_in_turn(args, jobs, ckpt, fmt, model_cfg, layout, paths, loras, in
         memory = {"offload": "encoders", "why": why}
     del sampler, model, offloader, conditions, cond, latents
     free_device_memory(device)
-    vae = VideoVAE.from_pretrained(paths.vae, dtype=enc_dtype, device=device, tiling=True)
+    vae = VideoVAE.from_pretrained(paths.vae, dtype=encoder_dtype(device), device=device, tiling=True)
     for n, (job, (latents, timing, cache, denoise_s)) in enumerate(zip(jobs, denoised)):
         t_dec = time.time()
         video = decode_across_ranks(vae, latents)  # temporal tiles split over all ranks; video on rank 0

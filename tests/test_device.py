@@ -221,3 +221,10 @@ def test_a_world_of_one_leaves_no_port_for_its_children_to_collide_on():
     proc = subprocess.run([sys.executable, "-c", PARENT_INIT, CHILD_INIT], cwd=REPO,
                           env={**env, "PYTHONPATH": child_pythonpath()}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.split("\n")[:2] == ["child ok", "parent ok"], proc.stdout + proc.stderr[-3000:]
+
+
+def test_encoder_dtype_is_fp16_on_a_gpu_and_fp32_elsewhere():
+    from hcustom_mc.device import encoder_dtype
+
+    assert encoder_dtype("cuda") is torch.float16 and encoder_dtype(torch.device("cuda", 1)) is torch.float16
+    assert encoder_dtype("cpu") is torch.float32 and encoder_dtype(torch.device("meta")) is torch.float32

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from hcustom_mc import console
+from hcustom_mc.device import encoder_dtype
 from hcustom_mc.errors import ConfigError
 
 log = logging.getLogger("hcustom_mc")
@@ -114,7 +115,7 @@ class Validation:
             try:
                 encoders = EncoderSet.from_paths(
                     self.cfg.data.encoders, needs_audio=any(j.task == "audio" for j in self.jobs), device=device,
-                    dtype=torch.float32 if device.type == "cpu" else torch.float16, mode=self.model_cfg.mode,
+                    dtype=encoder_dtype(device), mode=self.model_cfg.mode,
                     max_subjects=self.model_cfg.max_identity_images, text_len=self.cfg.validation.text_len)
                 out = []
                 for n, job in enumerate(self.jobs):
@@ -217,8 +218,7 @@ class Validation:
         from hcustom_mc.eval.score import load_metrics, metric_options_from
 
         device = self.info.device
-        vae = VideoVAE.from_pretrained(self.cfg.data.encoders.vae, device=device,
-                                       dtype=torch.float32 if device.type == "cpu" else torch.float16)
+        vae = VideoVAE.from_pretrained(self.cfg.data.encoders.vae, device=device, dtype=encoder_dtype(device))
         v = self.cfg.validation
         options = metric_options_from(v.frames, v.face_backend, flow_backend=v.flow_backend)
         metrics, self.skipped = load_metrics(self.models, device, v.metrics, options)
