@@ -53,8 +53,8 @@ WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
 OFFLOAD_MODES = ("resident", "encoders", "blocks")
 # Fastest first. Resident bf16 does no extra work. Encoders in turn costs one load of LLaVA (16 GB) and the VAE per
 # run, not per step: seconds against the minutes a 13B video takes. Resident fp8 adds one upcast of each block's
-# weights per forward, a device-local pass at HBM bandwidth (TB/s), on every step (and costs quality). Blocks offload copies every block's weights over PCIe (~25 GB/s) per
-# forward and runs the guidance branches one by one: hidden behind the compute where a block's compute outlasts
+# weights per forward, a device-local pass at HBM bandwidth (TB/s), on every step (and costs quality). Blocks
+# offload copies every block's weights over PCIe (~25 GB/s) per forward and runs the guidance branches one by one: hidden behind the compute where a block's compute outlasts
 # its copy (large videos), a clear slowdown where it does not, and never faster than resident. Offload fp8 copies
 # half the bytes but adds the upcast and fp8's rounding, so at a fit bf16 comes first (fp8 costs quality, too).
 MODE_ORDER = (("resident", "bf16"), ("encoders", "bf16"), ("resident", "fp8"), ("encoders", "fp8"), ("blocks", "bf16"),
